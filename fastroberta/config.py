@@ -1,0 +1,117 @@
+"""RobertaConfig: the model's shape and regularisation, with Hugging Face's field names, plus presets."""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class RobertaConfig:
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"RobertaConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads})")
+        if self.hidden_act != "gelu":
+            raise ValueError(f"only hidden_act='gelu' (erf GELU, as RoBERTa) is supported, got {self.hidden_act!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"RobertaConfig.{name} must be in [0, 1), got {p!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id {self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})")
+        if self.max_position_embeddings <= self.pad_token_id + 1:
+            raise ValueError("max_position_embeddings must exceed pad_token_id + 1 (RoBERTa's position ids start "
+                             "after the padding index)")
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_seq_len(self):
+        """Longest input: RoBERTa's position ids start at pad_token_id + 1, so 514 positions hold 512 tokens."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+    # Presets -------------------------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, **overrides):
+        """A small model for CPU runs and tests: 4 layers x 256 hidden."""
+        fields = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def base(cls, **overrides):
+        return cls(**overrides)
+
+    @classmethod
+    def large(cls, **overrides):
+        fields = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        presets = {"tiny": cls.tiny, "base": cls.base, "large": cls.large}
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name](**overrides)
+
+    # Serialisation in Hugging Face's config.json format ------------------------------------------------
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self):
+        d = self.to_dict()
+        d.update(model_type="roberta", architectures=["RobertaForMaskedLM"], tie_word_embeddings=True)
+        return d
+
+    @classmethod
+    def from_dict(cls, d, strict=False):
+        """Build from a dict such as HF's config.json; unknown keys are ignored unless ``strict``."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a config must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if strict and unknown:
+            raise ValueError(f"unknown RobertaConfig fields: {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def save_json(self, path):
+        with open(path, "w") as f:
+            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)

@@ -1,0 +1,98 @@
+"""Eager PyTorch definitions of every fused op in ``fastroberta.kernels``.
+
+These are the ground truth of the kernel tests, the "eager PyTorch" side of the benchmarks and the CPU
+fallback of the model (``kernels="torch"``). They favour clarity over speed, but follow the same numerical
+rules as the kernels (DESIGN.md): statistics, softmax and reductions in fp32 whatever the input dtype, a
+query row with no real key gives zeros (never NaN), and an MLM batch without a labelled token gives loss 0.
+
+    layer_norm(x, w, b, eps, residual, p)  = LN(dropout_p(x) + residual) * w + b      over the last dim
+    attention(q, k, v, mask, p, scale)     = dropout_p(softmax(scale * q k^T + mask_bias)) v
+    attention_varlen(q, k, v, cu_seqlens)  = attention per sequence of a packed [total_tokens, H, D] batch
+    mlm_cross_entropy(h, W, b, labels)     = mean over labelled rows of logsumexp(h W^T + b) - (h W^T + b)[label]
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0, dropout_mask=None):
+    """LN(dropout(x) + residual) over the last dimension, in fp32, returned in x's dtype.
+
+    ``dropout_mask`` (bool, x's shape) replaces the random draw: tests use it to replay the mask a kernel used.
+    """
+    h = x.float()
+    if dropout_mask is not None:
+        h = h * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        h = F.dropout(h, dropout_p, training=True)
+    if residual is not None:
+        h = h + residual.float()
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(h, h.shape[-1:], w, b, eps).to(x.dtype)
+
+
+def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None, dropout_mask=None):
+    """Bidirectional softmax attention with a key-padding mask.
+
+    q, k, v: [B, H, L, D]. attention_mask: [B, L], 1/True = real token. Padded keys get zero probability;
+    a query row with no real key, and every padded query row, returns zeros. ``dropout_mask`` ([B, H, L, L]
+    bool, True = kept) replaces the random draw so tests can replay a kernel's mask.
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        keep = attention_mask.bool()
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+        has_key = keep.any(dim=-1)[:, None, None, None]
+        # A fully masked row would softmax to NaN: give it finite scores, then zero it.
+        scores = torch.where(has_key, scores, torch.zeros_like(scores))
+        probs = torch.softmax(scores, dim=-1) * has_key
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p, training=True)
+    out = torch.matmul(probs, v.float())
+    if attention_mask is not None:
+        out = out * attention_mask.bool()[:, None, :, None]
+    return out.to(q.dtype)
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
+    """attention() applied to each sequence of a packed batch; q, k, v: [total_tokens, H, D]."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        seq = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # [1, H, l, D]
+        o = attention(*seq, dropout_p=dropout_p, softmax_scale=softmax_scale)
+        out[start:end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_num_correct=False):
+    """Mean cross-entropy of ``hidden @ weight.T + bias`` over the rows whose label != ignore_index.
+
+    Logits and the softmax are computed in fp32. With no labelled row the loss is 0 with zero gradients.
+    With ``return_num_correct`` also returns the number of labelled rows whose argmax is the label.
+    """
+    valid = labels != ignore_index
+    rows = valid.nonzero().squeeze(-1)
+    h = hidden.index_select(0, rows).float()
+    logits = F.linear(h, weight.float(), bias.float() if bias is not None else None)
+    tgt = labels.index_select(0, rows)
+    if rows.numel() == 0:
+        # Keep the graph connected so every input still receives a (zero) gradient.
+        loss = logits.sum() * 0.0 + hidden.sum() * 0.0 + weight.sum() * 0.0
+        if bias is not None:
+            loss = loss + bias.sum() * 0.0
+    else:
+        loss = F.cross_entropy(logits, tgt, reduction="mean")
+    if return_num_correct:
+        num_correct = (logits.argmax(dim=-1) == tgt).sum()
+        return loss, num_correct
+    return loss

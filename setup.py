@@ -1,0 +1,40 @@
+import sys
+
+from setuptools import setup
+
+requires = [
+    "torch>=2.4",
+    "deepspeed>=0.15",
+    "numpy",
+    "tokenizers>=0.19",
+    "safetensors",
+    "tqdm",
+]
+if sys.platform.startswith("linux"):
+    # The CPU wheel of torch does not bring Triton; the kernels (and their CPU interpreter) need it.
+    requires.append("triton>=3.0")
+
+setup(
+    name="fastroberta",
+    version="0.1.0",
+    description="RoBERTa masked-LM pretraining with fused Triton kernels under DeepSpeed",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # kernels/ is a stand-alone folder in the repo, installed as the subpackage fastroberta.kernels.
+    packages=["fastroberta", "fastroberta.kernels"],
+    package_dir={"fastroberta": "fastroberta", "fastroberta.kernels": "kernels"},
+    package_data={"fastroberta": ["corpus/*.txt"]},
+    install_requires=requires,
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.40"],
+        "bench": ["pytest-benchmark", "transformers>=4.40", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fastroberta-train = fastroberta.train:main",
+            "fastroberta-bench = benchmarks.__main__:main",
+        ]
+    },
+    license="Apache-2.0",
+)
