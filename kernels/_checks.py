@@ -31,3 +31,9 @@ def check_tensor(name, t, *, dtypes=FLOAT_DTYPES, ndim=None, device=None):
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def dropout_seed():
+    """A Philox seed for one dropout call, drawn from torch's default (CPU) generator: no device sync, and
+    ``torch.manual_seed`` or a restored RNG state (activation checkpointing, resume) reproduces it."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
