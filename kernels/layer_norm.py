@@ -1,17 +1,344 @@
-"""Fused (dropout + residual-add +) LayerNorm. Placeholder: dispatches to the eager reference until the
-Triton kernel lands (see the LayerNorm issue)."""
+"""Fused dropout + residual-add + LayerNorm over the last dimension, forward and backward, in Triton.
+
+RoBERTa is post-LN: every sublayer ends in ``LayerNorm(dropout(out) + residual)``. Eager PyTorch runs that as
+three kernels and keeps the dropout mask and the sum for backward; here one kernel does it each way.
+
+For one row h of N features (statistics in fp32 whatever the input dtype):
+
+    h     = dropout_p(x) + residual          dropout_p(x) = x * keep / (1 - p),  keep ~ Bernoulli(1 - p)
+    mean  = sum(h) / N
+    rstd  = 1 / sqrt(sum((h - mean)^2) / N + eps)                 (biased variance, as torch.nn.LayerNorm)
+    xhat  = (h - mean) * rstd
+    y     = xhat * weight + bias
+
+and backward, with g = dy * weight:
+
+    dh        = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    dresidual = dh
+    dx        = dh * keep / (1 - p)
+    dweight   = sum over rows of dy * xhat,     dbias = sum over rows of dy
+
+The reference is ``reference.layer_norm``: ``F.layer_norm(dropout(x.float()) + residual.float(), ...)``.
+
+What forward keeps for backward: x, residual, weight and two fp32 numbers per row (mean, rstd), plus the
+Philox seed of the dropout draw. The keep mask is never stored: backward regenerates it from (seed, row,
+column). The pre-norm sum h is not stored either; backward recomputes it from x and residual (see
+``_LayerNormFunction.forward`` for why).
+"""
+import contextlib
+import functools
+import numbers
+
 import torch
+import triton
+import triton.language as tl
 
 from . import reference
+from ._checks import check_tensor, dropout_seed, triton_usable
+
+# A row lives in the registers of one program. The backward's per-thread state (weight, two gradient
+# accumulators, the row and its gradient) fits up to 8192 wide (ptxas, sm_90: 127 registers at 16 warps);
+# up to 16384 it spills a few hundred bytes per thread and stays correct; wider rows get a clear error.
+MAX_HIDDEN = 16384
+
+
+@triton.jit
+def _dropout_keep(seed, row, p, BLOCK: tl.constexpr):
+    """Keep-mask (True = kept) of one row, the same in forward and backward for the same (seed, row).
+
+    Philox4x32 keyed by ``seed`` with the counter (column group, row, 0, 0): each evaluation yields four
+    uniforms, spread over four adjacent columns, so a row costs BLOCK // 4 Philox evaluations (ten rounds
+    each) instead of BLOCK; that keeps the dropout draw off the critical path of a memory-bound kernel.
+    """
+    group = tl.arange(0, BLOCK // 4)
+    zero = group * 0  # block-shaped counter words: philox's round loop needs them all the same shape
+    r0, r1, r2, r3 = tl.philox(seed, group, zero + row, zero, zero)
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK,))
+    return tl.uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X, R, W, B, Y, Mean, Rstd,
+    stride_x, stride_r, stride_y,
+    N, eps, dropout_p, dropout_scale, seed,
+    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program normalizes one row."""
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)  # rows * stride may pass 2**31 elements
+    cols = tl.arange(0, BLOCK)
+    in_row = cols < N
+
+    h = tl.load(X + row64 * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, row, dropout_p, BLOCK)
+        h = tl.where(keep, h * dropout_scale, 0.0)
+    if HAS_RESIDUAL:
+        h += tl.load(R + row64 * stride_r + cols, mask=in_row, other=0.0).to(tl.float32)
+
+    mean = tl.sum(h, axis=0) / N
+    centered = tl.where(in_row, h - mean, 0.0)  # padding columns must not enter the variance
+    var = tl.sum(centered * centered, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = centered * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
+
+    tl.store(Y + row64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=in_row)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X, R, W, DY, DX, DR, DW_partial, DB_partial, Mean, Rstd,
+    stride_x, stride_r, stride_dy, stride_dx, stride_dr,
+    M, N, dropout_p, dropout_scale, seed, rows_per_program,
+    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_DRESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program walks a contiguous band of rows: it writes dx (and dresidual) for each row and keeps the
+    band's dweight/dbias in fp32 registers, stored once at the end as this program's row of the partial
+    buffers. The host sums those rows; no atomics, so the reduction order is fixed and the result repeatable.
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    in_row = cols < N
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_BIAS:
+        db_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+
+    for row in range(row_start, row_end):
+        row64 = tl.cast(row, tl.int64)  # a Python int under the interpreter, a tensor when compiled
+        # Rebuild h = dropout(x) + residual exactly as forward did (same Philox draw).
+        h = tl.load(X + row64 * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row, dropout_p, BLOCK)
+            h = tl.where(keep, h * dropout_scale, 0.0)
+        if HAS_RESIDUAL:
+            h += tl.load(R + row64 * stride_r + cols, mask=in_row, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row)
+        rstd = tl.load(Rstd + row)
+        xhat = tl.where(in_row, (h - mean) * rstd, 0.0)
+
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=in_row, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            dw_acc += dy * xhat
+            g = dy * w
+        else:
+            g = dy
+        if HAS_BIAS:
+            db_acc += dy
+        mean_g = tl.sum(g, axis=0) / N
+        mean_gx = tl.sum(g * xhat, axis=0) / N
+        dh = (g - mean_g - xhat * mean_gx) * rstd
+
+        if STORE_DRESIDUAL:
+            tl.store(DR + row64 * stride_dr + cols, dh.to(DR.dtype.element_ty), mask=in_row)
+        if HAS_DROPOUT:
+            dh = tl.where(keep, dh * dropout_scale, 0.0)
+        tl.store(DX + row64 * stride_dx + cols, dh.to(DX.dtype.element_ty), mask=in_row)
+
+    if HAS_WEIGHT:
+        tl.store(DW_partial + pid * N + cols, dw_acc, mask=in_row)
+    if HAS_BIAS:
+        tl.store(DB_partial + pid * N + cols, db_acc, mask=in_row)
+
+
+def _launch_config(n):
+    """Block covering a row (masked past n) and warps scaled to it: ~8 elements per thread at 1024 wide."""
+    block = max(triton.next_power_of_2(n), 16)
+    num_warps = min(max(block // 256, 1), 16)
+    return block, num_warps
+
+
+def _backward_programs(rows, device):
+    """How many programs share the backward's rows. Each one writes a row of fp32 partials per parameter,
+    so more programs hide more memory latency but add partial-buffer traffic; four per SM keeps that
+    traffic a few percent of the row traffic at RoBERTa's widths. Fixed for a given device, so the
+    dweight/dbias reduction order (and its bits) is repeatable. The interpreter runs programs one by one:
+    a handful suffices and still exercises bands of unequal length."""
+    if device.type == "cuda":
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 4
+    return max(1, min(rows, target))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _on_device(t):
+    """Launch on t's GPU even when another one is current (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _as_rows(t, n):
+    """[rows, n] view of ``t`` when its rows are evenly strided with contiguous features (no copy: kernels
+    take a row stride); otherwise one contiguous copy."""
+    t2 = t.reshape(-1, n)
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+class _LayerNormFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, dropout_p):
+        n = x.shape[-1]
+        x2 = _as_rows(x, n)
+        r2 = _as_rows(residual, n) if residual is not None else None
+        weight = weight.contiguous() if weight is not None else None  # kernels index them densely
+        bias = bias.contiguous() if bias is not None else None
+        m = x2.shape[0]
+        has_dropout = dropout_p > 0.0
+        seed = dropout_seed() if has_dropout else 0
+        scale = 1.0 / (1.0 - dropout_p) if has_dropout else 1.0
+
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        mean = torch.empty(m, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+        block, num_warps = _launch_config(n)
+        if m > 0:
+            with _on_device(x):
+                _layer_norm_fwd_kernel[(m,)](
+                    x2, r2, weight, bias, y, mean, rstd,
+                    x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
+                    n, eps, dropout_p, scale, seed,
+                    HAS_RESIDUAL=r2 is not None, HAS_DROPOUT=has_dropout,
+                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                    BLOCK=block, num_warps=num_warps,
+                )
+
+        # Backward needs h = dropout(x) + residual. It is recomputed from x and residual rather than stored:
+        # storing it costs one extra [rows, n] write in forward and saves one read in backward (x and
+        # residual instead of h), the same bytes over a training step, but it slows the forward, which also
+        # runs alone (eval), and costs a tensor's memory when there is no residual (then h is x itself).
+        # The residual is usually held by autograd anyway (it is the previous sublayer's output, the input
+        # of a Linear). The dropout mask is recomputed from the seed at no memory cost.
+        ctx.save_for_backward(x2, r2, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.dropout_p, ctx.scale, ctx.seed = dropout_p, scale, seed
+        ctx.x_shape = x.shape
+        ctx.block, ctx.num_warps = block, num_warps
+        return y.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2, r2, weight, mean, rstd = ctx.saved_tensors
+        m, n = x2.shape
+        has_residual = r2 is not None
+        has_dropout = ctx.dropout_p > 0.0
+        dy2 = _as_rows(dy, n)  # an expanded gradient (stride-0 rows, e.g. from .sum()) needs no copy
+
+        dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+        # Without dropout dresidual equals dx: return the same tensor for both, as autograd's own add does.
+        store_dresidual = has_residual and has_dropout
+        dr = torch.empty((m, n), dtype=r2.dtype, device=r2.device) if store_dresidual else None
+
+        programs = _backward_programs(m, x2.device)
+        rows_per_program = triton.cdiv(m, programs) if m > 0 else 0
+        programs = triton.cdiv(m, rows_per_program) if m > 0 else 0  # no program left without rows
+        dw_partial = (torch.empty((programs, n), dtype=torch.float32, device=x2.device)
+                      if weight is not None else None)
+        db_partial = (torch.empty((programs, n), dtype=torch.float32, device=x2.device)
+                      if ctx.has_bias else None)
+        if m > 0:
+            with _on_device(x2):
+                _layer_norm_bwd_kernel[(programs,)](
+                    x2, r2, weight, dy2, dx, dr, dw_partial, db_partial, mean, rstd,
+                    x2.stride(0), r2.stride(0) if has_residual else 0, dy2.stride(0), dx.stride(0),
+                    dr.stride(0) if store_dresidual else 0,
+                    m, n, ctx.dropout_p, ctx.scale, ctx.seed, rows_per_program,
+                    HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
+                    HAS_WEIGHT=weight is not None, HAS_BIAS=ctx.has_bias,
+                    STORE_DRESIDUAL=store_dresidual, BLOCK=ctx.block, num_warps=ctx.num_warps,
+                )
+
+        dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
+        dbias = db_partial.sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
+        dx = dx.view(ctx.x_shape)
+        if not has_residual:
+            dresidual = None
+        elif store_dresidual:
+            dresidual = dr.view(ctx.x_shape)
+        else:
+            dresidual = dx
+        return dx, dweight, dbias, dresidual, None, None
+
+
+def _check_inputs(x, weight, bias, eps, residual, dropout_p):
+    check_tensor("x", x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    if n > MAX_HIDDEN:
+        raise ValueError(f"hidden size {n} exceeds {MAX_HIDDEN}, the widest row the fused LayerNorm keeps in "
+                         "registers; use torch.nn.LayerNorm (or fastroberta.kernels.reference.layer_norm)")
+    # Parameters may be kept in fp32 while activations are fp16/bf16 (mixed precision); the kernel reads
+    # either and returns their gradients in their own dtype.
+    param_dtypes = (x.dtype, torch.float32)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_tensor(name, p, dtypes=param_dtypes, device=x.device)
+        if p.shape != (n,):
+            raise ValueError(f"{name} has shape {tuple(p.shape)} but x's hidden size is {n}: expected ({n},)")
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0.0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
 def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
-    """LN(dropout(x) + residual) over the last dimension."""
-    return reference.layer_norm(x, weight, bias, eps=eps, residual=residual, dropout_p=dropout_p)
+    """``LN(dropout(x) + residual) * weight + bias`` over the last dimension, differentiable in x, residual,
+    weight and bias.
+
+    x: [..., N] fp32/fp16/bf16, any leading shape, N <= MAX_HIDDEN; the output has x's shape and dtype.
+    weight, bias: [N] in x's dtype or fp32, or None (no affine). residual: x's shape and dtype, or None.
+    dropout_p: the caller passes 0 in eval; 0 runs no dropout code at all. The Philox seed comes from torch's
+    default generator, so ``torch.manual_seed`` reproduces the mask. Inputs whose rows are not evenly strided
+    are copied once to contiguous memory. Runs the Triton kernel on CUDA (or on CPU under
+    ``TRITON_INTERPRET=1``), ``reference.layer_norm`` elsewhere.
+    """
+    _check_inputs(x, weight, bias, eps, residual, dropout_p)
+    if not triton_usable(x):
+        return reference.layer_norm(x, weight, bias, eps=eps, residual=residual, dropout_p=dropout_p)
+    return _LayerNormFunction.apply(x, weight, bias, residual, float(eps), float(dropout_p))
 
 
 class FusedLayerNorm(torch.nn.LayerNorm):
-    """Drop-in for torch.nn.LayerNorm with an optional fused residual and dropout in forward."""
+    """Drop-in for ``torch.nn.LayerNorm`` (same parameters, state_dict keys and ``extra_repr``; an
+    nn.LayerNorm state_dict loads as is) over a 1-D ``normalized_shape``, whose forward can also fuse a
+    residual add and dropout: ``forward(x, residual=None, dropout_p=0.0)`` = LN(dropout(x) + residual).
+    Like ``F.dropout`` called with explicit p, it does not look at ``self.training``: pass 0 in eval."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
+                         device=device, dtype=dtype)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"FusedLayerNorm normalizes over the last dimension only: normalized_shape must "
+                             f"be an int or have one entry, got {tuple(self.normalized_shape)}")
 
     def forward(self, x, residual=None, dropout_p=0.0):
         return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, dropout_p=dropout_p)
