@@ -84,7 +84,7 @@ def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_nu
     rows = valid.nonzero().squeeze(-1)
     h = hidden.index_select(0, rows).float()
     logits = F.linear(h, weight.float(), bias.float() if bias is not None else None)
-    tgt = labels.index_select(0, rows)
+    tgt = labels.index_select(0, rows).long()
     if rows.numel() == 0:
         # Keep the graph connected so every input still receives a (zero) gradient.
         loss = logits.sum() * 0.0 + hidden.sum() * 0.0 + weight.sum() * 0.0
