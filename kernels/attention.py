@@ -1,12 +1,622 @@
-"""Bidirectional attention with a key-padding mask. Placeholder: dispatches to the eager reference until
-the Triton kernel lands (see the attention issue)."""
+"""Bidirectional flash attention with a key-padding mask, variable-length (packed) batches and dropout.
+
+For one head of one sequence, with queries q_i, keys k_j, values v_j (rows of length D), scale
+s = softmax_scale (default 1/sqrt(D)), the set R of real (unmasked) tokens, and a dropout keep mask
+Z_ij ~ Bernoulli(1 - p):
+
+    S_ij   = s * q_i . k_j                                     for j in R, -inf otherwise
+    LSE_i  = log sum_j exp(S_ij)                               (fp32)
+    P_ij   = exp(S_ij - LSE_i)
+    O_i    = sum_j P_ij Z_ij / (1 - p) v_j                     for i in R;  O_i = 0 for a padded query
+                                                               or a query with no real key
+
+which is ``reference.attention``. The backward pass (FlashAttention-2) recomputes P from the stored LSE:
+
+    Delta_i = dO_i . O_i    (= sum_j P_ij dP_ij, dropout included)
+    dV_j    = sum_i P_ij Z_ij / (1 - p) dO_i
+    dP_ij   = Z_ij / (1 - p) dO_i . v_j
+    dS_ij   = P_ij (dP_ij - Delta_i)
+    dQ_i    = s sum_j dS_ij k_j,      dK_j = s sum_i dS_ij q_i
+
+Layout. ``attention`` takes q, k, v [B, H, L, D] with any strides whose last one is 1 (the model passes
+views of one fused QKV projection) and a [B, L] mask of any 0/1 pattern. ``attention_varlen`` takes packed
+[total_tokens, H, D] tensors and int32 ``cu_seqlens`` (sequence b is tokens cu_seqlens[b]:cu_seqlens[b+1]).
+Both run the same kernels: a program finds its sequence's first token and length (``_sequence``), then works
+on token positions inside that sequence. In the padded form the length is the position of the last real
+token + 1, so the blocks past each row's trailing padding are skipped; padding in the middle (holes) is
+masked key by key. Scores never leave the chip; the forward pass stores O and the fp32 LSE only.
+
+Rows that cannot attend (padded queries, rows whose keys are all padding) get LSE = +inf, so the
+recomputed P is exactly 0 in backward and their gradients are zero, never NaN.
+
+Dropout draws Philox numbers (``tl.rand``) keyed by (seed, sequence * H + head) with the counter
+row * 32768 + col (positions inside the sequence), so backward regenerates the forward's mask and the padded
+and varlen forms drop the same entries of right-padded data. Sequences are limited to 32768 tokens with
+dropout. The seed is drawn per call from torch's generator (``_checks.dropout_seed``).
+"""
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
 from . import reference
+from ._checks import FLOAT_DTYPES, check_tensor, dropout_seed, interpreter_active, triton_usable
+
+HEAD_DIMS = (16, 32, 64, 128)
+DROPOUT_MAX_SEQLEN = 32768
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+DROPOUT_ROW_STRIDE = tl.constexpr(DROPOUT_MAX_SEQLEN)
+
+
+def _configs(table, candidates):
+    """One fixed config under the interpreter (no sweep); on GPU the table entry, plus the candidates to
+    autotune over unless FASTROBERTA_AUTOTUNE=0."""
+    def cfg(m, n, warps, stages):
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+    if interpreter_active():
+        return [cfg(*table[0], 1, 1)]
+    if os.environ.get("FASTROBERTA_AUTOTUNE", "1") == "0":
+        return [cfg(*table[1])]
+    return [cfg(*table[1])] + [cfg(*c) for c in candidates]
+
+
+# (interpreter (BLOCK_M, BLOCK_N)), then GPU (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M always
+# counts queries and BLOCK_N keys; the interpreter's blocks differ so that tests catch a mixed-up index.
+_FWD_CONFIGS = _configs(((64, 32), (128, 64, 4, 3)),
+                        [(128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)])
+_DKDV_CONFIGS = _configs(((32, 64), (32, 128, 4, 3)),
+                         [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)])
+_DQ_CONFIGS = _configs(((64, 32), (128, 32, 4, 3)),
+                       [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
+_AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "VARLEN", "HAS_MASK", "DROPOUT"]
+
+
+@triton.jit
+def _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(first token, attended length, stored rows) of sequence b. Padded rows past the attended length still
+    get zeros written in the padded form; in the varlen form they belong to the next sequence."""
+    if VARLEN:
+        start = tl.load(CuSeqlens + b)
+        seqlen = tl.load(CuSeqlens + b + 1) - start
+        store_len = seqlen
+    else:
+        start = b * 0
+        if HAS_MASK:
+            seqlen = tl.load(SeqLens + b)
+        else:
+            seqlen = b * 0 + seq_len
+        store_len = b * 0 + seq_len
+    return start, seqlen, store_len
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offsets, dropout_p):
+    # The head goes into Philox's key (high word), the position into its counter: streams never overlap.
+    key = (bh.to(tl.int64) << 32) + seed
+    return tl.rand(key, offsets) >= dropout_p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, lo, hi, seqlen,
+               offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh,
+               BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kT_ptrs = K + cols[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
+        if BOUNDS:
+            kT = tl.load(kT_ptrs, mask=(cols < seqlen)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
+        else:
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
+        # Scores in log2 units: exp2 is the native instruction.
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        if BOUNDS:
+            s = tl.where((cols < seqlen)[None, :], s, float("-inf"))
+        if HAS_MASK:
+            real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
+            s = tl.where(real_key[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no real key yet has max -inf; shift by 0 instead so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None] * DROPOUT_ROW_STRIDE + cols[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+              stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_mb,
+              num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
+              HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (query block, sequence, head); query blocks of one head are neighbours so that they
+    # share K/V in L2. A 1-D grid has no 65535 limit on sequences x heads.
+    num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    bh = pid // num_m_blocks
+    b = bh // num_heads
+    h = bh % num_heads
+    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    t64 = start.to(tl.int64)
+    Q += b64 * stride_qb + h64 * stride_qh + t64 * stride_qm
+    K += b64 * stride_kb + h64 * stride_kh + t64 * stride_kn
+    V += b64 * stride_vb + h64 * stride_vh + t64 * stride_vn
+    O += b64 * stride_ob + h64 * stride_oh + t64 * stride_om
+    LSE += b64 * stride_lb + h64 * stride_lh + t64
+    if HAS_MASK:
+        KeyMask += b64 * stride_mb
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_seq = offs_m < seqlen
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+    # A block past the sequence's end does no work; it only writes its zeros (padded form).
+    hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
+    hi_full = (hi // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, 0, hi_full, seqlen,
+                               offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh,
+                               False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi_full, hi, seqlen,
+                               offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh,
+                               True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+
+    row_ok = in_seq
+    if HAS_MASK:
+        row_ok = row_ok & (tl.load(KeyMask + offs_m, mask=in_seq, other=0) != 0)
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    if DROPOUT:
+        out_scale = 1.0 / (1.0 - dropout_p) / l_safe
+    else:
+        out_scale = 1.0 / l_safe
+    o = tl.where(row_ok[:, None], acc * out_scale[:, None], 0.0)
+    lse = tl.where(row_ok & has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
+    stored = offs_m < store_len
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], o.to(O.dtype.element_ty), mask=stored[:, None])
+    tl.store(LSE + offs_m, lse, mask=stored)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
+                    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
+                    num_heads, seq_len, max_seqlen,
+                    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta_i = dO_i . O_i in fp32, for every stored row (zero rows of O give 0)."""
+    num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    bh = pid // num_m_blocks
+    b = bh // num_heads
+    h = bh % num_heads
+    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    t64 = start.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    stored = offs_m < store_len
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + t64 * stride_om
+                + offs_m[:, None] * stride_om + offs_d[None, :], mask=stored[:, None], other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + t64 * stride_dom
+                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=stored[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + t64 + offs_m, delta, mask=stored)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, lo, hi, seqlen,
+                    offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
+                    BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Works on transposed tiles (keys x queries) so that dK and dV accumulate with plain dots.
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        qT_ptrs = Q + rows[None, :] * stride_qm + offs_d[:, None]
+        do_ptrs = DO + rows[:, None] * stride_dom + offs_d[None, :]
+        if BOUNDS:
+            in_seq = rows < seqlen
+            qT = tl.load(qT_ptrs, mask=in_seq[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=in_seq[:, None], other=0.0)
+            lse = tl.load(LSE + rows, mask=in_seq, other=float("inf"))
+            delta = tl.load(Delta + rows, mask=in_seq, other=0.0)
+        else:
+            qT = tl.load(qT_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE + rows)
+            delta = tl.load(Delta + rows)
+        # LSE = +inf marks a row that attends to nothing: its probabilities come out exactly 0.
+        pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - (lse * LOG2E)[None, :])
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[None, :] * DROPOUT_ROW_STRIDE + cols[:, None], dropout_p)
+            pT_used = tl.where(keep, pT * keep_scale, 0.0)
+        else:
+            pT_used = pT
+        dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DROPOUT:
+            dpT = tl.where(keep, dpT * keep_scale, 0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   stride_lb, stride_lh, stride_mb,
+                   num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
+                   HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block, looping over the query blocks of its sequence."""
+    num_n_blocks = tl.cdiv(max_seqlen, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n_blocks
+    bh = pid // num_n_blocks
+    b = bh // num_heads
+    h = bh % num_heads
+    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    t64 = start.to(tl.int64)
+    Q += b64 * stride_qb + h64 * stride_qh + t64 * stride_qm
+    K += b64 * stride_kb + h64 * stride_kh + t64 * stride_kn
+    V += b64 * stride_vb + h64 * stride_vh + t64 * stride_vn
+    DO += b64 * stride_dob + h64 * stride_doh + t64 * stride_dom
+    DK += b64 * stride_dkb + h64 * stride_dkh + t64 * stride_dkn
+    DV += b64 * stride_dvb + h64 * stride_dvh + t64 * stride_dvn
+    LSE += b64 * stride_lb + h64 * stride_lh + t64
+    Delta += b64 * stride_lb + h64 * stride_lh + t64
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_seq = cols < seqlen
+    k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    hi = tl.where(pid_n * BLOCK_N < seqlen, seqlen, 0)
+    hi_full = (hi // BLOCK_M) * BLOCK_M
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, 0, hi_full, seqlen,
+                             offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
+                             False, DROPOUT, PRECISION, BLOCK_M)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, hi_full, hi, seqlen,
+                             offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
+                             True, DROPOUT, PRECISION, BLOCK_M)
+
+    # Column j of P feeds only dK_j and dV_j, so padded keys (and keys past the end, loaded as 0) are masked
+    # once here instead of in every tile; whatever they accumulated (even inf/NaN) is discarded.
+    key_ok = in_seq
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(KeyMask + b64 * stride_mb + cols, mask=in_seq, other=0) != 0)
+    dk = tl.where(key_ok[:, None], dk * softmax_scale, 0.0)
+    dv = tl.where(key_ok[:, None], dv, 0.0)
+    stored = (cols < store_len)[:, None]
+    tl.store(DK + cols[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=stored)
+    tl.store(DV + cols[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=stored)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, lo, hi, seqlen,
+                  offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
+                  BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
+        vT_ptrs = V + cols[None, :] * stride_vn + offs_d[:, None]
+        if BOUNDS:
+            k = tl.load(k_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
+            vT = tl.load(vT_ptrs, mask=(cols < seqlen)[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            vT = tl.load(vT_ptrs)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        if BOUNDS:
+            p = tl.where((cols < seqlen)[None, :], p, 0.0)
+        if HAS_MASK:
+            real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
+            p = tl.where(real_key[None, :], p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None] * DROPOUT_ROW_STRIDE + cols[None, :], dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
+                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                 stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_mb,
+                 num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
+                 HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query block, looping over the key blocks of its sequence (no atomics: each program owns
+    its rows)."""
+    num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    bh = pid // num_m_blocks
+    b = bh // num_heads
+    h = bh % num_heads
+    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    t64 = start.to(tl.int64)
+    Q += b64 * stride_qb + h64 * stride_qh + t64 * stride_qm
+    K += b64 * stride_kb + h64 * stride_kh + t64 * stride_kn
+    V += b64 * stride_vb + h64 * stride_vh + t64 * stride_vn
+    DO += b64 * stride_dob + h64 * stride_doh + t64 * stride_dom
+    DQ += b64 * stride_dqb + h64 * stride_dqh + t64 * stride_dqm
+    LSE += b64 * stride_lb + h64 * stride_lh + t64
+    Delta += b64 * stride_lb + h64 * stride_lh + t64
+    if HAS_MASK:
+        KeyMask += b64 * stride_mb
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_seq = offs_m < seqlen
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+    lse2 = tl.load(LSE + offs_m, mask=in_seq, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + offs_m, mask=in_seq, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
+    hi_full = (hi // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, 0, hi_full, seqlen,
+                       offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
+                       False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi_full, hi, seqlen,
+                       offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
+                       True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    dq = dq * softmax_scale
+    stored = (offs_m < store_len)[:, None]
+    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=stored)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd glue
+# ---------------------------------------------------------------------------------------------------------
+def _strides(t, varlen):
+    """(sequence, head, token) strides in elements; the head dim must be contiguous."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _empty_out(q, varlen):
+    """An output laid out [B, L, H, D] in memory (viewed as [B, H, L, D]): the model's following
+    transpose(1, 2).reshape(B, L, E) is then free."""
+    if varlen:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    b, h, l, d = q.shape
+    return torch.empty(b, l, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def _on_device(t):
+    # Triton launches on the current CUDA device; a tensor on another GPU must make its device current.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _unit_last_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+        varlen = cu_seqlens is not None
+        if varlen:
+            n_seqs, (total, heads, head_dim) = cu_seqlens.numel() - 1, q.shape
+            seq_len = 0
+            lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
+            lse_strides = (0, lse.stride(0))
+        else:
+            n_seqs, heads, seq_len, head_dim = q.shape
+            max_seqlen = seq_len
+            lse = torch.empty(n_seqs, heads, seq_len, dtype=torch.float32, device=q.device)
+            lse_strides = (lse.stride(0), lse.stride(1))
+        o = _empty_out(q, varlen)
+        seed = dropout_seed() if dropout_p > 0.0 else 0
+        meta = dict(num_heads=heads, seq_len=seq_len, max_seqlen=max_seqlen,
+                    seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
+                    HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None, DROPOUT=dropout_p > 0.0,
+                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        ctx.launch = dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, seed=seed, dropout_p=dropout_p,
+                          softmax_scale=softmax_scale)
+
+        def grid(cfg):
+            return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
+        with _on_device(q):
+            _attn_fwd[grid](q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
+                            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
+                            *lse_strides, key_mask.stride(0) if key_mask is not None else 0,
+                            softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, **meta)
+        ctx.save_for_backward(q, k, v, o, lse, key_mask, seqlens, cu_seqlens)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, key_mask, seqlens, cu_seqlens = ctx.saved_tensors
+        run = dict(ctx.launch)
+        lse_strides, n_seqs = run.pop("lse_strides"), run.pop("n_seqs")
+        varlen, heads, max_seqlen = run["VARLEN"], run["num_heads"], run["max_seqlen"]
+        do = _unit_last_stride(do)
+        delta = torch.empty_like(lse)
+        dq, dk, dv = _empty_out(q, varlen), _empty_out(k, varlen), _empty_out(v, varlen)
+        mask_stride = key_mask.stride(0) if key_mask is not None else 0
+
+        def grid_n(cfg):
+            return (triton.cdiv(max_seqlen, cfg["BLOCK_N"]) * n_seqs * heads,)
+
+        def grid_m(cfg):
+            return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
+        pre_block = 64
+        with _on_device(q):
+            _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
+                o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
+                heads, run["seq_len"], max_seqlen,
+                HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_MASK=run["HAS_MASK"], BLOCK_M=pre_block)
+            _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
+                                   *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                                   *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
+                                   *lse_strides, mask_stride, **run)
+            _attn_bwd_dq[grid_m](q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
+                                 *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                                 *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------
+def _check_qkv(q, k, v, layout):
+    ndim = layout.count(",") + 1
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=ndim)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=ndim, device=q.device)
+        if t.dtype != q.dtype:
+            raise TypeError(f"q, k and v must share a dtype; q is {q.dtype} but {name} is {t.dtype}")
+        if t.shape != q.shape:
+            raise ValueError(f"q, k and v must have the same shape {layout}; q is {tuple(q.shape)} but "
+                             f"{name} is {tuple(t.shape)}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[-1]} is not supported; use one of {HEAD_DIMS}")
+
+
+def _check_dropout(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def _softmax_scale(softmax_scale, head_dim):
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def _check_dropout_length(dropout_p, longest):
+    if dropout_p > 0.0 and longest > DROPOUT_MAX_SEQLEN:
+        raise ValueError(f"attention dropout supports sequences of at most {DROPOUT_MAX_SEQLEN} tokens, "
+                         f"got {longest}")
 
 
 def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
-    return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    """softmax(scale * q k^T + mask) v with attention dropout; see the module docstring.
+
+    q, k, v: [B, H, L, D] (any strides with a contiguous last dim; D in 16, 32, 64, 128), fp16/bf16 (fp32 for
+    testing). attention_mask: [B, L] bool or integer, 1/True = real token; None = all real. Returns
+    [B, H, L, D] (laid out [B, L, H, D] in memory) with zeros at padded queries. ``dropout_p`` applies
+    whenever it is > 0: pass 0.0 in eval mode.
+    """
+    _check_qkv(q, k, v, "[B, H, L, D]")
+    b, _, l, d = q.shape
+    dropout_p = _check_dropout(dropout_p)
+    scale = _softmax_scale(softmax_scale, d)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}")
+        if attention_mask.shape != (b, l):
+            raise ValueError(f"attention_mask must have shape [B, L] = {(b, l)}, got {tuple(attention_mask.shape)}")
+        if attention_mask.device != q.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
+    _check_dropout_length(dropout_p, l)
+    if not triton_usable(q) or q.numel() == 0:
+        return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
+    key_mask = seqlens = None
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        key_mask = real.contiguous().view(torch.uint8)
+        # The last real token + 1 bounds each row's work; 0 for a row without any.
+        positions = torch.arange(1, l + 1, dtype=torch.int32, device=q.device)
+        seqlens = (real * positions).amax(dim=1).to(torch.int32)
+    return _FlashAttention.apply(q, k, v, key_mask, seqlens, None, l, dropout_p, scale)
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
-    return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
-                                      softmax_scale=softmax_scale)
+    """attention() on each sequence of a packed batch: sequences never attend to each other.
+
+    q, k, v: [total_tokens, H, D]. cu_seqlens: int32 [n_seqs + 1], 0 first, non-decreasing, total_tokens
+    last. max_seqlen: an int >= the longest sequence. Reading cu_seqlens to validate it costs one
+    device-to-host copy.
+    """
+    _check_qkv(q, k, v, "[total_tokens, H, D]")
+    dropout_p = _check_dropout(dropout_p)
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with n_seqs + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    if min(lengths) < 0:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if bounds[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens ends at {bounds[-1]} but q holds {q.shape[0]} tokens")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({max(lengths)})")
+    _check_dropout_length(dropout_p, max(lengths))
+    if not triton_usable(q) or q.numel() == 0:
+        return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
+                                          softmax_scale=scale)
+    return _FlashAttention.apply(q, k, v, None, None, cu_seqlens, max_seqlen, dropout_p, scale)

@@ -1,0 +1,365 @@
+"""Flash attention (kernels/attention.py) against the eager reference: outputs and q/k/v gradients for padded,
+holed and absent masks, strided inputs, the varlen form, dropout (replayed through the reference), input
+errors, and the model wired to it. On CPU the kernels run under Triton's interpreter, so shapes stay small."""
+import pytest
+import torch
+
+from fastroberta import RobertaConfig, RobertaForMaskedLM
+from fastroberta.kernels import attention, attention_varlen, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter cannot run bf16 (it computes on the raw bits); a GPU run covers it.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+OUT_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=5e-3),
+           torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float16: dict(atol=1e-2, rtol=1e-2),
+            torch.bfloat16: dict(atol=6e-2, rtol=5e-2)}
+
+
+def make_qkv(b, h, l, d, dtype, layout="contiguous", scale=1.0):
+    """Leaf q, k, v [B, H, L, D]; "fused" are the model's strided views of one [B, L, 3, H, D] projection,
+    "blhd" are [B, L, H, D] tensors seen through a transpose."""
+    if layout == "fused":
+        qkv = torch.randn(b, l, 3, h, d, device=DEVICE) * scale
+        views = qkv.to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    elif layout == "blhd":
+        views = [(torch.randn(b, l, h, d, device=DEVICE) * scale).to(dtype).transpose(1, 2) for _ in range(3)]
+    else:
+        views = [(torch.randn(b, h, l, d, device=DEVICE) * scale).to(dtype) for _ in range(3)]
+    return [t.detach().requires_grad_() for t in views]
+
+
+def make_mask(kind, b, l, dtype=torch.bool):
+    """"right": random per-row lengths, the last row fully padded when b > 1; "holes": any 0/1 pattern,
+    first row without a single real token when b > 1."""
+    if kind == "none":
+        return None
+    if kind == "right":
+        lengths = torch.randint(1, l + 1, (b,))
+        if b > 1:
+            lengths[-1] = 0
+        else:
+            lengths[0] = max(1, 2 * l // 3)
+        mask = torch.arange(l)[None, :] < lengths[:, None]
+    else:
+        mask = torch.rand(b, l) > 0.4
+        if b > 1:
+            mask[0] = False
+    return mask.to(dtype).to(DEVICE)
+
+
+def run_and_compare(q, k, v, mask, softmax_scale=None):
+    dtype = q.dtype
+    o = attention(q, k, v, mask, softmax_scale=softmax_scale)
+    assert o.shape == q.shape and o.dtype == dtype
+    do = torch.randn(o.shape, device=DEVICE).to(dtype)
+    o.backward(do)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ro = reference.attention(*ref_in, mask, softmax_scale=softmax_scale)
+    ro.backward(do.float())
+    torch.testing.assert_close(o.float(), ro, **OUT_TOL[dtype])
+    for name, got, ref in zip("qkv", (q, k, v), ref_in):
+        assert torch.isfinite(got.grad).all(), f"d{name} has non-finite values"
+        torch.testing.assert_close(got.grad.float(), ref.grad, **GRAD_TOL[dtype], msg=lambda m: f"d{name}: {m}")
+    if mask is not None:
+        pad = ~mask.bool()
+        # Padded queries output exact zeros and get zero dq; padded keys get zero dk, dv.
+        assert (o.detach().transpose(1, 2)[pad] == 0).all()
+        for t in (q, k, v):
+            assert (t.grad.transpose(1, 2)[pad] == 0).all()
+    return o
+
+
+# (B, L, D, dtype, mask kind, layout): every B, L, D and mask kind in both dtypes, without the full product.
+CASES = [
+    (1, 16, 32, torch.float32, "none", "fused"),
+    (3, 16, 64, torch.float16, "holes", "contiguous"),
+    (3, 37, 32, torch.float16, "right", "fused"),
+    (1, 37, 64, torch.float32, "holes", "blhd"),
+    (3, 100, 64, torch.float32, "right", "fused"),
+    (1, 100, 32, torch.float16, "none", "blhd"),
+    (3, 130, 32, torch.float32, "holes", "fused"),
+    (1, 130, 64, torch.float16, "right", "contiguous"),
+]
+
+
+@pytest.mark.parametrize("b,l,d,dtype,mask_kind,layout", CASES)
+def test_matches_reference(b, l, d, dtype, mask_kind, layout):
+    q, k, v = make_qkv(b, 2, l, d, dtype, layout)
+    mask_dtype = {"none": torch.bool, "right": torch.long, "holes": torch.bool}[mask_kind]
+    run_and_compare(q, k, v, make_mask(mask_kind, b, l, mask_dtype))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 and head dim 128 at long L need a GPU (slow interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,l", [(128, 1000), (64, 4100)])
+def test_matches_reference_long_gpu(dtype, d, l):
+    q, k, v = make_qkv(2, 2, l, d, dtype, "fused")
+    run_and_compare(q, k, v, make_mask("holes", 2, l))
+
+
+def test_custom_scale_int_mask_and_large_scores():
+    # Scores of magnitude ~100 would overflow a naive exp; the online softmax keeps them finite.
+    q, k, v = make_qkv(2, 2, 37, 16, torch.float32, "fused", scale=3.0)
+    mask = make_mask("right", 2, 37, torch.int32)
+    run_and_compare(q, k, v, mask, softmax_scale=0.9)
+
+
+def test_all_padding_gives_zeros_not_nan():
+    q, k, v = make_qkv(2, 2, 20, 16, torch.float16)
+    mask = torch.zeros(2, 20, dtype=torch.uint8, device=DEVICE)
+    o = attention(q, k, v, mask)
+    o.float().sum().backward()
+    assert (o == 0).all()
+    for t in (q, k, v):
+        assert (t.grad == 0).all()
+
+
+def packed_batch(lengths, h, d, dtype, pad_value=30.0):
+    """Packed q, k, v [total, H, D] (strided views of one [total, 3, H, D] tensor) and the same tokens
+    right-padded to [B, H, L, D] views with loud garbage in the padding, plus the mask and cu_seqlens."""
+    total, b, l = sum(lengths), len(lengths), max(lengths)
+    packed = torch.randn(total, 3, h, d, device=DEVICE)
+    mask = (torch.arange(l)[None, :] < torch.tensor(lengths)[:, None]).to(DEVICE)
+    padded = torch.full((b, l, 3, h, d), pad_value, device=DEVICE)
+    padded[mask] = packed
+    varlen_in = [t.detach().requires_grad_() for t in packed.to(dtype).unbind(1)]
+    padded_in = [t.detach().requires_grad_() for t in padded.to(dtype).permute(2, 0, 3, 1, 4).unbind(0)]
+    cu = torch.zeros(b + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return varlen_in, padded_in, mask, cu.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype,extra_len", [(torch.float32, 0), (torch.float16, 7)])
+def test_varlen_matches_padded_and_reference(dtype, extra_len):
+    lengths = [37, 0, 64, 5]
+    (q, k, v), (qp, kp, vp), mask, cu = packed_batch(lengths, 2, 32, dtype)
+    o = attention_varlen(q, k, v, cu, max(lengths) + extra_len)
+    op = attention(qp, kp, vp, mask)
+    do = torch.randn(o.shape, device=DEVICE).to(dtype)
+    o.backward(do)
+    dop = torch.zeros_like(op).transpose(1, 2)
+    dop[mask] = do
+    op.backward(dop.transpose(1, 2))
+    # Same kernels on the same tokens: the two forms agree to rounding.
+    torch.testing.assert_close(o, op.transpose(1, 2)[mask], atol=1e-6, rtol=1e-5)
+    for t, tp in ((q, qp), (k, kp), (v, vp)):
+        torch.testing.assert_close(t.grad, tp.grad.transpose(1, 2)[mask], atol=1e-5, rtol=1e-4)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ro = reference.attention_varlen(*ref_in, cu, max(lengths))
+    ro.backward(do.float())
+    torch.testing.assert_close(o.float(), ro, **OUT_TOL[dtype])
+    for t, r in zip((q, k, v), ref_in):
+        torch.testing.assert_close(t.grad.float(), r.grad, **GRAD_TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------------
+def recover_keep_mask(mask, b, h, l, d, p, seed):
+    """The kernel's dropout keep mask [B, H, L, L] for torch seed ``seed``: with q = k = 0 every real key gets
+    probability 1/n, and one-hot values (d keys at a time) copy P_ij Z_ij / (1 - p) into o[i, j]. Entries of
+    padded keys or queries come out False; P is 0 there, so any mask replays the same."""
+    q = torch.zeros(b, h, l, d, device=DEVICE)
+    keep = torch.zeros(b, h, l, l, dtype=torch.bool, device=DEVICE)
+    for c in range(0, l, d):
+        n = min(d, l - c)
+        v = torch.zeros(b, h, l, d, device=DEVICE)
+        v[:, :, c:c + n, :n] = torch.eye(n, device=DEVICE)
+        torch.manual_seed(seed)
+        keep[..., c:c + n] = attention(q, q, v, mask, dropout_p=p)[..., :n] != 0
+    return keep
+
+
+def test_dropout_seed_determinism_and_kept_fraction():
+    b, h, l, d, p = 2, 2, 40, 32, 0.25
+    mask = make_mask("right", b, l)
+    mask[0] = True
+    q, k, v = make_qkv(b, h, l, d, torch.float32)
+    outs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        outs.append(attention(q, k, v, mask, dropout_p=p))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.allclose(outs[0], outs[2])
+
+    keep = recover_keep_mask(mask, b, h, l, d, p, seed=3)
+    real = (mask[:, None, :, None] & mask[:, None, None, :]).expand(b, h, l, l)
+    frac = keep[real].float().mean().item()
+    assert abs(frac - (1 - p)) < 0.03, frac
+    # Heads and sequences draw from different Philox streams.
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+    assert not torch.equal(keep[0, 0, :20, :20], keep[1, 0, :20, :20])
+    # The recovered mask replays the kernel's forward exactly through the reference.
+    ref = reference.attention(q.detach(), k.detach(), v.detach(), mask, dropout_p=p, dropout_mask=keep)
+    torch.testing.assert_close(outs[0].detach(), ref, **OUT_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_gradients_match_replayed_reference(dtype):
+    b, h, l, d, p = 2, 2, 37, 32, 0.2
+    mask = make_mask("holes", b, l)  # row 0 fully padded: no NaN under dropout either
+    keep = recover_keep_mask(mask, b, h, l, d, p, seed=11)
+    q, k, v = make_qkv(b, h, l, d, dtype, "fused")
+    torch.manual_seed(11)
+    o = attention(q, k, v, mask, dropout_p=p)
+    do = torch.randn(o.shape, device=DEVICE).to(dtype)
+    o.backward(do)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ro = reference.attention(*ref_in, mask, dropout_p=p, dropout_mask=keep)
+    ro.backward(do.float())
+    torch.testing.assert_close(o.float(), ro, **OUT_TOL[dtype])
+    for t, r in zip((q, k, v), ref_in):
+        assert torch.isfinite(t.grad).all()
+        torch.testing.assert_close(t.grad.float(), r.grad, **GRAD_TOL[dtype])
+
+
+def test_dropout_varlen_drops_the_same_entries_as_padded():
+    lengths = [20, 33, 0]
+    (q, k, v), (qp, kp, vp), mask, cu = packed_batch(lengths, 2, 16, torch.float32)
+    torch.manual_seed(5)
+    o = attention_varlen(q, k, v, cu, max(lengths), dropout_p=0.3)
+    torch.manual_seed(5)
+    op = attention(qp, kp, vp, mask, dropout_p=0.3)
+    torch.testing.assert_close(o, op.transpose(1, 2)[mask], atol=1e-6, rtol=1e-5)
+    do = torch.randn_like(o)
+    o.backward(do)
+    dop = torch.zeros_like(op).transpose(1, 2)
+    dop[mask] = do
+    op.backward(dop.transpose(1, 2))
+    for t, tp in ((q, qp), (k, kp), (v, vp)):
+        torch.testing.assert_close(t.grad, tp.grad.transpose(1, 2)[mask], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input errors
+# ---------------------------------------------------------------------------------------------------------
+def _x(*shape, dtype=torch.float16, device=DEVICE):
+    return torch.zeros(*shape, dtype=dtype, device=device)
+
+
+PADDED_ERRORS = [
+    (lambda: attention([1.0], _x(1, 2, 8, 16), _x(1, 2, 8, 16)), TypeError, "q must be a torch.Tensor"),
+    (lambda: attention(_x(2, 8, 16), _x(2, 8, 16), _x(2, 8, 16)), ValueError, "q must have 4 dimensions"),
+    (lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 9, 16), _x(1, 2, 8, 16)), ValueError, "same shape"),
+    (lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 8, 16, dtype=torch.float32), _x(1, 2, 8, 16)), TypeError,
+     "share a dtype"),
+    (lambda: attention(*[_x(1, 2, 8, 16, dtype=torch.int32)] * 3), TypeError, "q has dtype int32"),
+    (lambda: attention(*[_x(1, 2, 8, 48)] * 3), ValueError, "head dim 48"),
+    (lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 8, 16, device="meta"), _x(1, 2, 8, 16)), ValueError,
+     "k is on meta"),
+    (lambda: attention(*[_x(2, 2, 8, 16)] * 3, attention_mask=_x(2, 9, dtype=torch.bool)), ValueError,
+     r"attention_mask must have shape \[B, L\]"),
+    (lambda: attention(*[_x(2, 2, 8, 16)] * 3, attention_mask=_x(2, 8)), TypeError, "bool or integer"),
+    (lambda: attention(*[_x(2, 2, 8, 16)] * 3, attention_mask=[[1] * 8] * 2), TypeError,
+     "attention_mask must be a torch.Tensor"),
+    (lambda: attention(*[_x(2, 2, 8, 16)] * 3, attention_mask=_x(2, 8, dtype=torch.bool, device="meta")),
+     ValueError, "attention_mask is on meta"),
+    (lambda: attention(*[_x(1, 2, 8, 16)] * 3, dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (lambda: attention(*[_x(1, 2, 8, 16)] * 3, dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (lambda: attention(*[_x(1, 2, 8, 16)] * 3, dropout_p="0.1"), TypeError, "dropout_p must be a float"),
+    (lambda: attention(*[_x(1, 2, 8, 16)] * 3, softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (lambda: attention(*[_x(1, 1, 32769, 16)] * 3, dropout_p=0.1), ValueError, "at most 32768 tokens"),
+]
+
+
+def _cu(*values, dtype=torch.int32):
+    return torch.tensor(values, dtype=dtype, device=DEVICE)
+
+
+VARLEN_ERRORS = [
+    (lambda: attention_varlen(*[_x(1, 10, 2, 16)] * 3, _cu(0, 10), 10), ValueError, "q must have 3 dimensions"),
+    (lambda: attention_varlen(*[_x(10, 2, 16)] * 3, _cu(0, 10, dtype=torch.int64), 10), TypeError,
+     "cu_seqlens must be int32"),
+    (lambda: attention_varlen(*[_x(10, 2, 16)] * 3, [0, 10], 10), TypeError, "cu_seqlens must be a torch.Tensor"),
+    (lambda: attention_varlen(*[_x(10, 2, 16)] * 3, _cu(0, 10)[None], 10), ValueError, "1-D"),
+    (lambda: attention_varlen(*[_x(10, 2, 16)] * 3, _cu(0), 10), ValueError, "1-D"),
+    (lambda: attention_varlen(*[_x(10, 2, 16)] * 3, _cu(1, 10), 10), ValueError, "start at 0"),
+    (lambda: attention_varlen(*[_x(10, 2, 16)] * 3, _cu(0, 6, 4, 10), 10), ValueError, "non-decreasing"),
+    (lambda: attention_varlen(*[_x(10, 2, 16)] * 3, _cu(0, 4, 9), 10), ValueError, "ends at 9"),
+    (lambda: attention_varlen(*[_x(10, 2, 16)] * 3, _cu(0, 4, 10), 5), ValueError, "max_seqlen=5"),
+    (lambda: attention_varlen(*[_x(10, 2, 16)] * 3, _cu(0, 4, 10), torch.tensor(6)), TypeError,
+     "max_seqlen must be an int"),
+    (lambda: attention_varlen(*[_x(10, 2, 16)] * 3, _cu(0, 10).to("meta"), 10), ValueError,
+     "cu_seqlens is on meta"),
+    (lambda: attention_varlen(*[_x(10, 2, 24)] * 3, _cu(0, 10), 10), ValueError, "head dim 24"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", PADDED_ERRORS + VARLEN_ERRORS)
+def test_input_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model on the kernel
+# ---------------------------------------------------------------------------------------------------------
+def tiny_batch(vocab=100, lengths=(20, 13), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, l = len(lengths), max(lengths)
+    ids = torch.full((b, l), 1, dtype=torch.long)
+    mask = torch.zeros(b, l, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, :n] = 1
+    labels = torch.where((torch.rand(b, l, generator=g) < 0.4) & mask.bool(), ids, torch.full_like(ids, -100))
+    return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
+
+
+def tiny_models(attention_dropout, kernels=("torch", "triton")):
+    cfg = RobertaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=attention_dropout)
+    torch.manual_seed(0)
+    first = RobertaForMaskedLM(cfg, kernels=kernels[0]).to(DEVICE)
+    second = RobertaForMaskedLM(cfg, kernels=kernels[1]).to(DEVICE)
+    second.load_state_dict(first.state_dict())
+    return first.train(), second.train()
+
+
+def loss_and_grads(model, batch, seed=0):
+    torch.manual_seed(seed)
+    ids, mask, labels = batch
+    loss = model(ids, attention_mask=mask, labels=labels).loss
+    model.zero_grad()
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_model_triton_matches_torch():
+    eager, fused = tiny_models(attention_dropout=0.0)
+    batch = tiny_batch()
+    loss_e, grads_e = loss_and_grads(eager, batch)
+    loss_f, grads_f = loss_and_grads(fused, batch)
+    torch.testing.assert_close(loss_f, loss_e, atol=1e-5, rtol=1e-5)
+    for name, g in grads_e.items():
+        torch.testing.assert_close(grads_f[name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_model_unpadded_attention_matches_padded():
+    # The packing plumbing on the eager ops; the Triton ops get the same check, with dropout, below.
+    padded, packed = tiny_models(attention_dropout=0.0, kernels=("torch", "torch"))
+    packed.unpad_attention = True
+    batch = tiny_batch(lengths=(20, 0, 7))
+    loss_p, grads_p = loss_and_grads(padded, batch)
+    loss_u, grads_u = loss_and_grads(packed, batch)
+    torch.testing.assert_close(loss_u, loss_p, atol=1e-5, rtol=1e-5)
+    for name, g in grads_p.items():
+        torch.testing.assert_close(grads_u[name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_model_unpadded_attention_replays_padded_dropout():
+    # Right-padded rows: the packed kernel keys Philox by in-sequence positions, so it drops what the padded
+    # kernel drops, and a training step with attention dropout is the same step either way. (Hidden dropout
+    # stays off: it is the LayerNorm kernel's business and slow under the interpreter.)
+    padded, packed = tiny_models(attention_dropout=0.1, kernels=("triton", "triton"))
+    packed.unpad_attention = True
+    batch = tiny_batch()
+    loss_p, grads_p = loss_and_grads(padded, batch, seed=7)
+    loss_u, grads_u = loss_and_grads(packed, batch, seed=7)
+    torch.testing.assert_close(loss_u, loss_p, atol=1e-5, rtol=1e-5)
+    for name, g in grads_p.items():
+        torch.testing.assert_close(grads_u[name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    loss_other, _ = loss_and_grads(packed, batch, seed=8)
+    assert not torch.allclose(loss_other, loss_u)
