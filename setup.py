@@ -33,7 +33,6 @@ setup(
     entry_points={
         "console_scripts": [
             "fastroberta-train = fastroberta.train:main",
-            "fastroberta-bench = benchmarks.__main__:main",
         ]
     },
     license="Apache-2.0",

@@ -1,0 +1,510 @@
+"""End-to-end training step: one DeepSpeed ZeRO-2 engine on one device, fastroberta against HF transformers.
+
+Competitors (same config, same synthetic batch, same optimizer, same DeepSpeed settings):
+    fastroberta-triton   fastroberta.RobertaForMaskedLM(kernels="triton")
+    fastroberta-torch    fastroberta.RobertaForMaskedLM(kernels="torch")   (the eager reference ops)
+    hf-eager             transformers.RobertaForMaskedLM, attn_implementation="eager"
+    hf-sdpa              transformers.RobertaForMaskedLM, attn_implementation="sdpa"
+    hf-sdpa-compile      torch.compile of hf-sdpa (full profile or --competitors; compiling costs minutes)
+
+A step is forward + ``engine.backward`` + ``engine.step`` (ZeRO-2, fp16 with dynamic loss scaling or bf16,
+gradient clipping 1.0, torch AdamW, fused on CUDA: DeepSpeed's fused Adam would first JIT-build a CUDA
+extension, which costs minutes of the GPU check and is the same for every competitor). Batches are synthetic:
+random token ids, no padding (RoBERTa packs FULL-SENTENCES), 15% of the tokens labelled. Reported:
+    tokens/s        real tokens per second over the timed steps (after warm-up steps)
+    MFU             tokens/s x fastroberta's RobertaForMaskedLM.flops_per_token(seq_len) (the trainer's formula:
+                    6 x matmul parameters + attention, decoder excluded) / the device's dense fp16/bf16 peak
+    peak mem        torch.cuda.max_memory_allocated over the timed steps (weights, ZeRO state, activations)
+    max micro-batch the largest micro-batch that runs two full steps at seq 512: doubling, then bisection to
+                    within 1/16 (or 8 sequences), each out-of-memory answered by rebuilding the engine; bounded
+                    in time, so a search cut short reports a lower bound
+Each (configuration, competitor) runs in its own subprocess on CUDA, so one crash or leak cannot spoil the
+next; smoke mode (CPU, a micro model in fp32, through the Triton interpreter) runs them in-process.
+"""
+import argparse
+import contextlib
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import harness
+
+COMPETITORS = ("fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa", "hf-sdpa-compile")
+TOKENS_PER_STEP = {"base": 16384, "large": 8192, "micro": 64}
+SMOKE_MODEL = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=128, max_position_embeddings=66)
+
+PROFILES = {
+    # models, seq_lens, precisions, competitors, max-batch competitors, warmup steps, timed steps, search s
+    "smoke": dict(models=["micro"], seq_lens=[32], precisions=["fp32"],
+                  competitors=["fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa"],
+                  max_batch=[], warmup=1, steps=1, search_s=0, worker_s=300),
+    # The GPU check's order puts what its targets compare first, in case the time budget runs out.
+    "check": dict(models=["base"], seq_lens=[512], precisions=["fp16"],
+                  competitors=["fastroberta-triton", "hf-eager", "hf-sdpa", "fastroberta-torch"],
+                  max_batch=["fastroberta-triton", "hf-eager"], warmup=3, steps=8, search_s=20, worker_s=75),
+    "full": dict(models=["base", "large"], seq_lens=[128, 512], precisions=["fp16", "bf16"],
+                 competitors=list(COMPETITORS), max_batch=list(COMPETITORS), warmup=5, steps=20, search_s=90,
+                 worker_s=600),
+}
+
+
+# ------------------------------------------------------------------------------------------------ the worker
+def _setup_distributed():
+    """A process group of one, as the deepspeed launcher would have made (no launcher here)."""
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    import deepspeed
+    import logging
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    return deepspeed
+
+
+def model_config(model):
+    from fastroberta import RobertaConfig
+    return RobertaConfig(**SMOKE_MODEL) if model == "micro" else RobertaConfig.preset(model)
+
+
+def flops_per_token(cfg, seq_len):
+    """The trainer's model-FLOPs formula, taken from the model itself (built on the meta device)."""
+    import torch
+    from fastroberta import RobertaForMaskedLM
+    with torch.device("meta"):
+        return float(RobertaForMaskedLM(cfg, kernels="torch").flops_per_token(seq_len))
+
+
+def build_model(competitor, cfg, device):
+    import torch
+    if competitor.startswith("fastroberta"):
+        from fastroberta import RobertaForMaskedLM
+        with torch.device(device):
+            return RobertaForMaskedLM(cfg, kernels=competitor.split("-", 1)[1])
+    import transformers
+    transformers.logging.set_verbosity_error()
+    hf_cfg = transformers.RobertaConfig(**cfg.to_dict())
+    impl = "eager" if competitor == "hf-eager" else "sdpa"
+    # Built on the CPU and moved: transformers has its own ideas about default devices during init.
+    model = transformers.RobertaForMaskedLM._from_config(hf_cfg, attn_implementation=impl).to(device)
+    if competitor == "hf-sdpa-compile":
+        model = torch.compile(model)
+    return model
+
+
+def ds_config(micro_batch, precision):
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": False,
+                              "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8)},
+        "gradient_clipping": 1.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                       "min_loss_scale": 1}
+    elif precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def build_engine(competitor, cfg, micro_batch, precision, device):
+    import torch
+    deepspeed = _setup_distributed()
+    model = build_model(competitor, cfg, device)
+    model.train()
+    kwargs = dict(lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=ds_config(micro_batch, precision))
+    return engine
+
+
+def destroy_engine(engine):
+    import torch
+    if engine is not None and hasattr(engine, "destroy"):
+        with contextlib.suppress(Exception):
+            engine.destroy()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def synthetic_batch(batch, seq_len, vocab_size, device, label_fraction=0.15, seed=0):
+    """Random ids framed by <s> ... </s>, no padding, ``label_fraction`` of the inner tokens labelled."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch, seq_len), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    chosen = torch.rand(batch, seq_len, generator=g) < label_fraction
+    chosen[:, 0] = chosen[:, -1] = False
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    mask = torch.ones_like(ids)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def train_step(engine, batch):
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+def _sync():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def is_oom(exc):
+    import torch
+    text = str(exc)
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text \
+        or "CUBLAS_STATUS_ALLOC_FAILED" in text
+
+
+def search_max_batch(competitor, cfg, seq_len, precision, device, start, budget_s, engine=None):
+    """Largest micro-batch that runs two steps (the second one holds the optimizer state too). ``start`` is
+    known to fit. Doubling, then bisection until the first failure is within 1/16 of the last fit; past 16
+    only multiples of 8 are probed, so the answer is exact to 8 sequences or 1/16, whichever is larger."""
+    deadline = time.monotonic() + budget_s
+    lo, hi, probes, stopped = start, None, [], "converged"
+    mb = 2 * start
+    while True:
+        if time.monotonic() > deadline:
+            stopped = "time budget"
+            break
+        t0 = time.monotonic()
+        ok, batch = True, None
+        try:
+            if engine is None:
+                engine = build_engine(competitor, cfg, mb, precision, device)
+            batch = synthetic_batch(mb, seq_len, cfg.vocab_size, device)
+            for _ in range(2):
+                train_step(engine, batch)
+            _sync()
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            ok = False
+        # Out here the exception and its traceback (which pins the activations) are gone, so the memory frees.
+        batch = None
+        if not ok:
+            # An OOM inside backward leaves ZeRO's gradient buckets half reduced: start from a fresh engine.
+            destroy_engine(engine)
+            engine = None
+        probes.append({"micro_batch": mb, "fits": ok, "seconds": round(time.monotonic() - t0, 1)})
+        if ok:
+            lo = mb
+        else:
+            hi = mb
+        if hi is None:
+            mb = 2 * lo
+            continue
+        if hi - lo <= max(1, lo // 16):
+            break
+        mb = (lo + hi) // 2
+        if mb > 16:
+            mb = mb // 8 * 8
+        if mb <= lo:
+            break
+    destroy_engine(engine)
+    return {"max_micro_batch": lo, "first_failure": hi, "stopped": stopped, "probes": probes,
+            "exact": stopped == "converged"}
+
+
+def measure(spec):
+    """One (model, seq_len, precision, competitor): warm-up, timed steps, optional max-batch search."""
+    import torch
+    dev = harness.device()
+    cfg = model_config(spec["model"])
+    seq, mb = spec["seq_len"], spec["micro_batch"]
+    rec = {**spec, "status": "ok"}
+    t_start = time.monotonic()
+    torch.manual_seed(0)
+    engine = build_engine(spec["competitor"], cfg, mb, spec["precision"], dev)
+    batch = synthetic_batch(mb, seq, cfg.vocab_size, dev)
+    real_tokens = int(batch["attention_mask"].sum())
+    losses = [float(train_step(engine, batch).detach()) for _ in range(spec["warmup"])]
+    _sync()
+    skipped_before = getattr(engine, "skipped_steps", 0)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(spec["steps"]):
+        loss = train_step(engine, batch)
+    _sync()
+    elapsed = time.perf_counter() - start
+    losses.append(float(loss.detach()))
+    fpt = flops_per_token(cfg, seq)
+    peak = harness.peak_tflops()
+    tokens_per_s = real_tokens * spec["steps"] / elapsed
+    rec.update({
+        "real_tokens_per_step": real_tokens, "step_ms": 1e3 * elapsed / spec["steps"],
+        "tokens_per_s": tokens_per_s, "flops_per_token": fpt, "model_tflops": tokens_per_s * fpt / 1e12,
+        "mfu": tokens_per_s * fpt / (peak * 1e12) if peak and spec["precision"] != "fp32" else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
+        "skipped_steps": getattr(engine, "skipped_steps", 0) - skipped_before,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "parameters": sum(p.numel() for p in engine.module.parameters()),
+    })
+    del batch
+    if spec.get("search_s"):
+        rec["max_batch_search"] = search_max_batch(spec["competitor"], cfg, seq, spec["precision"], dev, mb,
+                                                   spec["search_s"], engine=engine)
+        rec["max_micro_batch"] = rec["max_batch_search"]["max_micro_batch"]
+    else:
+        destroy_engine(engine)
+    rec["seconds"] = round(time.monotonic() - t_start, 1)
+    return rec
+
+
+def _worker_main(spec_path, result_path):
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        rec = measure(spec)
+    except BaseException as e:  # report the failure to the parent instead of a bare exit status
+        rec = {**spec, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        if harness.device().type == "cuda" and is_oom(e):
+            rec["status"] = "out of memory at the timed micro-batch"
+    Path(result_path).write_text(json.dumps(rec))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- the orchestrator
+def micro_batch_for(model, seq_len):
+    return max(1, TOKENS_PER_STEP[model] // seq_len)
+
+
+def _run_isolated(spec, timeout_s, log):
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(harness.REPO), os.environ.get("PYTHONPATH", "")])}
+        cmd = [sys.executable, "-m", "benchmarks.bench_e2e", "--worker", str(spec_path), "--result",
+               str(result_path)]
+        try:
+            proc = subprocess.run(cmd, cwd=harness.REPO, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {**spec, "status": f"error: timed out after {timeout_s:.0f} s"}
+        if result_path.exists():
+            return json.loads(result_path.read_text())
+        return {**spec, "status": f"error: worker exited with status {proc.returncode} and no result"}
+
+
+def _split(value, default, cast=str):
+    if value is None:
+        return list(default)
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    return [cast(v) for v in value]
+
+
+def run(profile, out_root, models=None, seq_lens=None, precisions=None, competitors=None, max_batch=None,
+        steps=None, time_budget=None, isolate=None, log=print):
+    """Run the profile's grid (flags narrow or widen it); write e2e.json/.md/.png; return the result dict.
+    ``isolate``: one subprocess per measurement (default: on CUDA)."""
+    prof = PROFILES[profile]
+    smoke = profile == "smoke"
+    isolate = not smoke if isolate is None else isolate
+    models = _split(models, prof["models"])
+    seq_lens = _split(seq_lens, prof["seq_lens"], int)
+    precisions = _split(precisions, prof["precisions"])
+    comps = _split(competitors, prof["competitors"])
+    unknown = [c for c in comps if c not in COMPETITORS]
+    if unknown:
+        raise SystemExit(f"unknown e2e competitor(s) {unknown}; choose from {list(COMPETITORS)}")
+    if max_batch in ("all", "none"):
+        searched = comps if max_batch == "all" else []
+    else:
+        searched = _split(max_batch, prof["max_batch"])
+    env = harness.environment(smoke)
+    out_dir = harness.results_dir(out_root, env)
+    deadline = time.monotonic() + time_budget if time_budget else None
+    result = {"bench": "e2e", "title": "Training step: DeepSpeed ZeRO-2 on one device", "profile": profile,
+              "environment": env, "label": env["label"], "results": [], "complete": False}
+    started = time.monotonic()
+    for model in models:
+        for seq in seq_lens:
+            for precision in precisions:
+                for comp in comps:
+                    spec = {"model": model, "seq_len": seq, "precision": precision, "competitor": comp,
+                            "micro_batch": micro_batch_for(model, seq), "warmup": prof["warmup"],
+                            "steps": steps or prof["steps"],
+                            "search_s": prof["search_s"] if comp in searched and seq == 512 else 0}
+                    remaining = deadline - time.monotonic() if deadline else None
+                    if remaining is not None and remaining < 15:
+                        rec = {**spec, "status": "skipped: time budget"}
+                    else:
+                        log(f"[e2e] {model} seq {seq} {precision} {comp} micro-batch {spec['micro_batch']}")
+                        if not isolate:
+                            try:
+                                rec = measure(spec)
+                            except Exception as e:
+                                rec = {**spec, "status": f"error: {type(e).__name__}: {str(e)[:300]}"}
+                        else:
+                            limit = prof["worker_s"] + spec["search_s"]
+                            if remaining is not None:
+                                limit = min(limit, remaining - 5)
+                            rec = _run_isolated(spec, limit, log)
+                    log(f"  {rec['status']}" + (f": {rec['tokens_per_s']:.0f} tokens/s, step {rec['step_ms']:.1f} ms"
+                                                 if rec.get("tokens_per_s") else ""))
+                    result["results"].append(rec)
+                    result["elapsed_s"] = round(time.monotonic() - started, 1)
+                    write_result(result, out_dir, plot=False)
+    result["complete"] = all(not r["status"].startswith("skipped") for r in result["results"])
+    write_result(result, out_dir, plot=True)
+    log("e2e: " + ", ".join(f"{r['competitor']} {r['tokens_per_s']:.0f} tok/s" if r.get("tokens_per_s")
+                            else f"{r['competitor']} {r['status'][:40]}" for r in result["results"]))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- writers
+def _config_key(r):
+    return (r["model"], r["seq_len"], r["precision"])
+
+
+def e2e_markdown(result):
+    env = result["environment"]
+    lines = ["# " + result["title"], ""]
+    if env["smoke"]:
+        lines += [f"**{harness.SMOKE_LABEL}** — a micro model on {env['device']}; the numbers only show that "
+                  "the harness runs.", ""]
+    lines += [harness.env_line(env), "",
+              "tokens/s counts real tokens; MFU = tokens/s x model FLOPs per token / dense 16-bit peak "
+              f"({harness.fmt(env.get('peak_tflops_16bit'), 1)} TFLOP/s); peak mem = max allocated during the "
+              "timed steps; max micro-batch = largest that runs two steps (≥: search cut short).", ""]
+    configs = []
+    for r in result["results"]:
+        if _config_key(r) not in configs:
+            configs.append(_config_key(r))
+    for key in configs:
+        rows_in = [r for r in result["results"] if _config_key(r) == key]
+        base = {r["competitor"]: r.get("tokens_per_s") for r in rows_in}
+        rows = []
+        for r in rows_in:
+            tps = r.get("tokens_per_s")
+
+            def ratio(other):
+                return harness.fmt(tps / base[other], 2) + "x" if tps and base.get(other) else "-"
+            search = r.get("max_batch_search")
+            if search:
+                maxb = ("" if search["exact"] else "≥ ") + str(search["max_micro_batch"])
+            else:
+                maxb = "-"
+            rows.append([r["competitor"], r["micro_batch"], harness.fmt(r.get("step_ms"), 1),
+                         harness.fmt(tps, 0), ratio("hf-eager"), ratio("hf-sdpa"),
+                         harness.fmt(100 * r["mfu"], 1) + "%" if r.get("mfu") else "-",
+                         harness.fmt(r.get("peak_mem_gb"), 2), maxb, r.get("skipped_steps", "-"), r["status"]])
+        lines += [f"## {key[0]}, seq {key[1]}, {key[2]}", ""]
+        lines += [harness.markdown_table(["competitor", "micro-batch", "step ms", "tokens/s", "vs hf-eager",
+                                          "vs hf-sdpa", "MFU", "peak mem GB", "max micro-batch",
+                                          "skipped steps", "status"], rows), ""]
+    return "\n".join(lines)
+
+
+def plot_e2e(result, path):
+    plt = harness._pyplot()
+    if plt is None or result["environment"]["smoke"]:
+        return None
+    rows = [r for r in result["results"] if r.get("tokens_per_s")]
+    if not rows:
+        return None
+    configs = []
+    for r in rows:
+        if _config_key(r) not in configs:
+            configs.append(_config_key(r))
+    comps = [c for c in COMPETITORS if any(r["competitor"] == c for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(configs) * len(comps) / 3), 4))
+    width = 0.8 / len(comps)
+    for i, comp in enumerate(comps):
+        ys = []
+        for key in configs:
+            match = [r["tokens_per_s"] for r in rows if _config_key(r) == key and r["competitor"] == comp]
+            ys.append(match[0] / 1e3 if match else 0)
+        ax.bar([x + i * width for x in range(len(configs))], ys, width, label=comp)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(configs))])
+    ax.set_xticklabels([f"{m} L{s} {p}" for m, s, p in configs], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("thousand tokens / s")
+    ax.set_title(f"Training step, DeepSpeed ZeRO-2 — {result['environment']['device']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_result(result, out_dir, plot=True):
+    out_dir = Path(out_dir)
+    harness.write_json(result, out_dir / "e2e.json")
+    (out_dir / "e2e.md").write_text(e2e_markdown(result))
+    if plot:
+        plot_e2e(result, out_dir / "e2e.png")
+
+
+# -------------------------------------------------------------------------------------------- pytest face
+def _pytest_tests():
+    try:
+        import pytest
+    except ImportError:
+        return None
+    from benchmarks.pytest_support import profile
+    prof = PROFILES[profile()]
+    grid = [(m, s, p, c) for m in prof["models"] for s in prof["seq_lens"] for p in prof["precisions"]
+            for c in prof["competitors"]]
+
+    @pytest.mark.parametrize("model,seq_len,precision,competitor", grid,
+                             ids=[f"{m}-L{s}-{p}-{c}" for m, s, p, c in grid])
+    def test_e2e_step(benchmark, model, seq_len, precision, competitor):
+        """pytest-benchmark: one ZeRO-2 training step (forward, backward, optimizer step)."""
+        dev = harness.device()
+        cfg = model_config(model)
+        mb = micro_batch_for(model, seq_len)
+        engine = build_engine(competitor, cfg, mb, precision, dev)
+        batch = synthetic_batch(mb, seq_len, cfg.vocab_size, dev)
+        try:
+            for _ in range(prof["warmup"]):
+                train_step(engine, batch)
+
+            def step():
+                train_step(engine, batch)
+                _sync()
+            benchmark.extra_info.update({"model": model, "seq_len": seq_len, "precision": precision,
+                                         "competitor": competitor, "micro_batch": mb,
+                                         "real_tokens_per_step": int(batch["attention_mask"].sum()),
+                                         "label": harness.environment(profile() == "smoke")["label"]})
+            benchmark.pedantic(step, rounds=max(1, prof["steps"]), warmup_rounds=0, iterations=1)
+        finally:
+            destroy_engine(engine)
+    return test_e2e_step
+
+
+test_e2e_step = _pytest_tests()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="e2e worker (used by benchmarks.bench_e2e.run)")
+    parser.add_argument("--worker", required=True)
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+    sys.exit(_worker_main(args.worker, args.result))
