@@ -5,6 +5,15 @@ import os
 from dataclasses import dataclass
 
 
+def read_json(path):
+    """Parse a JSON file, turning a syntax error into a ValueError that names the file."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 @dataclass
 class RobertaConfig:
     vocab_size: int = 50265
@@ -105,12 +114,7 @@ class RobertaConfig:
     def from_json(cls, path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path))
 
     def save_json(self, path):
         with open(path, "w") as f:

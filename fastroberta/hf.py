@@ -1,11 +1,10 @@
 """Read and write Hugging Face RoBERTa checkpoint folders (config.json + model.safetensors or
 pytorch_model.bin), mapping HF's separate query/key/value weights onto our fused QKV projection."""
-import json
 import os
 
 import torch
 
-from fastroberta.config import RobertaConfig
+from fastroberta.config import RobertaConfig, read_json
 
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAME = "pytorch_model.bin"
@@ -92,11 +91,7 @@ def read_config(path):
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint folder {path}")
-    with open(cfg_path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    d = read_json(cfg_path)
     if not isinstance(d, dict) or d.get("model_type") != "roberta":
         got = d.get("model_type") if isinstance(d, dict) else None
         raise ValueError(f"{cfg_path} describes model_type={got!r}, not a RoBERTa model ('roberta')")
