@@ -78,10 +78,11 @@ class Embeddings(nn.Module):
         self.layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.dropout_p = config.hidden_dropout_prob
 
-    def forward(self, input_ids, token_type_ids, ops):
-        # Position ids count real tokens from padding_idx + 1; pads sit at padding_idx (HF's convention).
-        not_pad = input_ids.ne(self.padding_idx).long()
-        position_ids = torch.cumsum(not_pad, dim=1) * not_pad + self.padding_idx
+    def forward(self, input_ids, token_type_ids, ops, position_ids=None):
+        if position_ids is None:
+            # Position ids count real tokens from padding_idx + 1; pads sit at padding_idx (HF's convention).
+            not_pad = input_ids.ne(self.padding_idx).long()
+            position_ids = torch.cumsum(not_pad, dim=1) * not_pad + self.padding_idx
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
@@ -97,6 +98,19 @@ def unpad_index(attention_mask):
     indices = attention_mask.reshape(-1).nonzero().squeeze(-1)
     cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     return indices, cu_seqlens, int(lengths.max())
+
+
+def packed_positions(attention_mask, cu_seqlens, padding_idx):
+    """Position ids [B, L] for rows that pack several documents: each segment of ``cu_seqlens`` (cumulative
+    lengths over the real tokens, flattened in row order) counts from padding_idx + 1 again; pads sit at
+    padding_idx."""
+    total = int(cu_seqlens[-1])
+    token = torch.arange(total, device=attention_mask.device)
+    segment = torch.searchsorted(cu_seqlens[1:].long(), token, right=True)
+    within = token - cu_seqlens.long()[segment]
+    flat = torch.full((attention_mask.numel(),), padding_idx, dtype=torch.long, device=attention_mask.device)
+    flat[attention_mask.reshape(-1).nonzero().squeeze(-1)] = within + padding_idx + 1
+    return flat.view_as(attention_mask)
 
 
 class EncoderLayer(nn.Module):
@@ -232,16 +246,41 @@ class RobertaForMaskedLM(nn.Module):
             if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= cfg.type_vocab_size:
                 raise ValueError(f"token_type_ids must lie in [0, {cfg.type_vocab_size})")
 
-    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None):
+    @staticmethod
+    def _validate_cu_seqlens(cu_seqlens, attention_mask, input_ids):
+        if attention_mask is None:
+            raise ValueError("cu_seqlens needs the attention_mask that marks the real tokens it counts")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise TypeError("cu_seqlens must be a 1-D int32 tensor of cumulative segment lengths")
+        if cu_seqlens.device != input_ids.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids is on {input_ids.device}")
+        bounds = cu_seqlens.tolist()
+        if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError("cu_seqlens must start at 0 and never decrease")
+        real = int(attention_mask.sum())
+        if bounds[-1] != real:
+            raise ValueError(f"cu_seqlens ends at {bounds[-1]} but attention_mask has {real} real tokens")
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None):
         """MLM forward. With ``labels`` (-100 = not a target) returns the mean CE over labelled tokens and runs
         the head on those rows only (no [B, L, V] tensor); without, returns ``logits`` [B, L, V].
-        ``attention_mask`` [B, L] is 1/True for real tokens; None treats every token as real, as HF does."""
+        ``attention_mask`` [B, L] is 1/True for real tokens; None treats every token as real, as HF does.
+        ``cu_seqlens`` (int32 [segments + 1], cumulative lengths over the real tokens flattened in row order, as
+        the data loader's packing="varlen" gives) splits rows into documents that do not attend to each other
+        and whose position ids each start afresh; attention then runs packed (varlen)."""
         self._validate(input_ids, attention_mask, labels, token_type_ids)
         ops = resolve_kernels(self.kernels, input_ids.device)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
-        x = self.embeddings(input_ids, token_type_ids, ops)
-        unpad = unpad_index(attention_mask) if self.unpad_attention and attention_mask is not None else None
+        position_ids = unpad = None
+        if cu_seqlens is not None:
+            self._validate_cu_seqlens(cu_seqlens, attention_mask, input_ids)
+            position_ids = packed_positions(attention_mask, cu_seqlens, self.config.pad_token_id)
+            indices = attention_mask.reshape(-1).nonzero().squeeze(-1)
+            unpad = (indices, cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(cu_seqlens) > 1 else 0)
+        elif self.unpad_attention and attention_mask is not None:
+            unpad = unpad_index(attention_mask)
+        x = self.embeddings(input_ids, token_type_ids, ops, position_ids)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, attention_mask, ops, unpad, use_reentrant=False)

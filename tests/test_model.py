@@ -220,3 +220,40 @@ def test_checkpoint_folder_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         RobertaForMaskedLM.from_pretrained(str(tmp_path))
+
+
+def test_packed_documents_equal_separate_rows():
+    """A row packing two documents with cu_seqlens gives each document the logits it has alone: positions
+    restart per document and documents do not attend to each other."""
+    _, ours = make_pair()
+    g = torch.Generator().manual_seed(5)
+    doc_a, doc_b, doc_c = (torch.randint(3, 300, (n,), generator=g) for n in (9, 14, 6))
+    packed = torch.full((2, 24), 1, dtype=torch.long)
+    packed[0, :23] = torch.cat([doc_a, doc_b])
+    packed[1, :6] = doc_c
+    mask = packed.ne(1).long()
+    cu = torch.tensor([0, 9, 23, 29], dtype=torch.int32)
+    separate = torch.full((3, 14), 1, dtype=torch.long)
+    for i, d in enumerate((doc_a, doc_b, doc_c)):
+        separate[i, :len(d)] = d
+    with torch.no_grad():
+        got = ours(packed, attention_mask=mask, cu_seqlens=cu).logits
+        ref = ours(separate, attention_mask=separate.ne(1).long()).logits
+    torch.testing.assert_close(got[0, :9], ref[0, :9], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0, 9:23], ref[1, :14], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, :6], ref[2, :6], atol=1e-5, rtol=1e-5)
+    labels = torch.where(mask.bool(), packed, torch.full_like(packed, -100))
+    assert torch.isfinite(ours(packed, mask, labels, cu_seqlens=cu).loss)
+
+
+def test_cu_seqlens_validation(tiny):
+    ids = torch.full((1, 6), 5)
+    mask = torch.ones(1, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="needs the attention_mask"):
+        tiny(ids, cu_seqlens=torch.tensor([0, 6], dtype=torch.int32))
+    with pytest.raises(TypeError, match="int32"):
+        tiny(ids, mask, cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="ends at 5 but attention_mask has 6"):
+        tiny(ids, mask, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="never decrease"):
+        tiny(ids, mask, cu_seqlens=torch.tensor([0, 4, 3, 6], dtype=torch.int32))
