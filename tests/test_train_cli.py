@@ -1,0 +1,136 @@
+"""The trainer as users launch it, in subprocesses: the no-argument run through the console script, two
+processes through the real ``deepspeed`` launcher against one process, and SIGTERM mid-run."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fastroberta import train as tr
+from fastroberta import RobertaForMaskedLM
+from fastroberta.metrics import read_metrics
+from test_train import VOCAB, exported_state, losses, small  # noqa: F401  (shared session fixture)
+
+# What a launcher or an earlier in-process run may have left in os.environ must not leak into a child.
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "CROSS_RANK", "CROSS_SIZE")
+
+
+def child_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    env.update(extra)
+    return env
+
+
+def tr_model_from(path):
+    return RobertaForMaskedLM.from_pretrained(str(path), kernels="torch")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_default_run_through_the_console_script(tmp_path):
+    """`fastroberta-train` with only --steps shortening it: tiny preset, bundled corpus, its own tokenizer."""
+    exe = shutil.which("fastroberta-train")
+    assert exe, "the console script fastroberta-train is not installed"
+    proc = subprocess.run([exe, "--steps", "6"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=child_env(FASTROBERTA_CACHE=str(tmp_path / "cache")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs" / "fastroberta-tiny"
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5, "the loss must visibly fall"
+    assert records[-1]["eval_loss"] < records[0]["loss"]
+    assert {"step", "loss", "lr", "tokens_per_s", "mlm_accuracy", "grad_norm"} <= set(records[0])
+    assert "train:" in proc.stderr and "tok_s=" in proc.stderr and "acc=" in proc.stderr  # the progress bar
+    # The checkpoint and the HF export hold the same trained weights.
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "global_step6"
+    module = torch.load(ckpt / "global_step6" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    exported = tr_model_from(out / "hf").state_dict()
+    assert set(exported) == set(module)
+    assert all(torch.equal(exported[k], module[k].float()) for k in module)
+    # ... and transformers loads the export with its tokenizer.
+    transformers = pytest.importorskip("transformers")
+    model = transformers.RobertaForMaskedLM.from_pretrained(str(out / "hf"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out / "hf"))
+    assert model.config.vocab_size == len(tokenizer) and 4000 < len(tokenizer) <= 8192
+    enc = tokenizer(["To be, or not to <mask>, that is the question."], return_tensors="pt")
+    assert enc["input_ids"][0, 0] == tokenizer.bos_token_id and tokenizer.mask_token_id in enc["input_ids"][0]
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape == (1, enc["input_ids"].shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_two_processes_through_the_launcher_match_one_process(small, tmp_path):  # noqa: F811
+    """2 ranks x micro 2 (ZeRO-3, parameters really partitioned) == 1 rank x micro 2 x accumulation 2."""
+    common = ["--config", small["nodropout"], "--cache-dir", small["cache"], "--vocab-size", str(VOCAB),
+              "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--steps", "3",
+              "--lr", "5e-3", "--log-every", "1", "--eval-every", "0", "--eval-batches", "2", "--no-progress",
+              "--precision", "fp32"]
+    launcher = shutil.which("deepspeed")
+    assert launcher, "the deepspeed launcher is not installed"
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                           "fastroberta.train", *common, "--zero-stage", "3", "--output", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
+    assert "world 2" in proc.stdout + proc.stderr and "2 x 1 accumulation x 2" in proc.stdout + proc.stderr
+
+    summary = tr.train(common + ["--zero-stage", "0", "--output", str(tmp_path / "one")])
+    one = read_metrics(str(tmp_path / "one" / "metrics.jsonl"))
+    assert summary["step"] == 3 and [r["step"] for r in two] == [1, 2, 3]
+    np.testing.assert_allclose(losses(two), losses(one), rtol=0, atol=1e-5)
+    assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], abs=1e-5)
+    # Both ranks' tokens are counted: the same samples per step as the single process.
+    assert [r["tokens_seen"] for r in two] == [r["tokens_seen"] for r in one]
+    a, b = exported_state(tmp_path / "two"), exported_state(tmp_path / "one")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    args = ["--config", small["dropout"], "--cache-dir", small["cache"], "--vocab-size", str(VOCAB),
+            "--seq-len", "32", "--micro-batch-size", "4", "--global-batch-size", "8", "--steps", "100000",
+            "--log-every", "1", "--save-every", "0", "--eval-every", "0", "--no-progress", "--output", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "fastroberta.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        deadline = time.time() + 300
+        metrics = out / "metrics.jsonl"
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by signal" in err
+    tag = (out / "checkpoints" / "latest").read_text()
+    stopped = int(tag.removeprefix("global_step"))
+    assert stopped >= 3 and (out / "checkpoints" / tag / "mp_rank_00_model_states.pt").is_file()
+    assert not (out / "hf").exists(), "an interrupted run exports nothing"
+    # The checkpoint loads and training continues from the step after it.
+    summary = tr.train(args[:-2] + ["--output", str(out), "--resume", "--steps", str(stopped + 2),
+                                    "--eval-batches", "1"])
+    assert summary["step"] == stopped + 2
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, stopped + 3))
+    assert all(np.isfinite(r["loss"]) for r in records)
