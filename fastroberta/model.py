@@ -300,12 +300,12 @@ class RobertaForMaskedLM(nn.Module):
         return MaskedLMOutput(loss=loss, num_correct=num_correct,
                               num_labels=torch.tensor(rows.numel(), device=input_ids.device))
 
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per real token (forward + backward = 3x forward), counting matmuls only:
-        6 * (non-embedding params touched per token) + attention's 12 * layers * hidden * seq_len.
-        The MLM decoder runs on labelled tokens only and is left out (a lower bound)."""
+    def flops_per_token(self, seq_len, mask_prob=0.15):
+        """Training FLOPs per real token (forward + backward = 3x forward), counting matmuls only: 6 x the
+        encoder's matmul parameters, 12 x layers x hidden x seq_len for the attention scores and weighted sum,
+        and the MLM head (dense + tied decoder, 6 x (hidden^2 + vocab x hidden)) on the ``mask_prob`` share of
+        tokens it runs on."""
         c = self.config
         per_layer = 4 * c.hidden_size ** 2 + 2 * c.hidden_size * c.intermediate_size
-        dense = 6 * (c.num_hidden_layers * per_layer + c.hidden_size ** 2)
-        attn = 12 * c.num_hidden_layers * c.hidden_size * seq_len
-        return dense + attn
+        head = 6 * mask_prob * (c.hidden_size ** 2 + c.vocab_size * c.hidden_size)
+        return 6 * c.num_hidden_layers * per_layer + 12 * c.num_hidden_layers * c.hidden_size * seq_len + head

@@ -257,3 +257,14 @@ def test_cu_seqlens_validation(tiny):
         tiny(ids, mask, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="never decrease"):
         tiny(ids, mask, cu_seqlens=torch.tensor([0, 4, 3, 6], dtype=torch.int32))
+
+
+def test_flops_per_token_counts_every_matmul_weight():
+    """Cross-check the closed formula against the model's actual Linear/embedding shapes."""
+    model = RobertaForMaskedLM(RobertaConfig.tiny(vocab_size=500), kernels="torch")
+    c, seq, p = model.config, 128, 0.15
+    encoder = sum(m.weight.numel() for layer in model.layers for m in layer.modules()
+                  if isinstance(m, torch.nn.Linear))
+    head = model.lm_head.dense.weight.numel() + model.embeddings.word_embeddings.weight.numel()
+    expected = 6 * encoder + 12 * c.num_hidden_layers * c.hidden_size * seq + 6 * p * head
+    assert model.flops_per_token(seq, p) == pytest.approx(expected)
