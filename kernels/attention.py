@@ -76,6 +76,18 @@ _DQ_CONFIGS = _configs(((64, 32), (128, 32, 4, 3)),
 _AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "VARLEN", "HAS_MASK", "DROPOUT"]
 
 
+def _fp32_default_only(configs, named_args, **kwargs):
+    """Autotune pruning: fp32 inputs run the GPU default config only. Their dots are exact fp32
+    (PRECISION="ieee", no tensor cores), a path for tests rather than speed; its tiles take twice fp16's
+    shared memory, so at head dim 128 the largest candidates exceed an H100 block's 227 KiB and could never
+    launch, and each fp32 candidate costs 10-100 s of compiling on the first step
+    (tests/test_gpu_compile.py measures both)."""
+    return configs[:1] if named_args["Q"].dtype == torch.float32 else configs
+
+
+_PRUNE = {"early_config_prune": _fp32_default_only}
+
+
 @triton.jit
 def _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr):
     """(first token, attended length, stored rows) of sequence b. Padded rows past the attended length still
@@ -140,7 +152,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, lo, hi, se
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=["seed"])
 def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -270,7 +282,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, lo, 
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -361,7 +373,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, l
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,

@@ -57,7 +57,8 @@ def _dropout_keep(seed, row, p, BLOCK: tl.constexpr):
     return tl.uint_to_uniform_float(bits) >= p
 
 
-@triton.jit
+# The seed changes every call: specializing on its value (divisible by 16, equal to 1) would recompile.
+@triton.jit(do_not_specialize=["seed"])
 def _layer_norm_fwd_kernel(
     X, R, W, B, Y, Mean, Rstd,
     stride_x, stride_r, stride_y,
@@ -93,7 +94,7 @@ def _layer_norm_fwd_kernel(
     tl.store(Rstd + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _layer_norm_bwd_kernel(
     X, R, W, DY, DX, DR, DW_partial, DB_partial, Mean, Rstd,
     stride_x, stride_r, stride_dy, stride_dx, stride_dr,
