@@ -19,30 +19,28 @@ import json
 import logging
 import math
 import os
-import random
-import re
 import shutil
-import signal
-import socket
 import sys
 import time
+import traceback
 
-import numpy as np
 import torch
 
 from fastroberta.config import RobertaConfig
 from fastroberta.ds_config import (ConfigError, build_config, format_conflict, load_user_config, merge_configs,
                                    resolve_batch, resolve_precision, write_config, zero_stage_of)
 from fastroberta.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
+from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, NonFiniteGuard, OutputLock, StopRequest, TrainingError,
+                                 all_ranks_true, atomic_write, check_output_folder, debug_requested, find_checkpoint,
+                                 init_distributed, is_disk_full, newest_intact, no_space_text, os_error_text,
+                                 parameters_finite, preserved_rng, rng_state, save_checkpoint, seed_everything,
+                                 set_rng_state, world)
 
 PRESETS = ("tiny", "base", "large")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 OPTIMIZERS = ("auto", "deepspeed_adam", "torch_adamw", "apex_adam")
 KERNELS = ("auto", "triton", "torch")
-CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest"  # DeepSpeed's own pointer file name, so engine.load_checkpoint(dir) and its tools agree
-TAG_RE = re.compile(r"^global_step(\d+)$")
-TMP_SUFFIX = ".tmp"  # a checkpoint being written
+MIN_SEQ_LEN = 3  # <s>, one token, </s>
 
 # Peak learning rate by model size: (lr at the reference batch, reference batch). RoBERTa used 6e-4 (base)
 # and 4e-4 (large) at 8K sequences; smaller batches scale it by sqrt(batch / reference), the rule that also
@@ -50,10 +48,6 @@ TMP_SUFFIX = ".tmp"  # a checkpoint being written
 # model tolerates (and over a short run needs) a much higher rate; its reference is a small batch.
 LR_RULE = {"tiny": (2e-3, 64), "base": (6e-4, 8192), "large": (4e-4, 8192)}
 WARMUP_FRACTION = 0.05  # RoBERTa: 24K warmup steps of 500K
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. repeated non-finite losses)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,7 +126,9 @@ def build_parser():
     g.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="PATH",
                    help="continue from the latest checkpoint in --output, or from PATH (a checkpoints folder "
                         "or one global_step<N> folder)")
-    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output that holds a run")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output that holds a run; the earlier run is removed only once the "
+                        "new one is ready to start (configuration checked, data prepared)")
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 = all)")
     g.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end; 0 = end)")
@@ -147,7 +143,10 @@ def build_parser():
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--seed", type=int, default=0, help="model init, dropout, data order and masks")
     g.add_argument("--max-nonfinite", type=int, default=5,
-                   help="stop after this many consecutive non-finite losses")
+                   help="stop (exit 1) after this many consecutive non-finite losses, in any precision; under "
+                        "fp16 also after this many steps skipped at the minimum loss scale (0 = never)")
+    g.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error too (also: FASTROBERTA_DEBUG=1)")
     return p
 
 
@@ -162,12 +161,6 @@ def cpu_has_native_bf16():
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def _world():
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, world_size
 
 
 def _check_positive(name, value, allow_zero=False):
@@ -185,7 +178,7 @@ def default_lr(size_class, global_batch):
 def resolve_settings(args):
     """Check ``args`` and work out every derived setting; ConfigError says what is wrong. No heavy work."""
     on_cuda = torch.cuda.is_available()
-    rank, world_size = _world()
+    rank, world_size = world()
     local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
     s = argparse.Namespace(on_cuda=on_cuda, rank=rank, world_size=world_size, local_rank=local_rank)
 
@@ -222,6 +215,9 @@ def resolve_settings(args):
                               "or pass --config")
         s.config = RobertaConfig.preset(s.model_name)
         s.size_class = s.model_name
+    if args.seq_len < MIN_SEQ_LEN:
+        raise ConfigError(f"--seq-len {args.seq_len} is too short: a sequence needs at least {MIN_SEQ_LEN} tokens "
+                          "(<s>, one token, </s>); RoBERTa used 512")
     if args.seq_len > s.config.max_seq_len:
         raise ConfigError(f"--seq-len {args.seq_len} exceeds the position table: at most {s.config.max_seq_len} "
                           f"tokens with max_position_embeddings={s.config.max_position_embeddings}")
@@ -229,11 +225,19 @@ def resolve_settings(args):
         raise ConfigError(f"--stop-at-step {args.stop_at_step} is beyond --steps {args.steps}")
 
     # Kernels: the Triton ones need CUDA, or the interpreter switched on before fastroberta was imported.
-    if args.kernels == "triton" and not on_cuda:
+    kernels, source = args.kernels, "--kernels"
+    env_kernels = os.environ.get("FASTROBERTA_KERNELS", "").strip()
+    if kernels == "auto" and env_kernels:
+        kernels, source = env_kernels, "FASTROBERTA_KERNELS"
+        if kernels not in KERNELS:
+            raise ConfigError(f"FASTROBERTA_KERNELS={env_kernels!r} is not one of {', '.join(KERNELS)}; unset it "
+                              "or fix its value")
+    if kernels == "triton" and not on_cuda:
         from fastroberta.kernels._checks import interpreter_active
         if not interpreter_active():
-            raise ConfigError("--kernels triton needs a CUDA GPU; on CPU use --kernels torch (or, to test the "
-                              "kernels slowly, set TRITON_INTERPRET=1 in the environment)")
+            what = "--kernels triton" if source == "--kernels" else "FASTROBERTA_KERNELS=triton"
+            raise ConfigError(f"{what} needs a CUDA GPU; on CPU use --kernels torch (or, to test the kernels "
+                              "slowly, set TRITON_INTERPRET=1 in the environment)")
 
     # Precision
     precision = args.precision
@@ -310,14 +314,18 @@ def resolve_settings(args):
 
     # Output and resume
     s.output = args.output or os.path.join("runs", f"fastroberta-{s.model_name}")
+    check_output_folder(s.output)
     s.ckpt_dir = os.path.join(s.output, CHECKPOINT_DIR)
     s.resume_from = None
+    if args.resume is not None and args.overwrite:
+        raise ConfigError("give either --resume or --overwrite, not both")
     if args.resume is not None:
         s.resume_from = find_checkpoint(s.ckpt_dir if args.resume == LATEST else args.resume,
-                                        explicit=args.resume != LATEST)
+                                        explicit=args.resume != LATEST, warn=s.warnings.append)
         if s.resume_from is None:
             s.warnings.append(f"--resume: no checkpoint in {s.ckpt_dir}; starting from scratch")
-    elif not args.overwrite and os.path.isfile(os.path.join(s.ckpt_dir, LATEST)):
+    elif not args.overwrite and (os.path.isfile(os.path.join(s.ckpt_dir, LATEST)) or
+                                 os.path.isfile(os.path.join(s.output, "metrics.jsonl"))):
         raise ConfigError(f"{s.output} already holds a run; pass --resume to continue it, --overwrite to start "
                           "afresh, or choose another --output")
 
@@ -331,88 +339,6 @@ def resolve_settings(args):
         except Exception as e:
             raise ConfigError(f"--tensorboard needs the tensorboard package ({e})") from None
     return s
-
-
-def find_checkpoint(path, explicit):
-    """(checkpoints folder, tag) for ``path``: a folder with a ``latest`` pointer, or one tag folder."""
-    if os.path.isfile(os.path.join(path, LATEST)):
-        with open(os.path.join(path, LATEST)) as f:
-            tag = f.read().strip()
-        if tag.endswith(TMP_SUFFIX) and not os.path.isdir(os.path.join(path, tag)):
-            tag = tag[:-len(TMP_SUFFIX)]  # the save was interrupted between its rename and the pointer update
-        if not os.path.isdir(os.path.join(path, tag)):
-            raise ConfigError(f"{path}/{LATEST} points to {tag!r}, which does not exist")
-        return path, tag
-    if os.path.isdir(path) and TAG_RE.match(os.path.basename(os.path.normpath(path))):
-        path = os.path.normpath(path)
-        return os.path.dirname(path), os.path.basename(path)
-    if explicit:
-        raise ConfigError(f"--resume {path!r} is neither a checkpoints folder with a '{LATEST}' file nor a "
-                          "global_step<N> checkpoint folder")
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Process group, devices, RNG
-# ----------------------------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_distributed(s):
-    """Start (or join) the process group. A plain process without the launcher becomes a group of one."""
-    if not s.on_cuda:
-        # DeepSpeed picks its accelerator at import; with no GPU make the CPU choice explicit.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # Several ranks on one CPU host would each start one thread per core; split the cores instead.
-        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if local_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
-    import deepspeed
-    import torch.distributed as dist
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    device = torch.device("cuda", s.local_rank) if s.on_cuda else torch.device("cpu")
-    if s.on_cuda:
-        # Before NCCL starts, so that each rank's communicator binds to its own GPU.
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if s.on_cuda else "gloo", verbose=False)
-    return device
-
-
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Evaluation and checkpointing must not shift the training RNG streams: resume would drift otherwise."""
-    state = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -459,67 +385,21 @@ def build_model(s, args, prepared):
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
-def _atomic_write(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_tags(ckpt_dir):
-    """Tag folders in ``ckpt_dir``, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    tags = [(int(m.group(1)), name) for name in os.listdir(ckpt_dir)
-            if (m := TAG_RE.match(name)) and os.path.isdir(os.path.join(ckpt_dir, name))]
-    return [name for _, name in sorted(tags)]
-
-
-def save_checkpoint(engine, s, step, loader, client_state, keep_last):
-    """DeepSpeed checkpoint ``global_step<step>`` plus each rank's RNG and data position. Everything is
-    written under a temporary tag, renamed once every rank has finished, and only then does ``latest``
-    move to it; at every instant ``latest`` names a complete checkpoint. Old checkpoints are then pruned."""
-    import torch.distributed as dist
-    tag = f"global_step{step}"
-    tmp_tag = tag + TMP_SUFFIX
-    final_dir, tmp_dir = os.path.join(s.ckpt_dir, tag), os.path.join(s.ckpt_dir, tmp_tag)
-    if s.rank == 0 and os.path.isdir(tmp_dir):
-        shutil.rmtree(tmp_dir)  # debris of an attempt that never completed
-    dist.barrier()
-    os.makedirs(tmp_dir, exist_ok=True)
-    torch.save({"rng": rng_state(), "loader": loader.state_dict()},
-               os.path.join(tmp_dir, f"trainer_state_rank{s.rank}.pt"))
-    engine.save_checkpoint(s.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-    dist.barrier()
-    if s.rank == 0:
-        latest = os.path.join(s.ckpt_dir, LATEST)
-        if os.path.isdir(final_dir):
-            # Only when re-saving a step (resumed from an older checkpoint of this folder): point at the
-            # complete temporary copy while the old one is replaced.
-            _atomic_write(latest, tmp_tag)
-            shutil.rmtree(final_dir)
-        os.replace(tmp_dir, final_dir)
-        _atomic_write(latest, tag)
-        for name in os.listdir(s.ckpt_dir):
-            if name.endswith(TMP_SUFFIX) and os.path.isdir(os.path.join(s.ckpt_dir, name)):
-                shutil.rmtree(os.path.join(s.ckpt_dir, name), ignore_errors=True)
-        if keep_last:
-            tags = [t for t in checkpoint_tags(s.ckpt_dir) if int(TAG_RE.match(t).group(1)) <= step]
-            for old in tags[:-keep_last]:
-                shutil.rmtree(os.path.join(s.ckpt_dir, old), ignore_errors=True)
-    dist.barrier()
-    return final_dir
-
-
 def load_checkpoint(engine, s, loader):
     """Restore engine (model, optimizer, scheduler, loss scaler), data position and RNG; returns the
     client state saved with the checkpoint."""
     load_dir, tag = s.resume_from
-    path, client = engine.load_checkpoint(load_dir, tag=tag)
+    where = os.path.join(load_dir, tag)
+    try:
+        path, client = engine.load_checkpoint(load_dir, tag=tag)
+    except Exception as e:  # DeepSpeed and torch.load raise anything from AssertionError to zip errors
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrainingError(f"checkpoint {where} cannot be loaded ({type(e).__name__}: {first}); "
+                            f"{_older_intact(load_dir, tag)}") from None
     if path is None:
-        raise TrainingError(f"DeepSpeed could not load checkpoint {tag!r} from {load_dir}")
+        raise TrainingError(f"DeepSpeed could not load checkpoint {where}; {_older_intact(load_dir, tag)}")
+    if not all_ranks_true(parameters_finite(engine.module), engine.device):
+        raise TrainingError(f"checkpoint {where} holds non-finite weights; {_older_intact(load_dir, tag)}")
     own = os.path.join(load_dir, tag, f"trainer_state_rank{s.rank}.pt")
     if os.path.isfile(own):
         trainer = torch.load(own, map_location="cpu", weights_only=False)
@@ -530,6 +410,50 @@ def load_checkpoint(engine, s, loader):
         loader.load_state_dict(client["loader"])
         seed_everything(s.seed + s.rank + 1000003 * client["step"])
     return client
+
+
+def _older_intact(ckpt_dir, tag):
+    from fastroberta.runtime import TAG_RE
+    m = TAG_RE.match(tag)
+    older = newest_intact(ckpt_dir, below=int(m.group(1))) if m else None
+    if older is None:
+        return "no older intact checkpoint exists; start afresh with --overwrite"
+    return f"the newest older intact checkpoint is {os.path.join(ckpt_dir, older)}: pass it to --resume"
+
+
+def _data_error(args, e):
+    text = str(e).strip("'\"") or type(e).__name__
+    if args.data and args.data in text:
+        return text  # it names the file (and line) already
+    return f"--data {args.data or '(the bundled corpus)'}: {text}"
+
+
+def _latest_tag(ckpt_dir):
+    try:
+        with open(os.path.join(ckpt_dir, LATEST)) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def last_good_checkpoint(ckpt_dir):
+    """Words naming the checkpoint ``latest`` points to, for error messages."""
+    tag = _latest_tag(ckpt_dir)
+    if not tag:
+        return "no checkpoint was saved"
+    return f"the last good checkpoint is {os.path.join(ckpt_dir, tag)}"
+
+
+def remove_previous_run(output):
+    """--overwrite: clear what an earlier run left in ``output`` (called once the new run is ready to start)."""
+    for name in (CHECKPOINT_DIR, "hf", "tb"):
+        path = os.path.join(output, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+    for name in ("metrics.jsonl", "run.json", "ds_config.json"):
+        path = os.path.join(output, name)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -619,31 +543,6 @@ def export_hf(engine, s, model_config, prepared, out_dir):
 # ----------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------
-class _StopRequest:
-    """SIGTERM / SIGINT ask for a checkpoint at the next step boundary; a second signal acts as usual."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        self.requested = True
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self):
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        except ValueError:  # not the main thread: no handlers, the run is not interruptible that way
-            self._previous = {}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
 def _say(s, msg, bar=None):
     if s.rank != 0:
         return
@@ -660,10 +559,21 @@ def train(argv=None):
     args = parser.parse_args(argv)
     s = resolve_settings(args)
     s.seed = args.seed
+    # One run per output folder: rank 0 holds the lock for the run's lifetime, taken before anything is read
+    # or written there. A second run on the folder refuses at once.
+    lock = OutputLock(s.output).acquire() if s.rank == 0 else None
+    try:
+        return _train(args, s)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args, s):
     for w in s.warnings:
         _say(s, f"fastroberta-train: warning: {w}")
 
-    device = init_distributed(s)
+    device = init_distributed(s.on_cuda, s.local_rank)
     import deepspeed
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -672,10 +582,6 @@ def train(argv=None):
     # DeepSpeed's INFO lines (its whole config, every step's bookkeeping) would bury the progress bar.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-    if s.rank == 0:
-        os.makedirs(s.output, exist_ok=True)
-        if args.overwrite and s.resume_from is None and os.path.isdir(s.ckpt_dir):
-            shutil.rmtree(s.ckpt_dir)
     t0 = time.perf_counter()
 
     # Data: one process per node prepares (tokenizer training, pretokenisation); the others read its cache.
@@ -685,7 +591,10 @@ def train(argv=None):
                   show_progress=s.rank == 0 and not args.no_progress)
         if args.cache_dir is not None:
             kw["cache_dir"] = args.cache_dir
-        return prepare_dataset(**kw)
+        try:
+            return prepare_dataset(**kw)
+        except (ValueError, FileNotFoundError, ImportError, UnicodeError) as e:
+            raise ConfigError(_data_error(args, e)) from None
     if s.local_rank == 0:
         prepared = prepare()
     dist.barrier()
@@ -724,27 +633,38 @@ def train(argv=None):
             f"{s.grad_accum_steps} accumulation x {s.world_size}, peak lr {s.lr:.2e}, warmup {s.warmup_steps} "
             f"({time.perf_counter() - t0:.1f}s)")
 
-    loader = MLMDataLoader(prepared, split="train", seq_len=args.seq_len, micro_batch_size=s.micro_batch_size,
-                           global_batch_size=s.global_batch_size, rank=s.rank, world_size=s.world_size,
-                           seed=args.seed, packing=args.packing, mask_prob=args.mask_prob, infinite=True)
-    if loader.grad_accum_steps != s.grad_accum_steps:
-        raise TrainingError(f"data loader accumulates {loader.grad_accum_steps} micro-batches per step but "
-                            f"DeepSpeed expects {s.grad_accum_steps}")
-
     def make_val_loader():
         return MLMDataLoader(prepared, split="val", seq_len=args.seq_len, micro_batch_size=s.micro_batch_size,
                              global_batch_size=s.global_batch_size, rank=s.rank, world_size=s.world_size,
                              seed=args.seed, packing=args.packing, mask_prob=args.mask_prob, infinite=False)
 
+    try:
+        loader = MLMDataLoader(prepared, split="train", seq_len=args.seq_len,
+                               micro_batch_size=s.micro_batch_size, global_batch_size=s.global_batch_size,
+                               rank=s.rank, world_size=s.world_size, seed=args.seed, packing=args.packing,
+                               mask_prob=args.mask_prob, infinite=True)
+        make_val_loader().steps_per_epoch  # the held-out split must hold a batch too
+    except ValueError as e:
+        raise ConfigError(_data_error(args, e)) from None
+    if loader.grad_accum_steps != s.grad_accum_steps:
+        raise TrainingError(f"data loader accumulates {loader.grad_accum_steps} micro-batches per step but "
+                            f"DeepSpeed expects {s.grad_accum_steps}")
+
     run_info = {"seq_len": args.seq_len, "global_batch_size": s.global_batch_size,
                 "micro_batch_size": s.micro_batch_size, "world_size": s.world_size, "steps": args.steps,
                 "seed": args.seed, "precision": s.precision, "zero_stage": s.zero_stage, "lr": s.lr}
-    step, tokens_seen, samples_seen, nonfinite_streak = 0, 0, 0, 0
+    step, tokens_seen, samples_seen = 0, 0, 0
+    guard = NonFiniteGuard(args.max_nonfinite)
+    min_loss_scale = s.ds_config.get("fp16", {}).get("min_loss_scale", 1)
     if s.resume_from is not None:
         client = load_checkpoint(engine, s, loader)
         step = client["step"]
         tokens_seen, samples_seen = client["tokens_seen"], client["samples_seen"]
-        nonfinite_streak = client.get("nonfinite_streak", 0)
+        guard.streak = client.get("nonfinite_streak", 0)
+        load_dir, tag = s.resume_from
+        if s.rank == 0 and os.path.abspath(load_dir) == os.path.abspath(s.ckpt_dir) and \
+                _latest_tag(s.ckpt_dir) != tag:
+            atomic_write(os.path.join(s.ckpt_dir, LATEST), tag)  # repair the pointer: it names what we run from
         changed = {k: (client["run"].get(k), v) for k, v in run_info.items() if client["run"].get(k) != v}
         for k, (old, new) in changed.items():
             _say(s, f"fastroberta-train: warning: resuming with {k}={new} (checkpoint had {old}); the run will "
@@ -752,6 +672,10 @@ def train(argv=None):
         _say(s, f"resumed from {os.path.join(*s.resume_from)} at step {step}")
 
     if s.rank == 0:
+        if args.overwrite:
+            # Only now, with the configuration checked, the data prepared and the engine built, does the
+            # earlier run give way.
+            remove_previous_run(s.output)
         write_config(s.ds_config, os.path.join(s.output, "ds_config.json"))
         with open(os.path.join(s.output, "run.json"), "w") as f:
             json.dump({"args": vars(args), "settings": run_info, "model": model_config.to_dict(),
@@ -767,28 +691,39 @@ def train(argv=None):
 
     def client_state():
         return {"step": step, "tokens_seen": tokens_seen, "samples_seen": samples_seen,
-                "nonfinite_streak": nonfinite_streak, "loader": loader.state_dict(), "run": run_info}
+                "nonfinite_streak": guard.streak, "loader": loader.state_dict(), "run": run_info}
 
     saved_step = step if s.resume_from is not None else None
+
+    def stop_run(message):
+        bar.close()
+        log.close()
+        raise TrainingError(message)
 
     def checkpoint():
         nonlocal saved_step
         if step == saved_step:
             return  # this state is already on disk
+        if not all_ranks_true(parameters_finite(engine.module), device):
+            stop_run(f"the weights are non-finite at step {step} (lr {lr:.3e}); not saving them. Lower --lr or "
+                     f"keep --clip-grad on; {last_good_checkpoint(s.ckpt_dir)}.")
         saved_step = step
         meter.pause()
         with preserved_rng():
-            path = save_checkpoint(engine, s, step, loader, client_state(), args.keep_last)
+            path = save_checkpoint(engine, s.ckpt_dir, step, s.rank, s.world_size,
+                                   {"rng": rng_state(), "loader": loader.state_dict()}, client_state(),
+                                   args.keep_last)
         meter.resume()
         _say(s, f"checkpoint saved: {path}", bar)
 
     window = {"loss": 0.0, "correct": 0.0, "labels": 0.0, "steps": 0}
+    lr = engine.get_lr()[0]
     last, first_loss = {}, None
     stopped_by_signal = False
     batches = iter(loader)
     engine.train()
     meter.resume()
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         while step < end_step:
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside step()
             skipped_before = engine.skipped_steps
@@ -801,7 +736,13 @@ def train(argv=None):
                 engine.backward(out.loss)
                 if micro == s.grad_accum_steps - 1 and s.precision == "fp32" and s.zero_stage == 0:
                     fallback_norm = local_grad_norm(engine.module)
-                engine.step()
+                try:
+                    engine.step()
+                except Exception as e:  # DeepSpeed gives up when the fp16 loss scale cannot shrink further
+                    if "loss scale already at minimum" not in str(e):
+                        raise
+                    stop_run(f"fp16 gradients overflow even at the minimum loss scale at step {step + 1} (lr "
+                             f"{lr:.3e}); lower --lr or use --precision bf16; {last_good_checkpoint(s.ckpt_dir)}.")
                 stats += torch.stack([out.loss.detach().double(), out.num_correct.double(),
                                       out.num_labels.double(), attention_mask.sum().double(),
                                       torch.tensor(float(input_ids.shape[0]), dtype=torch.float64, device=device),
@@ -816,21 +757,16 @@ def train(argv=None):
             samples_seen += int(n_samples)
             meter.add(n_tokens, n_samples)
             skipped = engine.skipped_steps > skipped_before
-
-            if not math.isfinite(loss) and not skipped:
-                nonfinite_streak += 1
-                if nonfinite_streak >= args.max_nonfinite:
-                    bar.close()
-                    log.close()
-                    good = os.path.join(s.ckpt_dir, LATEST)
-                    hint = f"the last good checkpoint is listed in {good}" if os.path.isfile(good) else \
-                        "no checkpoint was saved"
-                    raise TrainingError(
-                        f"the loss was non-finite ({loss}) for {nonfinite_streak} consecutive steps, up to step "
-                        f"{step} (lr {lr:.3e}); stopping rather than training on. Lower --lr, keep --clip-grad "
-                        f"on, or use bf16/fp32 instead of fp16; {hint}.")
-            elif math.isfinite(loss):
-                nonfinite_streak = 0
+            scale = loss_scale_of(engine) if s.precision == "fp16" else None
+            # Every precision: a non-finite loss counts whatever DeepSpeed did with the step (the bf16 and
+            # fp16 paths skip such updates, fp32 applies them).
+            if guard.update(loss, skipped=skipped, loss_scale=scale, min_loss_scale=min_loss_scale):
+                what = f"the loss was non-finite ({loss})" if not math.isfinite(loss) else \
+                    f"the fp16 loss scale stayed at its minimum ({scale:g}) with every step skipped"
+                stop_run(f"{what} for {guard.streak} consecutive steps, up to step {step} (lr {lr:.3e}); "
+                         f"stopping rather than training on. Lower --lr, keep --clip-grad on, or use bf16/fp32 "
+                         f"instead of fp16; {last_good_checkpoint(s.ckpt_dir)}.")
+            if math.isfinite(loss):
                 window["loss"] += loss
                 window["steps"] += 1
             window["correct"] += correct
@@ -854,6 +790,11 @@ def train(argv=None):
                     record.update(loss_scale=loss_scale_of(engine), skipped_steps=engine.skipped_steps)
                 if do_eval:
                     record.update(evaluate(engine, make_val_loader, args.eval_batches, device))
+                    if "eval_loss" in record and not math.isfinite(record["eval_loss"]) and step == end_step:
+                        log.log(record)
+                        stop_run(f"the held-out loss is non-finite ({record['eval_loss']}) at step {step} (lr "
+                                 f"{lr:.3e}); not saving or exporting these weights. Lower --lr or keep "
+                                 f"--clip-grad on; {last_good_checkpoint(s.ckpt_dir)}.")
                     if "eval_loss" in record:
                         _say(s, f"step {step}: eval loss {record['eval_loss']:.4f}, accuracy "
                                 f"{record['eval_accuracy']:.4f}, perplexity {record['eval_perplexity']:.1f}", bar)
@@ -875,6 +816,9 @@ def train(argv=None):
     if not stopped_by_signal and step >= args.steps:
         hf_dir = os.path.join(s.output, "hf")
         meter.pause()
+        if not all_ranks_true(parameters_finite(engine.module), device):
+            raise TrainingError(f"the final weights are non-finite; no Hugging Face export was written. "
+                                f"{last_good_checkpoint(s.ckpt_dir)}.")
         export_hf(engine, s, model_config, prepared, hf_dir)
         _say(s, f"exported Hugging Face model and tokenizer to {hf_dir}")
     elif stopped_by_signal:
@@ -891,18 +835,36 @@ def train(argv=None):
 
 
 def main(argv=None):
-    """Console entry point: 0 on success (also after a signal-requested stop), 2 for a bad configuration,
-    1 when training had to stop."""
+    """Console entry point: 0 on success (also after a signal-requested stop), 2 for bad input (a flag, a file,
+    the output folder), 1 when the run itself failed. Either error is one line on stderr, no traceback;
+    ``--debug`` or FASTROBERTA_DEBUG=1 shows the traceback too."""
+    debug = debug_requested(argv)
     try:
         train(argv)
     except ConfigError as e:
-        build_parser().print_usage(sys.stderr)
-        print(f"fastroberta-train: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2, debug)
     except TrainingError as e:
-        print(f"fastroberta-train: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(e, 1, debug)
+    except KeyboardInterrupt:
+        print("fastroberta-train: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if is_disk_full(e):
+            return _fail(no_space_text(e.filename or ""), 1, debug)
+        return _fail(os_error_text(e), 1, debug)
+    except Exception as e:  # a bug or an environment problem: still one line, the traceback on request
+        text = str(e).splitlines()[0] if str(e) else ""
+        if is_disk_full(e):
+            return _fail(f"{no_space_text('.')} ({text})", 1, debug)
+        return _fail(f"{type(e).__name__}: {text} (run again with --debug for the traceback)", 1, debug)
     return 0
+
+
+def _fail(error, code, debug):
+    if debug:
+        traceback.print_exc()
+    print(f"fastroberta-train: error: {error}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

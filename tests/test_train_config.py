@@ -164,6 +164,28 @@ def test_defaults_follow_the_paper(tmp_path):
     assert _settings(["--output", str(tmp_path / "o"), "--steps", "10"]).warmup_steps == 1
 
 
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_each_kind_of_cpu(tmp_path, monkeypatch, native_bf16, expected):
+    """Both CPU paths, whatever this machine is: auto picks bf16 only where the CPU computes it natively."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only rule")
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: native_bf16)
+    s = _settings(["--output", str(tmp_path / "o")])
+    assert s.precision == expected
+    assert ("bf16" in s.ds_config and s.ds_config["bf16"]["enabled"]) == (expected == "bf16")
+
+
+def test_cpu_flag_detection(tmp_path, monkeypatch):
+    import builtins
+    real_open = builtins.open
+    for text, expected in (("flags : fpu avx512f avx512_bf16 amx_tile", True), ("flags : fpu avx2", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(text)
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p,
+                                                                           *a, **k))
+        assert tr.cpu_has_native_bf16() is expected
+
+
 # --- configuration errors: caught by main() before any work, exit status 2 ------------------------------------
 @pytest.mark.parametrize("argv, message", [
     (["--micro-batch-size", "3", "--global-batch-size", "8"], "not divisible by --micro-batch-size 3"),
@@ -202,10 +224,12 @@ def test_triton_kernels_on_cpu_need_the_interpreter(tmp_path, capsys, monkeypatc
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
+    from fastroberta.runtime import write_manifest
     ckpt = tmp_path / "run" / "checkpoints"
-    ckpt.mkdir(parents=True)
+    (ckpt / "global_step5").mkdir(parents=True)
+    (ckpt / "global_step5" / "model.pt").write_bytes(b"weights")
+    write_manifest(str(ckpt / "global_step5"))
     (ckpt / "latest").write_text("global_step5")
-    (ckpt / "global_step5").mkdir()
     assert tr.main(["--output", str(tmp_path / "run")]) == 2
     assert "already holds a run" in capsys.readouterr().err
     s = _settings(["--output", str(tmp_path / "run"), "--resume"])
@@ -215,9 +239,13 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     # A save interrupted between renaming its temporary folder and moving the pointer.
     (ckpt / "latest").write_text("global_step5.tmp")
     assert _settings(["--output", str(tmp_path / "run"), "--resume"]).resume_from == (str(ckpt), "global_step5")
+    # A pointer to a checkpoint that is not there: the newest intact one, with a warning.
     (ckpt / "latest").write_text("global_step9")
-    assert tr.main(["--output", str(tmp_path / "run"), "--resume"]) == 2
-    assert "points to 'global_step9', which does not exist" in capsys.readouterr().err
+    s = _settings(["--output", str(tmp_path / "run"), "--resume"])
+    assert s.resume_from == (str(ckpt), "global_step5")
+    assert any("global_step9 is damaged: it does not exist" in w and "global_step5" in w for w in s.warnings)
+    assert tr.main(["--output", str(tmp_path / "run"), "--resume", "--overwrite"]) == 2
+    assert "either --resume or --overwrite" in capsys.readouterr().err
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
