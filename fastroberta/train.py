@@ -701,10 +701,10 @@ def train(argv=None):
     if s.zero_stage == 3:
         # The MLM head reads the tied decoder weight and its bias in the top-level forward, outside the
         # modules that own them; ZeRO-3 must gather them around that forward.
-        deepspeed.zero.register_external_parameter(model, model.embeddings.word_embeddings.weight)
+        embeddings = model.roberta.embeddings
+        deepspeed.zero.register_external_parameter(model, embeddings.word_embeddings.weight)
         deepspeed.zero.register_external_parameter(model, model.lm_head.bias)
-        deepspeed.zero.register_external_parameter(model.embeddings,
-                                                   model.embeddings.token_type_embeddings.weight)
+        deepspeed.zero.register_external_parameter(embeddings, embeddings.token_type_embeddings.weight)
 
     groups = param_groups(model, s.weight_decay)
     client_optimizer = None
