@@ -295,7 +295,7 @@ class RobertaModel(_PreTrained):
     ``forward(input_ids, attention_mask=None, token_type_ids=None, cu_seqlens=None, max_seqlen=None,
     unpad=None, output_hidden_states=False, validate=True)``; see ``encode`` for the arguments."""
 
-    def __init__(self, config: RobertaConfig, kernels="auto"):
+    def __init__(self, config: RobertaConfig, kernels="auto", init_weights=True):
         super().__init__()
         self._setup(config, kernels)
         self.gradient_checkpointing = False
@@ -304,7 +304,8 @@ class RobertaModel(_PreTrained):
         self.unpad = False
         self.embeddings = Embeddings(config, kernels)
         self.layers = nn.ModuleList(EncoderLayer(config, kernels) for _ in range(config.num_hidden_layers))
-        self.apply(self._init_weights)
+        if init_weights:  # a head model initialises the whole model at once, after building its head
+            self.apply(self._init_weights)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, cu_seqlens=None, max_seqlen=None,
                 unpad=None, output_hidden_states=False, validate=True):
@@ -437,9 +438,9 @@ class RobertaForMaskedLM(_WithEncoder):
     def __init__(self, config: RobertaConfig, kernels="auto"):
         super().__init__()
         self._setup(config, kernels)
-        self.roberta = RobertaModel(config, kernels)
+        self.roberta = RobertaModel(config, kernels, init_weights=False)
         self.lm_head = MLMHead(config, kernels)
-        self.lm_head.apply(self._init_weights)
+        self.apply(self._init_weights)
 
     @property
     def decoder_weight(self):
@@ -490,9 +491,9 @@ class RobertaForSequenceClassification(_WithEncoder):
         super().__init__()
         self._setup(config, kernels)
         self.num_labels = config.num_labels
-        self.roberta = RobertaModel(config, kernels)
+        self.roberta = RobertaModel(config, kernels, init_weights=False)
         self.classifier = ClassificationHead(config)
-        self.classifier.apply(self._init_weights)
+        self.apply(self._init_weights)
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
                 max_seqlen=None, unpad=None, output_hidden_states=False, validate=True):
@@ -546,11 +547,11 @@ class RobertaForTokenClassification(_WithEncoder):
         super().__init__()
         self._setup(config, kernels)
         self.num_labels = config.num_labels
-        self.roberta = RobertaModel(config, kernels)
+        self.roberta = RobertaModel(config, kernels, init_weights=False)
         self.dropout = nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None
                                   else config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.classifier.apply(self._init_weights)
+        self.apply(self._init_weights)
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
                 max_seqlen=None, unpad=None, output_hidden_states=False, validate=True):
