@@ -455,12 +455,14 @@ class RobertaForMaskedLM(_WithEncoder):
             _check_same_shape(input_ids, labels=labels)
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+            unpadded = cu_seqlens is not None or (self.unpad if unpad is None else unpad)
             if validate:
                 _check_labels(labels, self.config.vocab_size)
-                if (cu_seqlens is not None or unpad or (unpad is None and self.unpad)) \
-                        and attention_mask is not None and bool(((labels != IGNORE_INDEX) & ~attention_mask.bool()).any()):
-                    raise ValueError("a label sits on a padding position (attention_mask 0); unpadded runs drop "
-                                     "padding, so labels there must be -100")
+                if unpadded and attention_mask is not None:
+                    on_padding = (labels != IGNORE_INDEX) & ~attention_mask.bool()
+                    if on_padding.any():
+                        raise ValueError("a label sits on a padding position (attention_mask 0); an unpadded "
+                                         f"run drops padding, so labels there must be {IGNORE_INDEX}")
         enc = self.roberta.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, unpad,
                                   output_hidden_states, validate, labels)
         states = enc.all_hidden_states() if output_hidden_states else None

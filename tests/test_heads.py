@@ -259,3 +259,19 @@ def test_kernel_choice_is_resolved_once_and_moves_with_the_module(monkeypatch):
     assert all(m.kernels == "torch" for m in model.modules() if hasattr(m, "_kernels"))
     with pytest.raises(ValueError, match="kernels must be one of"):
         model.kernels = "cuda"
+
+
+def test_unpadded_input_errors():
+    model = RobertaForMaskedLM(RobertaConfig(**CFG), kernels="torch")
+    ids, mask, _ = batch(lengths=(6, 4))
+    labels = torch.full_like(ids, -100)
+    labels[1, 5] = 7  # on padding
+    with pytest.raises(ValueError, match="label sits on a padding position"):
+        model(ids, mask, labels, unpad=True)
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen=5 is shorter than the longest segment"):
+        model(ids, mask, cu_seqlens=cu, max_seqlen=5)
+    with pytest.raises(TypeError, match="max_seqlen must be an int"):
+        model(ids, mask, cu_seqlens=cu, max_seqlen=torch.tensor(6))
+    with pytest.raises(ValueError, match="cu_seqlens is not supported"):
+        RobertaForSequenceClassification(RobertaConfig(**CFG), kernels="torch")(ids, mask, cu_seqlens=cu)
