@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from benchmarks import harness
 from benchmarks.harness import Case, Competitor, Runner
 from benchmarks.pytest_support import make_kernel_test
+from fastroberta.config import IGNORE_INDEX
 from fastroberta.kernels import mlm_cross_entropy, reference
 
 NAME = "cross_entropy"
@@ -28,7 +29,7 @@ TITLE = "Masked-LM linear + cross-entropy over the labelled rows"
 METRIC = "TFLOP/s"
 MODES = ("fwd", "fwd+bwd")
 BASELINE = "eager-full"
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 VOCAB = 50265
 
 

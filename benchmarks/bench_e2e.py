@@ -152,12 +152,13 @@ def destroy_engine(engine):
 def synthetic_batch(batch, seq_len, vocab_size, device, label_fraction=0.15, seed=0):
     """Random ids framed by <s> ... </s>, no padding, ``label_fraction`` of the inner tokens labelled."""
     import torch
+    from fastroberta.config import IGNORE_INDEX
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (batch, seq_len), generator=g)
     ids[:, 0], ids[:, -1] = 0, 2
     chosen = torch.rand(batch, seq_len, generator=g) < label_fraction
     chosen[:, 0] = chosen[:, -1] = False
-    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
     mask = torch.ones_like(ids)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 

@@ -57,27 +57,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # tensor-core dots; fp16/bf16 for rounding of the inputs, the output and the 16-bit matmul operands.
 TOLERANCE = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 5e-2}
 
-# Dense (no sparsity) fp16/bf16 tensor-core peak in TFLOP/s, by device name; the first matching entry wins, so
-# the specific names come before the generic ones. FASTROBERTA_PEAK_TFLOPS overrides it. The trainer's table
-# (fastroberta.metrics.GPU_PEAK_TFLOPS) is used when it exists, so the two MFU figures agree; this is the fallback.
-PEAK_TFLOPS_16BIT = (
-    ("H200 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.4),   # SXM; reported as "NVIDIA H100 80GB HBM3"
-    ("H800", 989.4),
-    ("H200", 989.4),   # also "GH200"
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10", 125.0),
-    ("V100", 125.0),   # fp16 only
-    ("T4", 65.0),
-)
-
-
 def default_profile():
     return "full" if torch.cuda.is_available() else "smoke"
 
@@ -105,15 +84,11 @@ def peak_tflops(name=None):
     override = os.environ.get("FASTROBERTA_PEAK_TFLOPS")
     if override:
         return float(override)
+    from fastroberta.metrics import GPU_PEAK_TFLOPS  # the one table, shared with the trainer's MFU
     name = name or device_name()
-    try:
-        from fastroberta.metrics import GPU_PEAK_TFLOPS
-        table = [(key, values[0]) for key, values in GPU_PEAK_TFLOPS]
-    except (ImportError, AttributeError, TypeError, IndexError):
-        table = PEAK_TFLOPS_16BIT
-    for key, value in table:
+    for key, (half, _tf32, _fp32) in GPU_PEAK_TFLOPS:
         if key in name:
-            return value
+            return half
     return None
 
 

@@ -13,7 +13,6 @@ the dropout random streams) differ. Compared from each run's ``metrics.jsonl``:
     MFU             the same median, when the trainer logs it
 Writes ``train.json`` and ``train.md`` under ``<out>/<device>/``.
 """
-import json
 import os
 import statistics
 import subprocess
@@ -62,14 +61,8 @@ def trainer_command(args, kernels, output):
 
 def read_metrics(path):
     """The logged training windows (records with a loss) of one metrics.jsonl."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line:
-            rec = json.loads(line)
-            if rec.get("step") is not None and rec.get("loss") is not None:
-                records.append(rec)
-    return records
+    from fastroberta.metrics import read_metrics as read_records
+    return [r for r in read_records(path) if r.get("step") is not None and r.get("loss") is not None]
 
 
 def _median_after_first(values):

@@ -3,6 +3,13 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
+
+# Labels equal to this are not targets (PyTorch's and Hugging Face's convention); one definition for the
+# model, the data loader and the trainer.
+IGNORE_INDEX = -100
+PRESETS = ("tiny", "base", "large")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 def read_json(path):
@@ -31,6 +38,12 @@ class RobertaConfig:
     pad_token_id: int = 1
     bos_token_id: int = 0
     eos_token_id: int = 2
+    # Task heads (Hugging Face's fields): outputs of the classification heads, their loss, their dropout
+    # (None: hidden_dropout_prob) and optional label names.
+    num_labels: int = 2
+    problem_type: Optional[str] = None
+    classifier_dropout: Optional[float] = None
+    id2label: Optional[dict] = None
 
     def __post_init__(self):
         self.validate()
@@ -50,6 +63,17 @@ class RobertaConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"RobertaConfig.{name} must be in [0, 1), got {p!r}")
+        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels <= 0:
+            raise ValueError(f"RobertaConfig.num_labels must be a positive integer, got {self.num_labels!r}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be None or one of {PROBLEM_TYPES}, got {self.problem_type!r}")
+        if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"classifier_dropout must be None or in [0, 1), got {self.classifier_dropout!r}")
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            if sorted(self.id2label) != list(range(self.num_labels)):
+                raise ValueError(f"id2label must name the labels 0..{self.num_labels - 1}, got keys "
+                                 f"{sorted(self.id2label)}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         if not 0 <= self.pad_token_id < self.vocab_size:
@@ -60,6 +84,7 @@ class RobertaConfig:
 
     @property
     def head_dim(self):
+        """Width of one attention head."""
         return self.hidden_size // self.num_attention_heads
 
     @property
@@ -85,18 +110,21 @@ class RobertaConfig:
 
     @classmethod
     def preset(cls, name, **overrides):
-        presets = {"tiny": cls.tiny, "base": cls.base, "large": cls.large}
-        if name not in presets:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")
-        return presets[name](**overrides)
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return getattr(cls, name)(**overrides)
 
     # Serialisation in Hugging Face's config.json format ------------------------------------------------
     def to_dict(self):
         return dataclasses.asdict(self)
 
-    def to_hf_dict(self):
+    def to_hf_dict(self, architecture="RobertaForMaskedLM"):
         d = self.to_dict()
-        d.update(model_type="roberta", architectures=["RobertaForMaskedLM"], tie_word_embeddings=True)
+        id2label = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        d.update(model_type="roberta", architectures=[architecture], tie_word_embeddings=True,
+                 id2label={str(k): v for k, v in id2label.items()},
+                 label2id={v: k for k, v in id2label.items()})
+        del d["num_labels"]  # transformers derives it from id2label
         return d
 
     @classmethod
@@ -105,7 +133,11 @@ class RobertaConfig:
         if not isinstance(d, dict):
             raise TypeError(f"a config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        if isinstance(d.get("id2label"), dict):
+            d = {**d, "num_labels": len(d["id2label"])}
+            if all(v == f"LABEL_{k}" for k, v in d["id2label"].items()):
+                d["id2label"] = None  # the default names carry nothing
+        unknown = set(d) - known - {"label2id"}
         if strict and unknown:
             raise ValueError(f"unknown RobertaConfig fields: {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -116,6 +148,6 @@ class RobertaConfig:
             raise FileNotFoundError(f"config file not found: {path}")
         return cls.from_dict(read_json(path))
 
-    def save_json(self, path):
+    def save_json(self, path, architecture="RobertaForMaskedLM"):
         with open(path, "w") as f:
-            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
+            json.dump(self.to_hf_dict(architecture), f, indent=2, sort_keys=True)

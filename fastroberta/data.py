@@ -27,20 +27,21 @@ or ``drop_last=False``, completes its last step by wrapping around to the start 
 import contextlib
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from fastroberta.config import IGNORE_INDEX
 from fastroberta.documents import default_corpus_path
 from fastroberta.shards import PreparedDataset, prepare_dataset
-from fastroberta.shards import _splitmix64 as splitmix64
+from fastroberta.shards import splitmix64
 from fastroberta.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
-IGNORE_INDEX = -100
 PACKING_MODES = ("full", "doc", "varlen")
 
 __all__ = ["default_corpus_path", "prepare_dataset", "PreparedDataset", "MLMDataLoader", "IGNORE_INDEX",
-           "PACKING_MODES", "Packer", "mask_tokens", "load_tokenizer", "save_tokenizer", "train_tokenizer"]
+           "check_batch", "PACKING_MODES", "Packer", "mask_tokens", "load_tokenizer", "save_tokenizer", "train_tokenizer"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -199,7 +200,7 @@ def mask_tokens(input_ids, keys, maskable, random_ids, mask_id, mask_prob=0.15, 
                          f"{input_ids.dtype} {input_ids.shape}")
     batch, length = input_ids.shape
     h = np.asarray(keys, np.uint64)[:, None] + _positions(length)[None, :]
-    _mix_in_place(h)
+    splitmix64(h, inplace=True)
     # The top bits choose (h < p * 2^64 has probability p), the independent low 32 bits decide what happens.
     threshold = int(mask_prob * 2.0 ** 64)
     chosen = maskable[input_ids]
@@ -218,7 +219,7 @@ def mask_tokens(input_ids, keys, maskable, random_ids, mask_id, mask_prob=0.15, 
     if to_random.any():
         # A second hash picks the token: multiply-shift maps 32 uniform bits onto [0, n).
         r = hashes[to_random] ^ np.uint64(0xD1B54A32D192ED03)
-        _mix_in_place(r)
+        splitmix64(r, inplace=True)
         pick = ((r >> np.uint64(32)) * np.uint64(len(random_ids))) >> np.uint64(32)
         ids[where[to_random]] = random_ids[pick.astype(np.int64)]
     return labels.reshape(batch, length)
@@ -232,13 +233,23 @@ def _positions(length):
     return pos
 
 
-def _mix_in_place(x):
-    """SplitMix64's finalizer on a uint64 array, in place (array arithmetic wraps modulo 2^64 silently)."""
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
+
+
+def check_batch(batch, vocab_size):
+    """Raise ValueError when a batch holds a token id or label outside the vocabulary, or cu_seqlens that do
+    not count its real tokens: checked here on the host, so the model need not read them on the device."""
+    ids, labels, mask = batch["input_ids"].numpy(), batch["labels"].numpy(), batch["attention_mask"].numpy()
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"a batch holds token ids outside the vocabulary [0, {vocab_size}): "
+                         f"[{ids.min()}, {ids.max()}]; the shards do not match the tokenizer")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size) | (mask == 0))
+    if bad.any():
+        raise ValueError(f"a batch holds a label outside the vocabulary [0, {vocab_size}) or on padding")
+    if "cu_seqlens" in batch:
+        cu = batch["cu_seqlens"].numpy()
+        if cu.size < 2 or cu[0] != 0 or (np.diff(cu) < 0).any() or cu[-1] != mask.sum():
+            raise ValueError("a batch's cu_seqlens do not count its real tokens (0 first, non-decreasing, "
+                             "ending at the number of real tokens)")
 
 
 # --- the loader -------------------------------------------------------------------------------------------
@@ -250,6 +261,10 @@ class MLMDataLoader:
     Yields dicts of CPU tensors: input_ids, attention_mask (1 = real token), labels (IGNORE_INDEX where not
     masked), all int64 [micro_batch_size, seq_len] padded with the pad id; for packing="varlen" also cu_seqlens
     (int32 [segments + 1], cumulative segment lengths over the batch's real tokens flattened in row order).
+    Every batch is checked on the host (``check_batch``) so that the model can skip its own device-side checks
+    (``validate=False``). While the consumer works on one batch, a background thread prepares the next (and pins
+    it when ``pin_memory``, default: CUDA is available), so a non_blocking copy to the GPU is truly
+    asynchronous; the position a checkpoint records still counts only the batches handed out.
 
     infinite=True cycles epochs forever. infinite=False makes one pass over the current epoch; the next pass
     repeats it (same order, same masks: evaluations stay comparable) until ``set_epoch`` moves on.
@@ -259,7 +274,7 @@ class MLMDataLoader:
 
     def __init__(self, prepared, split="train", seq_len=128, micro_batch_size=8, global_batch_size=None, rank=0,
                  world_size=1, seed=0, packing="full", mask_prob=0.15, infinite=True, drop_last=True,
-                 replace_prob=0.8, random_prob=0.1):
+                 replace_prob=0.8, random_prob=0.1, pin_memory=None):
         if not isinstance(prepared, PreparedDataset):
             raise TypeError(f"prepared must be a PreparedDataset (from prepare_dataset), got {type(prepared)}")
         self.prepared, self.split = prepared, split
@@ -285,6 +300,7 @@ class MLMDataLoader:
             raise ValueError(f"replace_prob + random_prob must not exceed 1, got {replace_prob + random_prob}")
         self.mask_prob, self.replace_prob, self.random_prob = float(mask_prob), float(replace_prob), float(random_prob)
         self.packing, self.infinite, self.drop_last = packing, bool(infinite), bool(drop_last)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
 
         if prepared.num_documents(split) == 0:
             raise ValueError(f"the {split!r} split of {prepared.path} is empty"
@@ -312,10 +328,6 @@ class MLMDataLoader:
     def __len__(self):
         """Micro-batches per epoch (per pass for infinite=False)."""
         return self.micro_batches_per_epoch
-
-    @property
-    def tokens_per_step(self):
-        return self.global_batch_size * self.seq_len
 
     def set_epoch(self, epoch):
         self.epoch = _int(epoch, "epoch", 0)
@@ -349,19 +361,45 @@ class MLMDataLoader:
             cu = np.zeros(len(segments) + 1, np.int32)
             np.cumsum(segments, out=cu[1:])
             batch["cu_seqlens"] = torch.from_numpy(cu)
+        check_batch(batch, self.prepared.vocab_size)
         return batch
 
+    def _prepared_batch(self, epoch, samples):
+        batch = self.collate(epoch, samples)
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+
+    def _after(self, epoch, position):
+        """(epoch, position) of the micro-batch that follows, or None at the end of a finite pass."""
+        if position + 1 < self.micro_batches_per_epoch:
+            return epoch, position + 1
+        return (epoch + 1, 0) if self.infinite else None
+
     def __iter__(self):
-        while True:
-            if self._position >= self.micro_batches_per_epoch:
-                self._position = 0
-                if not self.infinite:
-                    return
-                self.epoch += 1
-            epoch, position = self.epoch, self._position
-            batch = self.collate(epoch, self.samples_of(epoch, position))
-            self._position = position + 1
-            yield batch
+        ahead = None  # ((epoch, position), future) of the batch prepared while the last one was in use
+        with ThreadPoolExecutor(1, thread_name_prefix="mlm-batches") as pool:
+            try:
+                while True:
+                    if self._position >= self.micro_batches_per_epoch:
+                        self._position = 0
+                        if not self.infinite:
+                            return
+                        self.epoch += 1
+                    epoch, position = self.epoch, self._position
+                    if ahead is not None and ahead[0] == (epoch, position):
+                        batch = ahead[1].result()
+                    else:  # the first batch, or the position moved (set_epoch, load_state_dict)
+                        batch = self._prepared_batch(epoch, self.samples_of(epoch, position))
+                    self._position = position + 1
+                    following = self._after(epoch, position)
+                    ahead = None
+                    if following is not None:
+                        # Sample indices here, on the consumer's thread (the order cache is not shared).
+                        ahead = (following, pool.submit(self._prepared_batch, following[0],
+                                                        self.samples_of(*following)))
+                    yield batch
+            finally:
+                if ahead is not None:
+                    ahead[1].cancel()
 
     # --- resume ---
 

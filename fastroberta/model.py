@@ -1,48 +1,47 @@
-"""The RoBERTa masked-LM model: embeddings, post-LN encoder layers and the MLM head, in one file.
+"""RoBERTa: the encoder (``RobertaModel``: embeddings + post-LN layers) and its heads, in one file.
 
-Numerically the same model as Hugging Face's ``RobertaForMaskedLM`` (``fastroberta.hf`` maps the weights);
-its hot ops (fused residual/dropout LayerNorm, key-padding-mask attention, masked-LM cross-entropy) come from
-either ``fastroberta.kernels`` (Triton) or ``fastroberta.kernels.reference`` (eager PyTorch), chosen by one
-switch: ``kernels="auto" | "triton" | "torch"``.
+    RobertaModel                       last hidden state [B, L, E] (and every layer's, on request)
+    RobertaForMaskedLM                 encoder + MLM head (dense -> GELU -> LayerNorm -> tied decoder)
+    RobertaForSequenceClassification   encoder + HF's classification head on <s>
+    RobertaForTokenClassification      encoder + dropout + linear per token
+
+Numerically Hugging Face's classes of the same names (``fastroberta.hf`` maps the weights). The fused ops
+(dropout + residual + LayerNorm, key-padding-mask and varlen attention, masked-LM cross-entropy) come from
+``fastroberta.kernels`` (Triton) or its eager reference, chosen when a model is built: ``kernels="auto" |
+"triton" | "torch"`` (``fastroberta.kernels.backend``); each module that calls them resolves the choice once,
+when its forward first sees a device.
+
+Two layouts run through the same layers. Padded: [B, L, E] with a key-padding mask. Unpadded (``cu_seqlens``,
+or ``unpad=True`` on a padded batch): the real tokens are gathered once at entry into [T, E], every layer runs
+on them (linear layers and LayerNorm included) with varlen attention, and the result is scattered back once
+at the end — or, for the MLM loss, the labelled rows are taken from [T, E] directly.
+
+Host syncs: ``validate=True`` (the default) checks ids, labels and cu_seqlens on the host so that a bad value
+is a clear error and never a device-side assert. ``validate=False`` (the trainer, whose data loader checks
+each batch on the host) skips those reads; then a padded MLM forward + backward syncs once (the labelled-row
+count) and an unpadded one twice (the real-token count, then the labelled-row count), whatever the depth.
 """
-import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastroberta import kernels as triton_ops
-from fastroberta.config import RobertaConfig
-from fastroberta.kernels import reference as torch_ops
-from fastroberta.kernels._checks import triton_usable
+from fastroberta.config import IGNORE_INDEX, RobertaConfig
+from fastroberta.kernels.backend import KERNEL_CHOICES, KernelSwitch
+from fastroberta.kernels.layer_norm import FusedLayerNorm
 
-KERNEL_CHOICES = ("auto", "triton", "torch")
-IGNORE_INDEX = -100
-
-
-def _check_kernels(value, source):
-    if value not in KERNEL_CHOICES:
-        raise ValueError(f"{source} must be one of {KERNEL_CHOICES}, got {value!r}")
-    return value
+__all__ = ["RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
+           "RobertaForTokenClassification", "EncoderLayer", "Embeddings", "MLMHead", "FusedLayerNorm",
+           "BaseModelOutput", "MaskedLMOutput", "ClassifierOutput", "KERNEL_CHOICES", "IGNORE_INDEX"]
 
 
-def resolve_kernels(kernels, device):
-    """The op module for ``kernels`` on ``device``: "auto" is Triton on CUDA and the reference elsewhere,
-    unless the FASTROBERTA_KERNELS environment variable names a choice."""
-    if kernels == "auto":
-        env = os.environ.get("FASTROBERTA_KERNELS", "").strip()
-        kernels = _check_kernels(env, "FASTROBERTA_KERNELS") if env else "auto"
-    if kernels == "auto":
-        kernels = "triton" if device.type == "cuda" else "torch"
-    if kernels == "triton":
-        if not triton_usable(torch.empty(0, device=device)):
-            raise ValueError(f"kernels='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
-                             "before importing fastroberta, or use kernels='torch'")
-        return triton_ops
-    return torch_ops
+@dataclass
+class BaseModelOutput:
+    last_hidden_state: torch.Tensor                        # [B, L, E]; zeros at padding when unpadded
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None  # embeddings + each layer, [B, L, E] each
 
 
 @dataclass
@@ -50,24 +49,24 @@ class MaskedLMOutput:
     loss: Optional[torch.Tensor] = None         # mean CE over labelled tokens (fp32), None without labels
     logits: Optional[torch.Tensor] = None       # [B, L, V], only when no labels are given
     num_correct: Optional[torch.Tensor] = None  # labelled tokens whose argmax is the label
-    num_labels: Optional[torch.Tensor] = None   # labelled tokens in the batch
+    num_labels: Optional[torch.Tensor] = None   # labelled tokens in the batch (a device tensor)
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm(dropout(x) + residual) with nn.LayerNorm's parameters; the op comes from the kernel switch."""
-
-    def __init__(self, hidden_size, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.bias = nn.Parameter(torch.zeros(hidden_size))
-
-    def forward(self, x, ops, residual=None, dropout_p=0.0):
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, dropout_p=dropout_p)
+@dataclass
+class ClassifierOutput:
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None       # [B, num_labels] (sequence) or [B, L, num_labels] (token)
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The parts
+# ---------------------------------------------------------------------------------------------------------
 class Embeddings(nn.Module):
-    def __init__(self, config):
+    """word + position + token type embeddings, then LayerNorm and dropout; ids of any shape ([B, L] or [T])."""
+
+    def __init__(self, config, kernels="auto"):
         super().__init__()
         self.padding_idx = config.pad_token_id
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=self.padding_idx)
@@ -75,112 +74,138 @@ class Embeddings(nn.Module):
                                                 padding_idx=self.padding_idx)
         # RoBERTa has a single token type; its embedding is a learned constant added to every token.
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.layer_norm = FusedLayerNorm(config.hidden_size, eps=config.layer_norm_eps, kernels=kernels)
         self.dropout_p = config.hidden_dropout_prob
 
-    def forward(self, input_ids, token_type_ids, ops, position_ids=None):
-        if position_ids is None:
-            # Position ids count real tokens from padding_idx + 1; pads sit at padding_idx (HF's convention).
-            not_pad = input_ids.ne(self.padding_idx).long()
-            position_ids = torch.cumsum(not_pad, dim=1) * not_pad + self.padding_idx
+    def forward(self, input_ids, position_ids, token_type_ids=None):
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)
-        return self.layer_norm(x, ops, dropout_p=self.dropout_p if self.training else 0.0)
+        return self.layer_norm(x, dropout_p=self.dropout_p if self.training else 0.0)
 
 
-def unpad_index(attention_mask):
-    """(indices of the real tokens in the flattened [B * L] batch, int32 cu_seqlens, longest row) for the
-    packed attention path. Any 0/1 mask works: a row's real tokens attend to each other, as with the mask."""
-    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
-    indices = attention_mask.reshape(-1).nonzero().squeeze(-1)
-    cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    return indices, cu_seqlens, int(lengths.max())
+class EncoderLayer(KernelSwitch, nn.Module):
+    """Post-LN transformer layer: LN(x + attn(x)), then LN(x + FFN(x)); one fused QKV projection.
 
+    ``forward(x, attention_mask=None)`` on a padded [B, L, E] batch (mask [B, L], 1/True = real token), or
+    ``forward(x, cu_seqlens=, max_seqlen=)`` on packed [T, E] tokens (sequences never attend to each other).
+    ``validate=False`` trusts cu_seqlens and max_seqlen (checked once by the caller, not per layer)."""
 
-def packed_positions(attention_mask, cu_seqlens, padding_idx):
-    """Position ids [B, L] for rows that pack several documents: each segment of ``cu_seqlens`` (cumulative
-    lengths over the real tokens, flattened in row order) counts from padding_idx + 1 again; pads sit at
-    padding_idx."""
-    total = int(cu_seqlens[-1])
-    token = torch.arange(total, device=attention_mask.device)
-    segment = torch.searchsorted(cu_seqlens[1:].long(), token, right=True)
-    within = token - cu_seqlens.long()[segment]
-    flat = torch.full((attention_mask.numel(),), padding_idx, dtype=torch.long, device=attention_mask.device)
-    flat[attention_mask.reshape(-1).nonzero().squeeze(-1)] = within + padding_idx + 1
-    return flat.view_as(attention_mask)
-
-
-class EncoderLayer(nn.Module):
-    """Post-LN transformer layer: LN(x + attn(x)), then LN(x + FFN(x)); one fused QKV projection."""
-
-    def __init__(self, config):
+    def __init__(self, config, kernels="auto"):
         super().__init__()
         e = config.hidden_size
-        self.num_heads = config.num_attention_heads
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.qkv = nn.Linear(e, 3 * e)
         self.attn_out = nn.Linear(e, e)
-        self.attn_norm = LayerNorm(e, config.layer_norm_eps)
+        self.attn_norm = FusedLayerNorm(e, eps=config.layer_norm_eps, kernels=kernels)
         self.ffn_in = nn.Linear(e, config.intermediate_size)
         self.ffn_out = nn.Linear(config.intermediate_size, e)
-        self.ffn_norm = LayerNorm(e, config.layer_norm_eps)
+        self.ffn_norm = FusedLayerNorm(e, eps=config.layer_norm_eps, kernels=kernels)
         self.hidden_dropout_p = config.hidden_dropout_prob
         self.attn_dropout_p = config.attention_probs_dropout_prob
+        self._init_kernels(kernels)
 
-    def forward(self, x, attention_mask, ops, unpad=None):
-        """``unpad`` (from ``unpad_index``) runs attention on the real tokens only, packed (varlen)."""
-        b, l, e = x.shape
-        heads, head_dim = self.num_heads, e // self.num_heads
+    def forward(self, x, attention_mask=None, cu_seqlens=None, max_seqlen=None, validate=True):
+        ops = self.ops(x.device)
+        heads, head_dim = self.num_heads, self.head_dim
         p_hidden = self.hidden_dropout_p if self.training else 0.0
         p_attn = self.attn_dropout_p if self.training else 0.0
         qkv = self.qkv(x)
-        if unpad is None:
+        if cu_seqlens is None:
+            b, l, e = x.shape
             # [B, L, 3, H, D] -> three strided [B, H, L, D] views; the attention op takes them without copies.
             q, k, v = qkv.view(b, l, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            ctx = ops.attention(q, k, v, attention_mask, dropout_p=p_attn)
-            ctx = ctx.transpose(1, 2).reshape(b, l, e)
+            ctx = ops.attention(q, k, v, attention_mask, dropout_p=p_attn).transpose(1, 2).reshape(b, l, e)
         else:
-            indices, cu_seqlens, max_seqlen = unpad
-            q, k, v = qkv.view(b * l, 3, heads, head_dim).index_select(0, indices).unbind(1)
-            packed = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p_attn)
-            # Padded positions get the zeros that the padded form gives them.
-            ctx = packed.new_zeros(b * l, heads, head_dim).index_copy(0, indices, packed).view(b, l, e)
-        x = self.attn_norm(self.attn_out(ctx), ops, residual=x, dropout_p=p_hidden)
+            t, e = x.shape
+            q, k, v = qkv.view(t, 3, heads, head_dim).unbind(1)
+            ctx = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p_attn,
+                                       validate=validate).reshape(t, e)
+        x = self.attn_norm(self.attn_out(ctx), residual=x, dropout_p=p_hidden)
         h = self.ffn_out(F.gelu(self.ffn_in(x)))
-        return self.ffn_norm(h, ops, residual=x, dropout_p=p_hidden)
+        return self.ffn_norm(h, residual=x, dropout_p=p_hidden)
 
 
-class MLMHead(nn.Module):
-    """dense -> GELU -> LayerNorm -> decoder tied to the word embeddings, plus the head's own bias."""
+class MLMHead(KernelSwitch, nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder (the tied word embeddings, passed in) + the head's own bias.
+
+    ``forward(hidden, decoder_weight)`` gives logits; ``loss(hidden, decoder_weight, labels)`` the mean CE
+    over rows whose label is not IGNORE_INDEX, running the head on those rows only."""
+
+    def __init__(self, config, kernels="auto"):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = FusedLayerNorm(config.hidden_size, eps=config.layer_norm_eps, kernels=kernels)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self._init_kernels(kernels)
+
+    def transform(self, x):
+        return self.layer_norm(F.gelu(self.dense(x)))
+
+    def forward(self, hidden, decoder_weight):
+        return F.linear(self.transform(hidden), decoder_weight, self.bias)
+
+    def loss(self, hidden, decoder_weight, labels, validate=True):
+        """(loss, num_correct, num_labels) for hidden [N, E] and labels [N]. Selecting the labelled rows is
+        one device-to-host sync; ``validate`` also checks the label range (another)."""
+        labelled = labels != IGNORE_INDEX
+        if validate:
+            _check_labels(labels, decoder_weight.shape[0])
+        rows = labelled.nonzero().squeeze(-1)
+        h = self.transform(hidden.index_select(0, rows))
+        loss, num_correct = self.ops(hidden.device).mlm_cross_entropy(
+            h, decoder_weight, self.bias, labels.index_select(0, rows), ignore_index=IGNORE_INDEX,
+            return_num_correct=True, validate=False, labelled_rows_only=True)
+        return loss, num_correct, labelled.sum()
+
+
+class ClassificationHead(nn.Module):
+    """Hugging Face's RobertaClassificationHead: dropout -> dense -> tanh -> dropout -> out_proj on <s>."""
 
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.dropout = nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None
+                                  else config.hidden_dropout_prob)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
 
-    def transform(self, x, ops):
-        return self.layer_norm(F.gelu(self.dense(x)), ops)
+    def forward(self, features):
+        x = self.dropout(features[:, 0, :])
+        x = self.dropout(torch.tanh(self.dense(x)))
+        return self.out_proj(x)
 
 
-class RobertaForMaskedLM(nn.Module):
-    def __init__(self, config: RobertaConfig, kernels="auto"):
-        super().__init__()
+def _check_labels(labels, vocab_size):
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bad.any():
+        raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {vocab_size}) "
+                         f"and is not the ignore index {IGNORE_INDEX}")
+
+
+def _check_same_shape(input_ids, **tensors):
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
+        if t.device != input_ids.device:
+            raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared by every model: construction, initialisation, checkpoint I/O
+# ---------------------------------------------------------------------------------------------------------
+class _PreTrained(KernelSwitch, nn.Module):
+    def _setup(self, config, kernels):
         if not isinstance(config, RobertaConfig):
             raise TypeError(f"config must be a RobertaConfig, got {type(config).__name__}")
         config.validate()
         self.config = config
-        self.kernels = _check_kernels(kernels, "kernels")
-        self.gradient_checkpointing = False
-        # Attention on the packed real tokens (varlen) instead of the padded batch. Off until a GPU
-        # measurement shows it faster: the padded kernel already skips trailing padding.
-        self.unpad_attention = False
-        self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.lm_head = MLMHead(config)
-        self.apply(self._init_weights)
+        self._init_kernels(kernels)
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -192,25 +217,156 @@ class RobertaForMaskedLM(nn.Module):
             if module.padding_idx is not None:
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
-
-    @property
-    def decoder_weight(self):
-        return self.embeddings.word_embeddings.weight
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
 
     # Checkpoint I/O lives in fastroberta.hf; these are the HF-style entry points.
     @classmethod
-    def from_pretrained(cls, path, kernels="auto"):
+    def from_pretrained(cls, path, kernels="auto", output_loading_info=False, **config_overrides):
+        """Load a Hugging Face RoBERTa folder (config.json + model.safetensors or pytorch_model.bin). Weights
+        the checkpoint lacks for this head are initialised and, like keys it holds that this model does not
+        use, reported in a warning. ``config_overrides`` (e.g. num_labels=3) replace config.json fields."""
         from fastroberta.hf import load_pretrained
-        return load_pretrained(path, kernels=kernels)
+        return load_pretrained(cls, path, kernels=kernels, output_loading_info=output_loading_info,
+                               **config_overrides)
 
     def save_pretrained(self, path):
+        """Write a folder that transformers' class of the same name loads with from_pretrained."""
         from fastroberta.hf import save_pretrained
         save_pretrained(self, path)
 
-    def _validate(self, input_ids, attention_mask, labels, token_type_ids):
+
+class _WithEncoder(_PreTrained):
+    """A head on ``self.roberta``; switches that belong to the encoder are forwarded to it."""
+
+    @property
+    def gradient_checkpointing(self):
+        return self.roberta.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value):
+        self.roberta.gradient_checkpointing = bool(value)
+
+    @property
+    def unpad(self):
+        return self.roberta.unpad
+
+    @unpad.setter
+    def unpad(self, value):
+        self.roberta.unpad = bool(value)
+
+    def _padded_output(self, enc, output_hidden_states):
+        states = enc.all_hidden_states() if output_hidden_states else None
+        return enc.padded(enc.hidden), states
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The encoder
+# ---------------------------------------------------------------------------------------------------------
+class _Encoded:
+    """The encoder's result before it is laid out for a head: ``hidden`` [B, L, E] padded, or [T, E] with
+    ``indices`` (the real tokens' places in the flattened [B * L] batch)."""
+
+    def __init__(self, hidden, states, indices, shape):
+        self.hidden, self.states, self.indices, self.shape = hidden, states, indices, shape
+
+    def padded(self, h):
+        if self.indices is None:
+            return h
+        b, l = self.shape
+        return h.new_zeros(b * l, h.shape[-1]).index_copy(0, self.indices, h).view(b, l, h.shape[-1])
+
+    def flat(self, per_token):
+        """``per_token`` [B, L] as the rows of ``hidden`` (flattened, gathered at the real tokens if unpadded)."""
+        flat = per_token.reshape(-1)
+        return flat if self.indices is None else flat.index_select(0, self.indices)
+
+    def all_hidden_states(self):
+        return tuple(self.padded(h) for h in self.states)
+
+
+class RobertaModel(_PreTrained):
+    """Embeddings + post-LN encoder layers; returns the last hidden state (no pooler).
+
+    ``forward(input_ids, attention_mask=None, token_type_ids=None, cu_seqlens=None, max_seqlen=None,
+    unpad=None, output_hidden_states=False, validate=True)``; see ``encode`` for the arguments."""
+
+    def __init__(self, config: RobertaConfig, kernels="auto", init_weights=True):
+        super().__init__()
+        self._setup(config, kernels)
+        self.gradient_checkpointing = False
+        # Run padded batches unpadded (gather once, varlen attention, scatter once). Off by default until a
+        # GPU measurement shows it faster: the padded attention kernel already skips trailing padding.
+        self.unpad = False
+        self.embeddings = Embeddings(config, kernels)
+        self.layers = nn.ModuleList(EncoderLayer(config, kernels) for _ in range(config.num_hidden_layers))
+        if init_weights:  # a head model initialises the whole model at once, after building its head
+            self.apply(self._init_weights)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, cu_seqlens=None, max_seqlen=None,
+                unpad=None, output_hidden_states=False, validate=True):
+        enc = self.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, unpad,
+                          output_hidden_states, validate)
+        states = enc.all_hidden_states() if output_hidden_states else None
+        return BaseModelOutput(last_hidden_state=enc.padded(enc.hidden), hidden_states=states)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, cu_seqlens=None, max_seqlen=None,
+               unpad=None, output_hidden_states=False, validate=True, labels=None):
+        """Run the encoder; returns an ``_Encoded`` (the heads take rows from it without re-padding).
+
+        ``attention_mask`` [B, L] is 1/True for real tokens; None treats every token as real, as HF does.
+        ``cu_seqlens`` (int32 [segments + 1], cumulative lengths over the real tokens flattened in row order,
+        as the data loader's packing="varlen" gives) splits rows into documents that do not attend to each
+        other and whose position ids each start afresh; ``max_seqlen`` (int) bounds the longest segment and is
+        trusted (computed, with one sync, when not given). ``unpad`` (default ``self.unpad``) runs a padded
+        batch unpadded. ``labels`` are only checked here (shape, and range when ``validate``)."""
+        cfg = self.config
+        self._check_inputs(input_ids, attention_mask, token_type_ids, labels, validate)
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+        if unpad is None:
+            unpad = self.unpad
+        b, l = input_ids.shape
+        indices = None
+        if cu_seqlens is not None:
+            max_seqlen = self._check_cu_seqlens(cu_seqlens, max_seqlen, attention_mask, input_ids, validate)
+            indices = attention_mask.reshape(-1).nonzero().squeeze(-1)  # the real-token count: one sync
+            # Position ids restart in each segment: a token's place in its segment, counted from pad + 1.
+            token = torch.arange(indices.numel(), device=input_ids.device, dtype=torch.int32)
+            segment = torch.searchsorted(cu_seqlens[1:], token, right=True)
+            position_ids = (token - cu_seqlens[segment]).long() + cfg.pad_token_id + 1
+        else:
+            # Position ids count real tokens from padding_idx + 1; pads sit at padding_idx (HF's convention).
+            not_pad = input_ids.ne(cfg.pad_token_id).long()
+            position_ids = torch.cumsum(not_pad, dim=1) * not_pad + cfg.pad_token_id
+            if unpad and attention_mask is not None:
+                indices = attention_mask.reshape(-1).nonzero().squeeze(-1)
+                lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+                cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+                max_seqlen = l  # a bound on every row's real tokens that costs no sync
+                position_ids = position_ids.reshape(-1).index_select(0, indices)
+        if indices is not None:
+            input_ids = input_ids.reshape(-1).index_select(0, indices)
+            if token_type_ids is not None:
+                token_type_ids = token_type_ids.reshape(-1).index_select(0, indices)
+            attention_mask = None
+        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        states = [x] if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, attention_mask, cu_seqlens, max_seqlen, False, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask, cu_seqlens, max_seqlen, validate=False)
+            if output_hidden_states:
+                states.append(x)
+        return _Encoded(x, states, indices, (b, l))
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids, labels, validate):
+        """Shape, dtype and device checks always (no sync); value checks (ids, labels) when ``validate``."""
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -221,84 +377,102 @@ class RobertaForMaskedLM(nn.Module):
         if input_ids.shape[1] > cfg.max_seq_len:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the position table: at most "
                              f"{cfg.max_seq_len} tokens (max_position_embeddings={cfg.max_position_embeddings})")
+        _check_same_shape(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor):
+                raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+            if labels.device != input_ids.device:
+                raise ValueError(f"labels is on {labels.device} but input_ids is on {input_ids.device}")
+        if not validate:
+            return
         if input_ids.numel():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= cfg.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
-        for name, t in (("attention_mask", attention_mask), ("labels", labels), ("token_type_ids", token_type_ids)):
-            if t is None:
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.shape != input_ids.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
-            if t.device != input_ids.device:
-                raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
-        if labels is not None:
-            if labels.dtype.is_floating_point:
-                raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
-            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= cfg.vocab_size))
-            if bad.any():
-                raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {cfg.vocab_size}) "
-                                 f"and is not the ignore index {IGNORE_INDEX}")
         if token_type_ids is not None and token_type_ids.numel():
             if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= cfg.type_vocab_size:
                 raise ValueError(f"token_type_ids must lie in [0, {cfg.type_vocab_size})")
 
     @staticmethod
-    def _validate_cu_seqlens(cu_seqlens, attention_mask, input_ids):
+    def _check_cu_seqlens(cu_seqlens, max_seqlen, attention_mask, input_ids, validate):
+        """max_seqlen as an int; with ``validate``, cu_seqlens read once on the host and checked."""
         if attention_mask is None:
             raise ValueError("cu_seqlens needs the attention_mask that marks the real tokens it counts")
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
             raise TypeError("cu_seqlens must be a 1-D int32 tensor of cumulative segment lengths")
+        if cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must hold at least two entries (0 and the token count)")
         if cu_seqlens.device != input_ids.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids is on {input_ids.device}")
+        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)):
+            raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+        if not validate:
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            return max_seqlen
         bounds = cu_seqlens.tolist()
-        if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
+        lengths = [e - s for s, e in zip(bounds, bounds[1:])]
+        if bounds[0] != 0 or min(lengths) < 0:
             raise ValueError("cu_seqlens must start at 0 and never decrease")
         real = int(attention_mask.sum())
         if bounds[-1] != real:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]} but attention_mask has {real} real tokens")
+        if max_seqlen is None:
+            max_seqlen = max(lengths)
+        elif max_seqlen < max(lengths):
+            raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest segment ({max(lengths)})")
+        return max_seqlen
 
-    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None):
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per real token of the encoder (forward + backward = 3x forward), matmuls only."""
+        c = self.config
+        per_layer = 4 * c.hidden_size ** 2 + 2 * c.hidden_size * c.intermediate_size
+        return 6 * c.num_hidden_layers * per_layer + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The heads
+# ---------------------------------------------------------------------------------------------------------
+class RobertaForMaskedLM(_WithEncoder):
+    def __init__(self, config: RobertaConfig, kernels="auto"):
+        super().__init__()
+        self._setup(config, kernels)
+        self.roberta = RobertaModel(config, kernels, init_weights=False)
+        self.lm_head = MLMHead(config, kernels)
+        self.apply(self._init_weights)
+
+    @property
+    def decoder_weight(self):
+        return self.roberta.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
+                max_seqlen=None, unpad=None, output_hidden_states=False, validate=True):
         """MLM forward. With ``labels`` (-100 = not a target) returns the mean CE over labelled tokens and runs
         the head on those rows only (no [B, L, V] tensor); without, returns ``logits`` [B, L, V].
-        ``attention_mask`` [B, L] is 1/True for real tokens; None treats every token as real, as HF does.
-        ``cu_seqlens`` (int32 [segments + 1], cumulative lengths over the real tokens flattened in row order, as
-        the data loader's packing="varlen" gives) splits rows into documents that do not attend to each other
-        and whose position ids each start afresh; attention then runs packed (varlen)."""
-        self._validate(input_ids, attention_mask, labels, token_type_ids)
-        ops = resolve_kernels(self.kernels, input_ids.device)
-        if attention_mask is not None:
-            attention_mask = attention_mask.bool()
-        position_ids = unpad = None
-        if cu_seqlens is not None:
-            self._validate_cu_seqlens(cu_seqlens, attention_mask, input_ids)
-            position_ids = packed_positions(attention_mask, cu_seqlens, self.config.pad_token_id)
-            indices = attention_mask.reshape(-1).nonzero().squeeze(-1)
-            unpad = (indices, cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(cu_seqlens) > 1 else 0)
-        elif self.unpad_attention and attention_mask is not None:
-            unpad = unpad_index(attention_mask)
-        x = self.embeddings(input_ids, token_type_ids, ops, position_ids)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, attention_mask, ops, unpad, use_reentrant=False)
-            else:
-                x = layer(x, attention_mask, ops, unpad)
-
-        e = self.config.hidden_size
+        The other arguments are ``RobertaModel.encode``'s."""
+        if labels is not None:
+            _check_same_shape(input_ids, labels=labels)
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+            unpadded = cu_seqlens is not None or (self.unpad if unpad is None else unpad)
+            if validate:
+                _check_labels(labels, self.config.vocab_size)
+                if unpadded and attention_mask is not None:
+                    on_padding = (labels != IGNORE_INDEX) & ~attention_mask.bool()
+                    if on_padding.any():
+                        raise ValueError("a label sits on a padding position (attention_mask 0); an unpadded "
+                                         f"run drops padding, so labels there must be {IGNORE_INDEX}")
+        enc = self.roberta.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, unpad,
+                                  output_hidden_states, validate, labels)
+        states = enc.all_hidden_states() if output_hidden_states else None
         if labels is None:
-            h = self.lm_head.transform(x, ops)
-            return MaskedLMOutput(logits=F.linear(h, self.decoder_weight, self.lm_head.bias))
-        labels = labels.reshape(-1)
-        rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
-        h = self.lm_head.transform(x.reshape(-1, e).index_select(0, rows), ops)
-        target = labels.index_select(0, rows)
-        loss, num_correct = ops.mlm_cross_entropy(h, self.decoder_weight, self.lm_head.bias, target,
-                                                  ignore_index=IGNORE_INDEX, return_num_correct=True)
-        return MaskedLMOutput(loss=loss, num_correct=num_correct,
-                              num_labels=torch.tensor(rows.numel(), device=input_ids.device))
+            return MaskedLMOutput(logits=enc.padded(self.lm_head(enc.hidden, self.decoder_weight)),
+                                  hidden_states=states)
+        hidden = enc.hidden.reshape(-1, enc.hidden.shape[-1])
+        loss, num_correct, num_labels = self.lm_head.loss(hidden, self.decoder_weight, enc.flat(labels),
+                                                          validate=False)
+        return MaskedLMOutput(loss=loss, num_correct=num_correct, num_labels=num_labels, hidden_states=states)
 
     def flops_per_token(self, seq_len, mask_prob=0.15):
         """Training FLOPs per real token (forward + backward = 3x forward), counting matmuls only: 6 x the
@@ -306,6 +480,103 @@ class RobertaForMaskedLM(nn.Module):
         and the MLM head (dense + tied decoder, 6 x (hidden^2 + vocab x hidden)) on the ``mask_prob`` share of
         tokens it runs on."""
         c = self.config
-        per_layer = 4 * c.hidden_size ** 2 + 2 * c.hidden_size * c.intermediate_size
         head = 6 * mask_prob * (c.hidden_size ** 2 + c.vocab_size * c.hidden_size)
-        return 6 * c.num_hidden_layers * per_layer + 12 * c.num_hidden_layers * c.hidden_size * seq_len + head
+        return self.roberta.flops_per_token(seq_len) + head
+
+
+class RobertaForSequenceClassification(_WithEncoder):
+    """Encoder + Hugging Face's classification head on <s>; ``config.num_labels`` outputs. The loss follows
+    ``config.problem_type`` or, when None, HF's rule: regression for num_labels == 1, single-label
+    classification for integer labels, multi-label classification (BCE with logits) otherwise."""
+
+    def __init__(self, config: RobertaConfig, kernels="auto"):
+        super().__init__()
+        self._setup(config, kernels)
+        self.num_labels = config.num_labels
+        self.roberta = RobertaModel(config, kernels, init_weights=False)
+        self.classifier = ClassificationHead(config)
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
+                max_seqlen=None, unpad=None, output_hidden_states=False, validate=True):
+        if cu_seqlens is not None:
+            raise ValueError("sequence classification takes one sequence per row: cu_seqlens is not supported")
+        enc = self.roberta.encode(input_ids, attention_mask, token_type_ids, None, None, unpad,
+                                  output_hidden_states, validate)
+        hidden, states = self._padded_output(enc, output_hidden_states)
+        logits = self.classifier(hidden)
+        loss = None if labels is None else self._loss(logits, labels, validate)
+        return ClassifierOutput(loss=loss, logits=logits, hidden_states=states)
+
+    def problem_type_for(self, labels):
+        if self.config.problem_type is not None:
+            return self.config.problem_type
+        if self.num_labels == 1:
+            return "regression"
+        if labels.dtype in (torch.long, torch.int):
+            return "single_label_classification"
+        return "multi_label_classification"
+
+    def _loss(self, logits, labels, validate):
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.device != logits.device:
+            raise ValueError(f"labels is on {labels.device} but the model's outputs are on {logits.device}")
+        problem = self.problem_type_for(labels)
+        n = self.num_labels
+        if problem == "regression":
+            if n == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if problem == "single_label_classification":
+            if labels.dtype.is_floating_point:
+                raise TypeError(f"single-label classification needs integer labels, got dtype {labels.dtype}")
+            if labels.numel() != logits.shape[0]:
+                raise ValueError(f"labels has {labels.numel()} entries but the batch has {logits.shape[0]} rows")
+            if validate:
+                _check_class_ids(labels, n)
+            return F.cross_entropy(logits.view(-1, n), labels.view(-1))
+        if labels.shape != logits.shape:
+            raise ValueError(f"multi-label classification needs labels of shape {tuple(logits.shape)}, "
+                             f"got {tuple(labels.shape)}")
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class RobertaForTokenClassification(_WithEncoder):
+    """Encoder + dropout + a linear layer per token (Hugging Face's head); CE over labels != -100."""
+
+    def __init__(self, config: RobertaConfig, kernels="auto"):
+        super().__init__()
+        self._setup(config, kernels)
+        self.num_labels = config.num_labels
+        self.roberta = RobertaModel(config, kernels, init_weights=False)
+        self.dropout = nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None
+                                  else config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
+                max_seqlen=None, unpad=None, output_hidden_states=False, validate=True):
+        if labels is not None:
+            _check_same_shape(input_ids, labels=labels)
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+            if validate:
+                _check_class_ids(labels, self.num_labels, allow_ignore=True)
+        enc = self.roberta.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, unpad,
+                                  output_hidden_states, validate)
+        hidden, states = self._padded_output(enc, output_hidden_states)
+        logits = self.classifier(self.dropout(hidden))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        return ClassifierOutput(loss=loss, logits=logits, hidden_states=states)
+
+
+def _check_class_ids(labels, num_labels, allow_ignore=False):
+    bad = (labels < 0) | (labels >= num_labels)
+    if allow_ignore:
+        bad &= labels != IGNORE_INDEX
+    if bad.any():
+        extra = f" and is not the ignore index {IGNORE_INDEX}" if allow_ignore else ""
+        raise ValueError(f"label {int(labels[bad][0])} is outside the classes [0, {num_labels}){extra}")

@@ -109,18 +109,23 @@ def encode_documents(documents, tokenizer, dtype, num_workers, chunk_chars):
 
 # --- writing shards ---------------------------------------------------------------------------------------
 
-def _splitmix64(x):
-    """SplitMix64's finalizer: a bijective mix of uint64 arrays whose outputs look independent and uniform."""
-    x = np.asarray(x, dtype=np.uint64)
+def splitmix64(x, inplace=False):
+    """SplitMix64's finalizer: a bijective mix of uint64 arrays whose outputs look independent and uniform.
+    ``inplace`` mixes the uint64 array ``x`` itself (no temporaries beyond numpy's own) and returns it."""
+    if not inplace:
+        x = np.array(x, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
 
 
 def _is_val(seed, doc_index, val_fraction):
-    key = _splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ np.uint64(0x6A09E667F3BCC909))
-    u = (_splitmix64(key ^ doc_index.astype(np.uint64)) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    key = splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ np.uint64(0x6A09E667F3BCC909))
+    u = (splitmix64(key ^ doc_index.astype(np.uint64)) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
     return u < val_fraction
 
 

@@ -26,7 +26,9 @@ import traceback
 
 import torch
 
-from fastroberta.config import RobertaConfig
+from fastroberta.config import PRESETS, RobertaConfig
+from fastroberta.data import PACKING_MODES
+from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
 from fastroberta.ds_config import (ConfigError, build_config, format_conflict, load_user_config, merge_configs,
                                    resolve_batch, resolve_precision, write_config, zero_stage_of)
 from fastroberta.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
@@ -36,10 +38,8 @@ from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, NonFiniteGuard, OutputL
                                  parameters_finite, preserved_rng, rng_state, save_checkpoint, seed_everything,
                                  set_rng_state, world)
 
-PRESETS = ("tiny", "base", "large")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 OPTIMIZERS = ("auto", "deepspeed_adam", "torch_adamw", "apex_adam")
-KERNELS = ("auto", "triton", "torch")
 MIN_SEQ_LEN = 3  # <s>, one token, </s>
 
 # Peak learning rate by model size: (lr at the reference batch, reference batch). RoBERTa used 6e-4 (base)
@@ -84,7 +84,7 @@ def build_parser():
     g.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the corpus")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most 512)")
     g.add_argument("--mask-prob", type=float, default=0.15, help="share of tokens chosen for prediction")
-    g.add_argument("--packing", default="full", choices=("full", "doc", "varlen"),
+    g.add_argument("--packing", default="full", choices=PACKING_MODES,
                    help="full: FULL-SENTENCES (RoBERTa); doc: DOC-SENTENCES; varlen: documents packed into a row "
                         "without attending to each other")
     g = p.add_argument_group("batch and schedule")
@@ -480,13 +480,20 @@ def local_grad_norm(model):
     """2-norm of the (already all-reduced) gradients, for the one case where DeepSpeed reports none: fp32
     without ZeRO, where the engine clips with torch's helper and keeps the norm to itself."""
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
+    return torch.stack(norms).norm() if norms else 0.0  # read only when a step is logged
 
 
 def model_inputs(batch, device):
-    """The loader's batch on ``device`` as the model's keyword arguments (cu_seqlens only when packed)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()
-            if k in ("input_ids", "attention_mask", "labels", "cu_seqlens")}
+    """The loader's batch as the model's keyword arguments on ``device``. The loader pins its batches on CUDA
+    hosts, so the non_blocking copies return at once; max_seqlen is read from the host copy of cu_seqlens
+    (no device sync), and validate=False because the loader checked the batch on the host."""
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+              if k in ("input_ids", "attention_mask", "labels", "cu_seqlens")}
+    cu = batch.get("cu_seqlens")
+    if cu is not None:
+        inputs["max_seqlen"] = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    inputs["validate"] = False
+    return inputs
 
 
 def evaluate(engine, make_val_loader, max_batches, device):
@@ -610,10 +617,10 @@ def _train(args, s):
     if s.zero_stage == 3:
         # The MLM head reads the tied decoder weight and its bias in the top-level forward, outside the
         # modules that own them; ZeRO-3 must gather them around that forward.
-        deepspeed.zero.register_external_parameter(model, model.embeddings.word_embeddings.weight)
+        embeddings = model.roberta.embeddings
+        deepspeed.zero.register_external_parameter(model, embeddings.word_embeddings.weight)
         deepspeed.zero.register_external_parameter(model, model.lm_head.bias)
-        deepspeed.zero.register_external_parameter(model.embeddings,
-                                                   model.embeddings.token_type_embeddings.weight)
+        deepspeed.zero.register_external_parameter(embeddings, embeddings.token_type_embeddings.weight)
 
     groups = param_groups(model, s.weight_decay)
     client_optimizer = None
@@ -727,11 +734,13 @@ def _train(args, s):
         while step < end_step:
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside step()
             skipped_before = engine.skipped_steps
+            # Summed on the device over the micro-steps and read once, after the step's all-reduce.
             stats = torch.zeros(6, dtype=torch.float64, device=device)
             fallback_norm = None
+            n_samples = 0
             for micro in range(s.grad_accum_steps):
-                inputs = model_inputs(next(batches), device)
-                input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+                batch = next(batches)
+                inputs = model_inputs(batch, device)
                 out = engine(**inputs)
                 engine.backward(out.loss)
                 if micro == s.grad_accum_steps - 1 and s.precision == "fp32" and s.zero_stage == 0:
@@ -743,10 +752,10 @@ def _train(args, s):
                         raise
                     stop_run(f"fp16 gradients overflow even at the minimum loss scale at step {step + 1} (lr "
                              f"{lr:.3e}); lower --lr or use --precision bf16; {last_good_checkpoint(s.ckpt_dir)}.")
-                stats += torch.stack([out.loss.detach().double(), out.num_correct.double(),
-                                      out.num_labels.double(), attention_mask.sum().double(),
-                                      torch.tensor(float(input_ids.shape[0]), dtype=torch.float64, device=device),
-                                      torch.tensor(0.0, dtype=torch.float64, device=device)])
+                stats[:4] += torch.stack([out.loss.detach().double(), out.num_correct.double(),
+                                          out.num_labels.double(), inputs["attention_mask"].sum().double()])
+                n_samples += batch["input_ids"].shape[0]
+            stats[4] = float(n_samples)  # host numbers go in as kernel arguments, not blocking copies
             stats[5] = float(stop.requested)
             # One collective per step: every rank sees the same loss (and so stops together).
             dist.all_reduce(stats)

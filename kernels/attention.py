@@ -597,12 +597,13 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     return _FlashAttention.apply(q, k, v, key_mask, seqlens, None, l, dropout_p, scale)
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, validate=True):
     """attention() on each sequence of a packed batch: sequences never attend to each other.
 
     q, k, v: [total_tokens, H, D]. cu_seqlens: int32 [n_seqs + 1], 0 first, non-decreasing, total_tokens
-    last. max_seqlen: an int >= the longest sequence. Reading cu_seqlens to validate it costs one
-    device-to-host copy.
+    last. max_seqlen: an int >= the longest sequence. ``validate=True`` reads cu_seqlens on the host to check
+    it (one device-to-host copy, a sync on CUDA); ``validate=False`` trusts cu_seqlens and max_seqlen (a
+    caller that checked them once, as the model does per forward, not per layer) and never syncs.
     """
     _check_qkv(q, k, v, "[total_tokens, H, D]")
     dropout_p = _check_dropout(dropout_p)
@@ -617,17 +618,21 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    if min(lengths) < 0:
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if bounds[-1] != q.shape[0]:
-        raise ValueError(f"cu_seqlens ends at {bounds[-1]} but q holds {q.shape[0]} tokens")
-    if max(lengths) > max_seqlen:
-        raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({max(lengths)})")
-    _check_dropout_length(dropout_p, max(lengths))
+    if validate:
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        if min(lengths) < 0:
+            raise ValueError("cu_seqlens must be non-decreasing")
+        if bounds[-1] != q.shape[0]:
+            raise ValueError(f"cu_seqlens ends at {bounds[-1]} but q holds {q.shape[0]} tokens")
+        if max(lengths) > max_seqlen:
+            raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({max(lengths)})")
+    elif max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    # Unvalidated, max_seqlen stands in for the longest sequence: it is an upper bound of it.
+    _check_dropout_length(dropout_p, max(lengths) if validate else max_seqlen)
     if not triton_usable(q) or q.numel() == 0:
         return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                           softmax_scale=scale)

@@ -189,7 +189,7 @@ def _default_chunk_rows(n, V, itemsize):
 
 
 def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_num_correct=False, *,
-                      chunk_rows=None):
+                      chunk_rows=None, validate=True, labelled_rows_only=False):
     """Mean cross-entropy of ``hidden @ weight.T + bias`` over the rows whose label != ``ignore_index``.
 
     hidden [N, E] and weight [V, E] (the tied word embeddings) of one floating dtype, bias [V] or None,
@@ -198,6 +198,10 @@ def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_nu
     rows whose argmax is the label. ``chunk_rows`` overrides how many labelled rows share one chunk of logits
     (default: as many as fit in ``CHUNK_BYTES``). Runs the Triton kernels where ``triton_usable(hidden)``,
     the eager reference otherwise.
+
+    Host syncs: ``validate=True`` checks the label range on the host (one sync on CUDA); selecting the
+    labelled rows costs another. A caller that has checked the labels (``validate=False``) and already kept
+    only labelled rows (``labelled_rows_only=True``: every label is in [0, V)) makes none.
     """
     check_tensor("hidden", hidden, ndim=2)
     dev = hidden.device
@@ -227,19 +231,22 @@ def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_nu
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
 
-    valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= V))
-    if bad.any():
-        raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {V}) and is not "
-                         f"ignore_index ({ignore_index})")
+    if validate:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bad.any():
+            raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {V}) and is not "
+                             f"ignore_index ({ignore_index})")
 
     if not triton_usable(hidden):
         # F.cross_entropy takes int64 targets only; the kernels take any integer dtype.
         return reference.mlm_cross_entropy(hidden, weight, bias, labels.long(), ignore_index=ignore_index,
                                            return_num_correct=return_num_correct)
 
-    rows = valid.nonzero().squeeze(1)
-    n = rows.numel()
+    if labelled_rows_only:
+        n = hidden.shape[0]
+    else:
+        rows = (labels != ignore_index).nonzero().squeeze(1)
+        n = rows.numel()
     if n == hidden.shape[0]:
         h, targets = hidden, labels.contiguous()  # the kernels index labels with stride 1
     else:

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from . import reference
 from ._checks import check_tensor, dropout_seed, triton_usable
+from .backend import KernelSwitch
 
 # A row lives in the registers of one program. The backward's per-thread state (weight, two gradient
 # accumulators, the row and its gradient) fits up to 8192 wide (ptxas, sm_90: 127 registers at 16 warps);
@@ -328,18 +329,23 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
     return _LayerNormFunction.apply(x, weight, bias, residual, float(eps), float(dropout_p))
 
 
-class FusedLayerNorm(torch.nn.LayerNorm):
+class FusedLayerNorm(KernelSwitch, torch.nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm`` (same parameters, state_dict keys and ``extra_repr``; an
     nn.LayerNorm state_dict loads as is) over a 1-D ``normalized_shape``, whose forward can also fuse a
     residual add and dropout: ``forward(x, residual=None, dropout_p=0.0)`` = LN(dropout(x) + residual).
-    Like ``F.dropout`` called with explicit p, it does not look at ``self.training``: pass 0 in eval."""
+    Like ``F.dropout`` called with explicit p, it does not look at ``self.training``: pass 0 in eval.
+    ``kernels`` ("auto" | "triton" | "torch", see ``backend``) picks the Triton kernel or the eager reference;
+    the model builds every LayerNorm from this class."""
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None,
+                 kernels="auto"):
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
         if len(self.normalized_shape) != 1:
             raise ValueError(f"FusedLayerNorm normalizes over the last dimension only: normalized_shape must "
                              f"be an int or have one entry, got {tuple(self.normalized_shape)}")
+        self._init_kernels(kernels)
 
     def forward(self, x, residual=None, dropout_p=0.0):
-        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, dropout_p=dropout_p)
+        return self.ops(x.device).layer_norm(x, self.weight, self.bias, self.eps, residual=residual,
+                                             dropout_p=dropout_p)

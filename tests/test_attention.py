@@ -340,7 +340,7 @@ def test_model_triton_matches_torch():
 def test_model_unpadded_attention_matches_padded():
     # The packing plumbing on the eager ops; the Triton ops get the same check, with dropout, below.
     padded, packed = tiny_models(attention_dropout=0.0, kernels=("torch", "torch"))
-    packed.unpad_attention = True
+    packed.unpad = True
     batch = tiny_batch(lengths=(20, 0, 7))
     loss_p, grads_p = loss_and_grads(padded, batch)
     loss_u, grads_u = loss_and_grads(packed, batch)
@@ -354,7 +354,7 @@ def test_model_unpadded_attention_replays_padded_dropout():
     # kernel drops, and a training step with attention dropout is the same step either way. (Hidden dropout
     # stays off: it is the LayerNorm kernel's business and slow under the interpreter.)
     padded, packed = tiny_models(attention_dropout=0.1, kernels=("triton", "triton"))
-    packed.unpad_attention = True
+    packed.unpad = True
     batch = tiny_batch()
     loss_p, grads_p = loss_and_grads(padded, batch, seed=7)
     loss_u, grads_u = loss_and_grads(packed, batch, seed=7)

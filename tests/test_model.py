@@ -29,7 +29,7 @@ def make_pair():
                 p.add_(torch.randn_like(p) * 0.1)
     ours = RobertaForMaskedLM(RobertaConfig(**CFG, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
                               kernels="torch").eval()
-    ours.load_state_dict(from_hf_state_dict(ours.config, hf.state_dict()))
+    ours.load_state_dict(from_hf_state_dict(ours, hf.state_dict())[0])
     return hf, ours
 
 
@@ -110,7 +110,7 @@ def test_pytorch_model_bin_is_read(tmp_path):
     hf, _ = make_pair()
     hf.save_pretrained(tmp_path, safe_serialization=False) if _supports_bin() else _write_bin(hf, tmp_path)
     model = RobertaForMaskedLM.from_pretrained(str(tmp_path), kernels="torch")
-    torch.testing.assert_close(model.embeddings.word_embeddings.weight, hf.roberta.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(model.roberta.embeddings.word_embeddings.weight, hf.roberta.embeddings.word_embeddings.weight)
 
 
 def _supports_bin():
@@ -263,8 +263,8 @@ def test_flops_per_token_counts_every_matmul_weight():
     """Cross-check the closed formula against the model's actual Linear/embedding shapes."""
     model = RobertaForMaskedLM(RobertaConfig.tiny(vocab_size=500), kernels="torch")
     c, seq, p = model.config, 128, 0.15
-    encoder = sum(m.weight.numel() for layer in model.layers for m in layer.modules()
+    encoder = sum(m.weight.numel() for layer in model.roberta.layers for m in layer.modules()
                   if isinstance(m, torch.nn.Linear))
-    head = model.lm_head.dense.weight.numel() + model.embeddings.word_embeddings.weight.numel()
+    head = model.lm_head.dense.weight.numel() + model.roberta.embeddings.word_embeddings.weight.numel()
     expected = 6 * encoder + 12 * c.num_hidden_layers * c.hidden_size * seq + 6 * p * head
     assert model.flops_per_token(seq, p) == pytest.approx(expected)

@@ -131,7 +131,7 @@ def test_weight_decay_skips_biases_and_layer_norms():
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert "embeddings.word_embeddings.weight" in decayed and "layers.0.qkv.weight" in decayed
+    assert "roberta.embeddings.word_embeddings.weight" in decayed and "roberta.layers.0.qkv.weight" in decayed
     assert not any("norm" in n or n.endswith("bias") for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 

@@ -1,0 +1,110 @@
+"""Which implementation of the fused ops a module runs: the Triton kernels or their eager twins.
+
+    KERNEL_CHOICES = ("auto", "triton", "torch")
+
+"auto" is Triton on CUDA and the eager reference elsewhere, unless the ``FASTROBERTA_KERNELS`` environment
+variable names a choice. A module that calls the ops (``KernelSwitch``) keeps its choice as a string and
+resolves it once, the first time its forward sees a device; moving the module (``.to()``, ``.cuda()``, any
+``_apply``) forgets the resolution, so the next forward resolves it again for the new device.
+"""
+import os
+from types import SimpleNamespace
+
+from . import reference
+from ._checks import interpreter_active
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+def check_kernels(value, source="kernels"):
+    if value not in KERNEL_CHOICES:
+        raise ValueError(f"{source} must be one of {KERNEL_CHOICES}, got {value!r}")
+    return value
+
+
+def resolve_kernels(kernels, device):
+    """"triton" or "torch": what ``kernels`` means on ``device``."""
+    check_kernels(kernels)
+    if kernels == "auto":
+        env = os.environ.get("FASTROBERTA_KERNELS", "").strip()
+        kernels = check_kernels(env, "FASTROBERTA_KERNELS") if env else "auto"
+    if kernels == "auto":
+        kernels = "triton" if device.type == "cuda" else "torch"
+    if kernels == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreter_active())):
+        raise ValueError(f"kernels='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
+                         "before importing fastroberta, or use kernels='torch'")
+    return kernels
+
+
+def _torch_ops():
+    # The eager twins, with the keyword arguments of the Triton entry points that only concern host-side
+    # checks accepted and ignored (the reference reads its inputs on the host anyway).
+    def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, validate=True):
+        return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
+                                          softmax_scale=softmax_scale)
+
+    def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_num_correct=False, *,
+                          validate=True, labelled_rows_only=False):
+        return reference.mlm_cross_entropy(hidden, weight, bias, labels.long(), ignore_index=ignore_index,
+                                           return_num_correct=return_num_correct)
+    def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
+        from .layer_norm import _check_inputs
+        _check_inputs(x, weight, bias, eps, residual, dropout_p)  # the same clear errors as the kernel's
+        return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
+
+    return SimpleNamespace(name="torch", layer_norm=layer_norm, attention=reference.attention,
+                           attention_varlen=attention_varlen, mlm_cross_entropy=mlm_cross_entropy)
+
+
+def _triton_ops():
+    from .attention import attention, attention_varlen
+    from .cross_entropy import mlm_cross_entropy
+    from .layer_norm import layer_norm
+    return SimpleNamespace(name="triton", layer_norm=layer_norm, attention=attention,
+                           attention_varlen=attention_varlen, mlm_cross_entropy=mlm_cross_entropy)
+
+
+_OPS = {}
+
+
+def ops_for(kernels, device):
+    """The op namespace (layer_norm, attention, attention_varlen, mlm_cross_entropy) for ``kernels`` on
+    ``device``."""
+    name = resolve_kernels(kernels, device)
+    if name not in _OPS:
+        _OPS[name] = _triton_ops() if name == "triton" else _torch_ops()
+    return _OPS[name]
+
+
+class KernelSwitch:
+    """Mixin (listed before ``nn.Module``) for modules whose forward calls the fused ops.
+
+    ``self.kernels`` is the choice; setting it validates it and passes it to every KernelSwitch submodule.
+    ``self.ops(device)`` is the resolved op namespace, held in ``self._ops`` until the module moves."""
+
+    def _init_kernels(self, kernels):
+        object.__setattr__(self, "_kernels", check_kernels(kernels))
+        object.__setattr__(self, "_ops", None)
+
+    @property
+    def kernels(self):
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, value):
+        check_kernels(value)
+        for m in self.modules():
+            if isinstance(m, KernelSwitch):
+                object.__setattr__(m, "_kernels", value)
+                object.__setattr__(m, "_ops", None)
+
+    def ops(self, device):
+        ops = self._ops
+        if ops is None:
+            ops = ops_for(self._kernels, device)
+            object.__setattr__(self, "_ops", ops)
+        return ops
+
+    def _apply(self, fn, *args, **kwargs):
+        object.__setattr__(self, "_ops", None)
+        return super()._apply(fn, *args, **kwargs)

@@ -1,0 +1,117 @@
+"""A training forward + backward makes (almost) no host-device syncs, whatever the depth.
+
+Each sync drains the GPU's launch queue and rules out CUDA graphs. On CPU there is no queue to drain, so
+the test counts the calls that would sync on a GPU, by the source line in fastroberta that makes them: a
+TorchFunctionMode sees every ``item``/``tolist``/``int()``/``float()``/``bool()``/``nonzero``/boolean
+indexing and every ``torch.tensor(..., device=)``. Budget (kernels="triton", validate=False, as the trainer
+runs it): padded 1 (the labelled-row count), varlen 2 (the real-token count, the labelled-row count).
+"""
+import collections
+import os
+import sys
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from fastroberta import RobertaConfig, RobertaForMaskedLM
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH = os.path.dirname(torch.__file__)
+
+# Calls that read a tensor's values on the host (a device-to-host copy and a sync on CUDA) or copy host data
+# to the device (torch.tensor with a device, blocking).
+_READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "argwhere",
+          "masked_select", "unique", "cpu", "numpy", "repeat_interleave"}
+# Host-only by design: the dropout seed is drawn from torch's CPU generator (no device involved on a GPU).
+_HOST_ONLY = {"dropout_seed"}
+
+
+def _syncs(func, args, kwargs):
+    name = getattr(func, "__name__", "")
+    if name in _READS:
+        return True
+    if name == "tensor" and kwargs and kwargs.get("device") is not None:
+        return True
+    if name == "__getitem__" and len(args) > 1:  # boolean-mask indexing sizes its output on the host
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    return False
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts syncing calls made from the repository's code, by ``path:line (function)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_line = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _syncs(func, args, kwargs):
+            frame = sys._getframe(1)
+            while frame is not None and (frame.f_code.co_filename.startswith(_TORCH)
+                                         or frame.f_code.co_filename == __file__):
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename.startswith(REPO) \
+                    and frame.f_code.co_name not in _HOST_ONLY:
+                where = os.path.relpath(frame.f_code.co_filename, REPO)
+                self.by_line[f"{where}:{frame.f_lineno} ({frame.f_code.co_name})"] += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self):
+        return sum(self.by_line.values())
+
+
+def training_batch(varlen, seed=0):
+    """A right-padded MLM batch; ``varlen`` packs two documents into the first row (as packing="varlen")."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (2, 16), generator=g)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    ids[1, 10:], mask[1, 10:] = 1, 0
+    labels = torch.where(torch.rand(2, 16, generator=g) < 0.3, ids, torch.full_like(ids, -100))
+    labels[1, 10:] = -100
+    labels[0, 3] = ids[0, 3]
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if varlen:
+        batch.update(cu_seqlens=torch.tensor([0, 7, 16, 26], dtype=torch.int32), max_seqlen=10)
+    return batch
+
+
+def count(layers, varlen, checkpointing=False, validate=False):
+    cfg = RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=40)
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(cfg, kernels="triton").train()  # dropout on, as in training
+    model.gradient_checkpointing = checkpointing
+    with SyncCounter() as counter:
+        out = model(**training_batch(varlen), validate=validate)
+        out.loss.backward()
+    assert torch.isfinite(out.loss)
+    return counter
+
+
+@pytest.mark.parametrize("varlen, budget", [(False, 1), (True, 2)])
+def test_training_step_syncs_do_not_grow_with_depth(varlen, budget):
+    shallow, deep = count(2, varlen), count(4, varlen)
+    assert shallow.total <= budget, dict(shallow.by_line)
+    assert deep.by_line == shallow.by_line, (dict(shallow.by_line), dict(deep.by_line))
+
+
+def test_activation_checkpointing_adds_no_syncs():
+    plain, recomputed = count(2, True), count(2, True, checkpointing=True)
+    assert recomputed.by_line == plain.by_line, (dict(plain.by_line), dict(recomputed.by_line))
+
+
+def test_validation_reads_once_per_forward_not_per_layer():
+    # The checks of ids, labels and cu_seqlens cost a few reads, but never one per layer.
+    assert count(2, True, validate=True).by_line == count(4, True, validate=True).by_line
+
+
+def test_counter_sees_the_syncs_it_is_meant_to():
+    # The counter itself: each of these calls from repository code is one sync.
+    t = torch.tensor([1, 0, 2])
+    with SyncCounter() as counter:
+        int(t[0]), t.tolist(), t.nonzero(), t[t > 0], bool(t[1]), torch.tensor([1], device=t.device)
+    assert counter.total == 6, dict(counter.by_line)
