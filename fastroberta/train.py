@@ -772,9 +772,10 @@ def _train(args, s):
             if guard.update(loss, skipped=skipped, loss_scale=scale, min_loss_scale=min_loss_scale):
                 what = f"the loss was non-finite ({loss})" if not math.isfinite(loss) else \
                     f"the fp16 loss scale stayed at its minimum ({scale:g}) with every step skipped"
+                advice = "Lower --lr, keep --clip-grad on" + \
+                    (", or use bf16/fp32 instead of fp16" if s.precision == "fp16" else "")
                 stop_run(f"{what} for {guard.streak} consecutive steps, up to step {step} (lr {lr:.3e}); "
-                         f"stopping rather than training on. Lower --lr, keep --clip-grad on, or use bf16/fp32 "
-                         f"instead of fp16; {last_good_checkpoint(s.ckpt_dir)}.")
+                         f"stopping rather than training on. {advice}; {last_good_checkpoint(s.ckpt_dir)}.")
             if math.isfinite(loss):
                 window["loss"] += loss
                 window["steps"] += 1
