@@ -28,9 +28,9 @@ import torch
 
 from fastroberta.config import PRESETS, RobertaConfig
 from fastroberta.data import PACKING_MODES
-from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
 from fastroberta.ds_config import (ConfigError, build_config, format_conflict, load_user_config, merge_configs,
                                    resolve_batch, resolve_precision, write_config, zero_stage_of)
+from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
 from fastroberta.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
 from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, NonFiniteGuard, OutputLock, StopRequest, TrainingError,
                                  all_ranks_true, atomic_write, check_output_folder, debug_requested, find_checkpoint,
