@@ -29,10 +29,16 @@ masked key by key. Scores never leave the chip; the forward pass stores O and th
 Rows that cannot attend (padded queries, rows whose keys are all padding) get LSE = +inf, so the
 recomputed P is exactly 0 in backward and their gradients are zero, never NaN.
 
-Dropout draws Philox numbers (``tl.rand``) keyed by (seed, sequence * H + head) with the counter
-row * 32768 + col (positions inside the sequence), so backward regenerates the forward's mask and the padded
-and varlen forms drop the same entries of right-padded data. Sequences are limited to 32768 tokens with
-dropout. The seed is drawn per call from torch's generator (``_checks.dropout_seed``).
+Right-padded rows (every real token before every padding one: what full- and doc-sentence packing give)
+need no per-key mask: the host marks each row's length as with or without holes, on the device, and the
+kernels branch on that per sequence, so only rows with holes load the mask inside their loops.
+
+Dropout uses every bit of each Philox4x32-10 call: keyed by (seed, sequence * H + head) with the counter
+(key // 8, query row, 0, 0) (positions inside the sequence), one call gives four 32-bit words whose eight
+16-bit halves decide eight neighbouring keys by an integer comparison with round(p * 65536) (so the keep
+probability is 1 - p to within 2**-17; ``_dropout_keep``). Backward regenerates the forward's mask, and the
+padded and varlen forms drop the same entries of right-padded data. Sequences are limited to 32768 tokens
+with dropout. The seed is drawn per call from torch's generator (``_checks.dropout_seed``).
 """
 import contextlib
 import math
@@ -50,7 +56,6 @@ DROPOUT_MAX_SEQLEN = 32768
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-DROPOUT_ROW_STRIDE = tl.constexpr(DROPOUT_MAX_SEQLEN)
 
 
 def _configs(table, candidates):
@@ -69,11 +74,11 @@ def _configs(table, candidates):
 # counts queries and BLOCK_N keys; the interpreter's blocks differ so that tests catch a mixed-up index.
 _FWD_CONFIGS = _configs(((64, 32), (128, 64, 4, 3)),
                         [(128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)])
-_DKDV_CONFIGS = _configs(((32, 64), (32, 128, 4, 3)),
-                         [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)])
+_DKDV_CONFIGS = _configs(((32, 64), (64, 128, 8, 3)),
+                         [(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)])
 _DQ_CONFIGS = _configs(((64, 32), (128, 32, 4, 3)),
                        [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
-_AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "VARLEN", "HAS_MASK", "DROPOUT"]
+_AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "VARLEN", "HAS_MASK", "HAS_SEQLENS", "DROPOUT"]
 
 
 def _fp32_default_only(configs, named_args, **kwargs):
@@ -89,66 +94,115 @@ _PRUNE = {"early_config_prune": _fp32_default_only}
 
 
 @triton.jit
-def _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr):
-    """(first token, attended length, stored rows) of sequence b. Padded rows past the attended length still
-    get zeros written in the padded form; in the varlen form they belong to the next sequence."""
+def _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr):
+    """(first token, attended length, stored rows, has holes) of sequence b. Padded rows past the attended
+    length still get zeros written in the padded form; in the varlen form they belong to the next sequence.
+    SeqLens holds the attended length, negated when the row's mask has holes (padding before its last real
+    token): only those rows need the per-key mask."""
     if VARLEN:
         start = tl.load(CuSeqlens + b)
         seqlen = tl.load(CuSeqlens + b + 1) - start
         store_len = seqlen
+        holes = seqlen < 0
     else:
         start = b * 0
-        if HAS_MASK:
-            seqlen = tl.load(SeqLens + b)
+        if HAS_SEQLENS:
+            code = tl.load(SeqLens + b)
+            seqlen = tl.abs(code)
+            holes = code < 0
         else:
             seqlen = b * 0 + seq_len
+            holes = seqlen < 0
         store_len = b * 0 + seq_len
-    return start, seqlen, store_len
+    return start, seqlen, store_len, holes
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offsets, dropout_p):
-    # The head goes into Philox's key (high word), the position into its counter: streams never overlap.
-    key = (bh.to(tl.int64) << 32) + seed
-    return tl.rand(key, offsets) >= dropout_p
+def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p, KEYS_FIRST: tl.constexpr):
+    """Keep mask of the queries row0 + offs_m x the keys col0 + offs_n (row0 and col0 multiples of 16):
+    [queries, keys], or [keys, queries] with KEYS_FIRST (the dK/dV kernel's transposed tiles).
+
+    For query i and key j, one Philox4x32-10 call keyed by (seed, sequence * H + head) with the counter
+    (4 * (j // 16) + (j // 2) % 4, i - (i & 8), 0, 0) gives four 32-bit words, eight 16-bit halves, for the
+    eight (query, key) pairs that share the counter: pair (i, j) takes the half j % 2 of word
+    2 * ((j // 8) % 2) + (i // 8) % 2 and is kept when that half is >= round(p * 65536). Those eight pairs
+    are ones that one thread of an sm_90 tensor-core accumulator holds in registers (all eight in the
+    [queries, keys] tiles, four in the transposed ones), so the Philox calls of a thread's tile elements
+    coincide and the compiler computes each once; no keep mask moves between threads."""
+    key = (bh.to(tl.int64) << 32) + seed  # the head in Philox's key (high word): streams never overlap
+    threshold = tl.minimum(dropout_p * 65536.0 + 0.5, 65535.0).to(tl.uint32) << 16
+    group = (col0 // 4 + (offs_n // 16) * 4 + (offs_n // 2) % 4).to(tl.uint32)
+    row = (row0 + offs_m - (offs_m & 8)).to(tl.uint32)
+    key_word = ((offs_n // 8) % 2) * 2
+    row_word = (offs_m // 8) % 2
+    high_half = (offs_n % 2) == 1
+    if KEYS_FIRST:
+        c0 = group[:, None] + (row * 0)[None, :]
+        c1 = row[None, :] + (group * 0)[:, None]
+        word_of = key_word[:, None] + row_word[None, :]
+        high_half = high_half[:, None]
+    else:
+        c0 = group[None, :] + (row * 0)[:, None]
+        c1 = row[:, None] + (group * 0)[None, :]
+        word_of = key_word[None, :] + row_word[:, None]
+        high_half = high_half[None, :]
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox(key, c0, c1, zero, zero)
+    word = tl.where(word_of < 2, tl.where(word_of == 0, w0, w1), tl.where(word_of == 2, w2, w3))
+    return tl.where(high_half, word, word << 16) >= threshold
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, lo, hi, seqlen,
-               offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh,
-               BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kT_ptrs = K + cols[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
-        if BOUNDS:
-            kT = tl.load(kT_ptrs, mask=(cols < seqlen)[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
-        else:
-            kT = tl.load(kT_ptrs)
-            v = tl.load(v_ptrs)
-        # Scores in log2 units: exp2 is the native instruction.
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        if BOUNDS:
-            s = tl.where((cols < seqlen)[None, :], s, float("-inf"))
-        if HAS_MASK:
-            real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
-            s = tl.where(real_key[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no real key yet has max -inf; shift by 0 instead so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None] * DROPOUT_ROW_STRIDE + cols[None, :], dropout_p)
-            p = tl.where(keep, p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+def _fwd_tile(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
+              offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+              BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = start_n + offs_n
+    kT_ptrs = K + cols[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
+    if BOUNDS:
+        kT = tl.load(kT_ptrs, mask=(cols < seqlen)[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
+    else:
+        kT = tl.load(kT_ptrs)
+        v = tl.load(v_ptrs)
+    # Scores in log2 units: exp2 is the native instruction.
+    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    if BOUNDS:
+        s = tl.where((cols < seqlen)[None, :], s, float("-inf"))
+    if HAS_MASK:
+        real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
+        s = tl.where(real_key[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no real key yet has max -inf; shift by 0 instead so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p, False)
+        p = tl.where(keep, p, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks 0 .. hi: the full ones in a loop without bounds checks, then the partial one."""
+    hi_full = (hi // BLOCK_N) * BLOCK_N
+    for start_n in range(0, hi_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
+                                  offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                                  False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    if hi_full < hi:
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi_full, seqlen,
+                                  offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                                  True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
     return acc, l_i, m_i
 
 
@@ -158,8 +212,8 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_mb,
               num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
-              HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (query block, sequence, head); query blocks of one head are neighbours so that they
     # share K/V in L2. A 1-D grid has no 65535 limit on sequences x heads.
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
@@ -168,7 +222,7 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
     bh = pid // num_m_blocks
     b = bh // num_heads
     h = bh % num_heads
-    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    start, seqlen, store_len, holes = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_SEQLENS)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     t64 = start.to(tl.int64)
@@ -180,7 +234,8 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
     if HAS_MASK:
         KeyMask += b64 * stride_mb
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = offs_m < seqlen
@@ -192,13 +247,20 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
     qk_scale = softmax_scale * LOG2E
     # A block past the sequence's end does no work; it only writes its zeros (padded form).
     hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
-    hi_full = (hi // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, 0, hi_full, seqlen,
-                               offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh,
-                               False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi_full, hi, seqlen,
-                               offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh,
-                               True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    if HAS_MASK:
+        # Only a row with holes reads the mask key by key; a right-padded one runs on its length alone.
+        if holes:
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                                        offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                                        True, DROPOUT, PRECISION, BLOCK_N)
+        else:
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                                        offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                                        False, DROPOUT, PRECISION, BLOCK_N)
+    else:
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                                    offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                                    False, DROPOUT, PRECISION, BLOCK_N)
 
     row_ok = in_seq
     if HAS_MASK:
@@ -223,7 +285,8 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
 def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
                     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
                     num_heads, seq_len, max_seqlen,
-                    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
     """Delta_i = dO_i . O_i in fp32, for every stored row (zero rows of O give 0)."""
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
@@ -231,7 +294,7 @@ def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
     bh = pid // num_m_blocks
     b = bh // num_heads
     h = bh % num_heads
-    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    start, seqlen, store_len, holes = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_SEQLENS)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     t64 = start.to(tl.int64)
@@ -247,38 +310,38 @@ def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, lo, hi, seqlen,
-                    offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                    BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start_m, seqlen,
+                   offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                   BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Works on transposed tiles (keys x queries) so that dK and dV accumulate with plain dots.
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m
-        qT_ptrs = Q + rows[None, :] * stride_qm + offs_d[:, None]
-        do_ptrs = DO + rows[:, None] * stride_dom + offs_d[None, :]
-        if BOUNDS:
-            in_seq = rows < seqlen
-            qT = tl.load(qT_ptrs, mask=in_seq[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=in_seq[:, None], other=0.0)
-            lse = tl.load(LSE + rows, mask=in_seq, other=float("inf"))
-            delta = tl.load(Delta + rows, mask=in_seq, other=0.0)
-        else:
-            qT = tl.load(qT_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(LSE + rows)
-            delta = tl.load(Delta + rows)
-        # LSE = +inf marks a row that attends to nothing: its probabilities come out exactly 0.
-        pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - (lse * LOG2E)[None, :])
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[None, :] * DROPOUT_ROW_STRIDE + cols[:, None], dropout_p)
-            pT_used = tl.where(keep, pT * keep_scale, 0.0)
-        else:
-            pT_used = pT
-        dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if DROPOUT:
-            dpT = tl.where(keep, dpT * keep_scale, 0.0)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    rows = start_m + offs_m
+    qT_ptrs = Q + rows[None, :] * stride_qm + offs_d[:, None]
+    do_ptrs = DO + rows[:, None] * stride_dom + offs_d[None, :]
+    if BOUNDS:
+        in_seq = rows < seqlen
+        qT = tl.load(qT_ptrs, mask=in_seq[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=in_seq[:, None], other=0.0)
+        lse = tl.load(LSE + rows, mask=in_seq, other=float("inf"))
+        delta = tl.load(Delta + rows, mask=in_seq, other=0.0)
+    else:
+        qT = tl.load(qT_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(LSE + rows)
+        delta = tl.load(Delta + rows)
+    # LSE = +inf marks a row that attends to nothing: its probabilities come out exactly 0.
+    pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - (lse * LOG2E)[None, :])
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, start_m, offs_m, col0, cols - col0, dropout_p, True)
+        pT_used = tl.where(keep, pT * keep_scale, 0.0)
+    else:
+        pT_used = pT
+    dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if DROPOUT:
+        dpT = tl.where(keep, dpT * keep_scale, 0.0)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -290,16 +353,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    stride_lb, stride_lh, stride_mb,
                    num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
-                   HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key block, looping over the query blocks of its sequence."""
+                   HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+                   HAS_SEQLENS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block, looping over the query blocks of its sequence. The loop never reads the key
+    mask: padded queries have LSE = +inf (zero probabilities), and padded keys are zeroed once at the end."""
     num_n_blocks = tl.cdiv(max_seqlen, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
     bh = pid // num_n_blocks
     b = bh // num_heads
     h = bh % num_heads
-    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    start, seqlen, store_len, holes = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_SEQLENS)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     t64 = start.to(tl.int64)
@@ -312,7 +377,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     LSE += b64 * stride_lb + h64 * stride_lh + t64
     Delta += b64 * stride_lb + h64 * stride_lh + t64
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = pid_n * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = cols < seqlen
@@ -322,14 +388,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     qk_scale = softmax_scale * LOG2E
     keep_scale = 1.0 / (1.0 - dropout_p)
-    hi = tl.where(pid_n * BLOCK_N < seqlen, seqlen, 0)
+    hi = tl.where(col0 < seqlen, seqlen, 0)
     hi_full = (hi // BLOCK_M) * BLOCK_M
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, 0, hi_full, seqlen,
-                             offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                             False, DROPOUT, PRECISION, BLOCK_M)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, hi_full, hi, seqlen,
-                             offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                             True, DROPOUT, PRECISION, BLOCK_M)
+    for start_m in range(0, hi_full, BLOCK_M):
+        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start_m, seqlen,
+                                offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                                False, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
+    if hi_full < hi:
+        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, hi_full, seqlen,
+                                offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                                True, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
 
     # Column j of P feeds only dK_j and dV_j, so padded keys (and keys past the end, loaded as 0) are masked
     # once here instead of in every tile; whatever they accumulated (even inf/NaN) is discarded.
@@ -344,32 +412,46 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, lo, hi, seqlen,
-                  offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                  BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
-        vT_ptrs = V + cols[None, :] * stride_vn + offs_d[:, None]
-        if BOUNDS:
-            k = tl.load(k_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
-            vT = tl.load(vT_ptrs, mask=(cols < seqlen)[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            vT = tl.load(vT_ptrs)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
-        if BOUNDS:
-            p = tl.where((cols < seqlen)[None, :], p, 0.0)
-        if HAS_MASK:
-            real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
-            p = tl.where(real_key[None, :], p, 0.0)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None] * DROPOUT_ROW_STRIDE + cols[None, :], dropout_p)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+def _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
+                 offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                 BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = start_n + offs_n
+    k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
+    vT_ptrs = V + cols[None, :] * stride_vn + offs_d[:, None]
+    if BOUNDS:
+        k = tl.load(k_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
+        vT = tl.load(vT_ptrs, mask=(cols < seqlen)[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        vT = tl.load(vT_ptrs)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+    if BOUNDS:
+        p = tl.where((cols < seqlen)[None, :], p, 0.0)
+    if HAS_MASK:
+        real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
+        p = tl.where(real_key[None, :], p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p, False)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@triton.jit
+def _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                   offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                   HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    hi_full = (hi // BLOCK_N) * BLOCK_N
+    for start_n in range(0, hi_full, BLOCK_N):
+        dq = _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
+                          offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                          False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    if hi_full < hi:
+        dq = _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi_full, seqlen,
+                          offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                          True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
     return dq
 
 
@@ -380,8 +462,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_mb,
                  num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
-                 HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+                 DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, looping over the key blocks of its sequence (no atomics: each program owns
     its rows)."""
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
@@ -390,7 +472,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     bh = pid // num_m_blocks
     b = bh // num_heads
     h = bh % num_heads
-    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    start, seqlen, store_len, holes = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_SEQLENS)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     t64 = start.to(tl.int64)
@@ -404,7 +486,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     if HAS_MASK:
         KeyMask += b64 * stride_mb
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = offs_m < seqlen
@@ -416,13 +499,19 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     qk_scale = softmax_scale * LOG2E
     keep_scale = 1.0 / (1.0 - dropout_p)
     hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
-    hi_full = (hi // BLOCK_N) * BLOCK_N
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, 0, hi_full, seqlen,
-                       offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                       False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi_full, hi, seqlen,
-                       offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                       True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    if HAS_MASK:
+        if holes:  # as in the forward: only rows with holes read the mask key by key
+            dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                                offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                                True, DROPOUT, PRECISION, BLOCK_N)
+        else:
+            dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                                offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                                False, DROPOUT, PRECISION, BLOCK_N)
+    else:
+        dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                            offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                            False, DROPOUT, PRECISION, BLOCK_N)
     dq = dq * softmax_scale
     stored = (offs_m < store_len)[:, None]
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=stored)
@@ -475,7 +564,8 @@ class _FlashAttention(torch.autograd.Function):
         seed = dropout_seed() if dropout_p > 0.0 else 0
         meta = dict(num_heads=heads, seq_len=seq_len, max_seqlen=max_seqlen,
                     seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
-                    HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None, DROPOUT=dropout_p > 0.0,
+                    HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
+                    HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
         ctx.launch = dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, seed=seed, dropout_p=dropout_p,
                           softmax_scale=softmax_scale)
@@ -511,7 +601,7 @@ class _FlashAttention(torch.autograd.Function):
             _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
                 o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
                 heads, run["seq_len"], max_seqlen,
-                HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_MASK=run["HAS_MASK"], BLOCK_M=pre_block)
+                HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block)
             _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
                                    *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
                                    *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
@@ -591,9 +681,12 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     if attention_mask is not None:
         real = attention_mask.bool()
         key_mask = real.contiguous().view(torch.uint8)
-        # The last real token + 1 bounds each row's work; 0 for a row without any.
+        # The last real token + 1 bounds each row's work (0 for a row without any); it is negated for a row
+        # with holes (fewer real tokens than that), the only rows whose kernels read the mask key by key.
+        # Decided on the device, per row: no host sync, and right-padded rows take the mask-free loop.
         positions = torch.arange(1, l + 1, dtype=torch.int32, device=q.device)
-        seqlens = (real * positions).amax(dim=1).to(torch.int32)
+        last = (real * positions).amax(dim=1).to(torch.int32)
+        seqlens = torch.where(real.sum(dim=1, dtype=torch.int32) == last, last, -last)
     return _FlashAttention.apply(q, k, v, key_mask, seqlens, None, l, dropout_p, scale)
 
 
