@@ -545,71 +545,109 @@ def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+    """Launch the forward kernel: (o, lse, what backward needs to relaunch)."""
+    varlen = cu_seqlens is not None
+    if varlen:
+        n_seqs, (total, heads, head_dim) = cu_seqlens.numel() - 1, q.shape
+        seq_len = 0
+        lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
+        lse_strides = (0, lse.stride(0))
+    else:
+        n_seqs, heads, seq_len, head_dim = q.shape
+        max_seqlen = seq_len
+        lse = torch.empty(n_seqs, heads, seq_len, dtype=torch.float32, device=q.device)
+        lse_strides = (lse.stride(0), lse.stride(1))
+    o = _empty_out(q, varlen)
+    seed = dropout_seed() if dropout_p > 0.0 else 0
+    meta = dict(num_heads=heads, seq_len=seq_len, max_seqlen=max_seqlen,
+                seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
+                HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
+                HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    launch = dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, seed=seed, dropout_p=dropout_p,
+                  softmax_scale=softmax_scale)
+
+    def grid(cfg):
+        return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
+    with _on_device(q):
+        _attn_fwd[grid](q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
+                        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
+                        *lse_strides, key_mask.stride(0) if key_mask is not None else 0,
+                        softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, **meta)
+    return o, lse, launch
+
+
+def _backward(launch, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, do, dq, dk, dv):
+    """Launch the three backward kernels, writing into dq, dk, dv (any strides with a unit last one)."""
+    run = dict(launch)
+    lse_strides, n_seqs = run.pop("lse_strides"), run.pop("n_seqs")
+    varlen, heads, max_seqlen = run["VARLEN"], run["num_heads"], run["max_seqlen"]
+    do = _unit_last_stride(do)
+    delta = torch.empty_like(lse)
+    mask_stride = key_mask.stride(0) if key_mask is not None else 0
+
+    def grid_n(cfg):
+        return (triton.cdiv(max_seqlen, cfg["BLOCK_N"]) * n_seqs * heads,)
+
+    def grid_m(cfg):
+        return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
+    pre_block = 64
+    with _on_device(q):
+        _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
+            o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
+            heads, run["seq_len"], max_seqlen,
+            HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block)
+        _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
+                               *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                               *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
+                               *lse_strides, mask_stride, **run)
+        _attn_bwd_dq[grid_m](q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
+                             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
         q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-        varlen = cu_seqlens is not None
-        if varlen:
-            n_seqs, (total, heads, head_dim) = cu_seqlens.numel() - 1, q.shape
-            seq_len = 0
-            lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
-            lse_strides = (0, lse.stride(0))
-        else:
-            n_seqs, heads, seq_len, head_dim = q.shape
-            max_seqlen = seq_len
-            lse = torch.empty(n_seqs, heads, seq_len, dtype=torch.float32, device=q.device)
-            lse_strides = (lse.stride(0), lse.stride(1))
-        o = _empty_out(q, varlen)
-        seed = dropout_seed() if dropout_p > 0.0 else 0
-        meta = dict(num_heads=heads, seq_len=seq_len, max_seqlen=max_seqlen,
-                    seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
-                    HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
-                    HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
-                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-        ctx.launch = dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, seed=seed, dropout_p=dropout_p,
-                          softmax_scale=softmax_scale)
-
-        def grid(cfg):
-            return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
-        with _on_device(q):
-            _attn_fwd[grid](q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
-                            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-                            *lse_strides, key_mask.stride(0) if key_mask is not None else 0,
-                            softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, **meta)
+        o, lse, ctx.launch = _forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p,
+                                      softmax_scale)
         ctx.save_for_backward(q, k, v, o, lse, key_mask, seqlens, cu_seqlens)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, key_mask, seqlens, cu_seqlens = ctx.saved_tensors
-        run = dict(ctx.launch)
-        lse_strides, n_seqs = run.pop("lse_strides"), run.pop("n_seqs")
-        varlen, heads, max_seqlen = run["VARLEN"], run["num_heads"], run["max_seqlen"]
-        do = _unit_last_stride(do)
-        delta = torch.empty_like(lse)
+        varlen = cu_seqlens is not None
         dq, dk, dv = _empty_out(q, varlen), _empty_out(k, varlen), _empty_out(v, varlen)
-        mask_stride = key_mask.stride(0) if key_mask is not None else 0
-
-        def grid_n(cfg):
-            return (triton.cdiv(max_seqlen, cfg["BLOCK_N"]) * n_seqs * heads,)
-
-        def grid_m(cfg):
-            return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
-        pre_block = 64
-        with _on_device(q):
-            _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
-                o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
-                heads, run["seq_len"], max_seqlen,
-                HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block)
-            _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
-                                   *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                                   *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
-                                   *lse_strides, mask_stride, **run)
-            _attn_bwd_dq[grid_m](q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
-                                 *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                                 *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
+        _backward(ctx.launch, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, do, dq, dk, dv)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+class _PackedQKVAttention(torch.autograd.Function):
+    """Attention on the fused [B, L, 3, H, D] projection: q, k, v are strided views of it, and backward
+    writes dQ, dK, dV straight into one [B, L, 3, H, D] gradient, so autograd never stacks or copies the
+    three (what unbinding the projection into q, k, v and running ``_FlashAttention`` costs)."""
+
+    @staticmethod
+    def forward(ctx, qkv, key_mask, seqlens, dropout_p, softmax_scale):
+        q, k, v = _packed_views(qkv)
+        o, lse, ctx.launch = _forward(q, k, v, key_mask, seqlens, None, 0, dropout_p, softmax_scale)
+        ctx.save_for_backward(qkv, o, lse, key_mask, seqlens)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse, key_mask, seqlens = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        _backward(ctx.launch, *_packed_views(qkv), o, lse, key_mask, seqlens, None, do, *_packed_views(dqkv))
+        return dqkv, None, None, None, None
+
+
+def _packed_views(qkv):
+    """[B, L, 3, H, D] -> three [B, H, L, D] views (no copy)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -653,6 +691,34 @@ def _check_dropout_length(dropout_p, longest):
                          f"got {longest}")
 
 
+def _check_mask(attention_mask, b, l, device):
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}")
+    if attention_mask.shape != (b, l):
+        raise ValueError(f"attention_mask must have shape [B, L] = {(b, l)}, got {tuple(attention_mask.shape)}")
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {device}")
+
+
+def _mask_and_lengths(attention_mask, l, device):
+    """(uint8 key mask, per-row lengths) for the kernels, or (None, None) without a mask."""
+    if attention_mask is None:
+        return None, None
+    real = attention_mask.bool()
+    key_mask = real.contiguous().view(torch.uint8)
+    # The last real token + 1 bounds each row's work (0 for a row without any); it is negated for a row with
+    # holes (fewer real tokens than that), the only rows whose kernels read the mask key by key. Decided on
+    # the device, per row: no host sync, and right-padded rows take the mask-free loop.
+    positions = torch.arange(1, l + 1, dtype=torch.int32, device=device)
+    last = (real * positions).amax(dim=1).to(torch.int32)
+    seqlens = torch.where(real.sum(dim=1, dtype=torch.int32) == last, last, -last)
+    return key_mask, seqlens
+
+
 def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     """softmax(scale * q k^T + mask) v with attention dropout; see the module docstring.
 
@@ -665,29 +731,34 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     b, _, l, d = q.shape
     dropout_p = _check_dropout(dropout_p)
     scale = _softmax_scale(softmax_scale, d)
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            raise TypeError(f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}")
-        if attention_mask.shape != (b, l):
-            raise ValueError(f"attention_mask must have shape [B, L] = {(b, l)}, got {tuple(attention_mask.shape)}")
-        if attention_mask.device != q.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
+    _check_mask(attention_mask, b, l, q.device)
     _check_dropout_length(dropout_p, l)
     if not triton_usable(q) or q.numel() == 0:
         return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
-    key_mask = seqlens = None
-    if attention_mask is not None:
-        real = attention_mask.bool()
-        key_mask = real.contiguous().view(torch.uint8)
-        # The last real token + 1 bounds each row's work (0 for a row without any); it is negated for a row
-        # with holes (fewer real tokens than that), the only rows whose kernels read the mask key by key.
-        # Decided on the device, per row: no host sync, and right-padded rows take the mask-free loop.
-        positions = torch.arange(1, l + 1, dtype=torch.int32, device=q.device)
-        last = (real * positions).amax(dim=1).to(torch.int32)
-        seqlens = torch.where(real.sum(dim=1, dtype=torch.int32) == last, last, -last)
+    key_mask, seqlens = _mask_and_lengths(attention_mask, l, q.device)
     return _FlashAttention.apply(q, k, v, key_mask, seqlens, None, l, dropout_p, scale)
+
+
+def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None):
+    """attention() on the fused projection: qkv [B, L, 3, H, D] (q, k, v along dim 2; any strides with a
+    contiguous last dim), as ``x @ W_qkv.T`` viewed [B, L, 3, H, D] gives it. Returns [B, H, L, D] like
+    attention(). Its gradient is one [B, L, 3, H, D] tensor that the backward kernels write dQ, dK and dV
+    into directly: no stack or copy of the three, as unbinding qkv and calling attention() would cost.
+    """
+    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=5)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape [B, L, 3, H, D], got {tuple(qkv.shape)}")
+    if qkv.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim {qkv.shape[-1]} is not supported; use one of {HEAD_DIMS}")
+    b, l, _, _, d = qkv.shape
+    dropout_p = _check_dropout(dropout_p)
+    scale = _softmax_scale(softmax_scale, d)
+    _check_mask(attention_mask, b, l, qkv.device)
+    _check_dropout_length(dropout_p, l)
+    if not triton_usable(qkv) or qkv.numel() == 0:
+        return reference.attention_packed(qkv, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
+    key_mask, seqlens = _mask_and_lengths(attention_mask, l, qkv.device)
+    return _PackedQKVAttention.apply(_unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale)
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
