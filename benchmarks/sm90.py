@@ -163,7 +163,7 @@ def attention_launches(attn, dtype_name, head_dim, layout, dropout):
     run = dict(num_heads=heads, seq_len=seq_len, max_seqlen=max_seqlen,
                seqlen_bucket=triton.next_power_of_2(max_seqlen),
                HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
-               **(dict(HAS_SEQLENS=has_mask) if fast_path else {}), DROPOUT=dropout, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+               **(dict(HAS_SEQLENS=has_mask) if fast_path else {}), DROPOUT=dropout, PRECISION="tf32",
                softmax_scale=head_dim ** -0.5, dropout_p=0.1 if dropout else 0.0, seed=SEED if dropout else 0)
     yield ("attn_fwd", attn._attn_fwd,
            (q, k, v, o, lse, key_mask, seqlens, cu_seqlens, *st(q), *st(k), *st(v), *st(o), *lse_strides,
@@ -188,9 +188,18 @@ _ATTN_TEST = {"fp16": [((64, "mask", True), False), ((64, "mask", False), True),
                        ((32, "mask", False), False), ((128, "varlen", False), False)],
               "bf16": [((64, "mask", True), False), ((32, "mask", False), False),
                        ((128, "varlen", False), False)],
-              # The exact fp32 dots (PRECISION="ieee") are the slowest to compile: the smallest head dim only.
+              # fp32 (TF32 dots, its own small tiles): the smallest head dim only.
               "fp32": [((32, "mask", False), False)]}
 _ATTN_FULL = [((d, layout, dropout), True) for d in (32, 64, 128) for layout in LAYOUTS for dropout in (True, False)]
+
+
+def launch_configs(kernel, args, kwargs):
+    """The configs the autotuner would consider for this launch: its list after the kernel's own pruning,
+    called as Autotuner.run calls it (positional arguments by name, keyword arguments as given); the first
+    is the launch's default (the only one under FASTROBERTA_AUTOTUNE=0)."""
+    if len(kernel.configs) > 1 and getattr(kernel, "early_config_prune", None):
+        return kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)
+    return kernel.configs
 
 
 def _attention_cases(attn, dtype_name, selection):
@@ -200,14 +209,8 @@ def _attention_cases(attn, dtype_name, selection):
             if not hasattr(kernel, "configs"):
                 yield group, flags, kernel, args, kwargs
                 continue
-            configs = [("default", kernel.configs[0])]
-            if candidates:
-                # What the autotuner would try: the list after the kernel's own pruning, called as
-                # Autotuner.run calls it (positional arguments by name, keyword arguments as given).
-                tried = kernel.configs
-                if getattr(kernel, "early_config_prune", None):
-                    tried = kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)
-                configs += [("candidate", c) for c in tried if c is not kernel.configs[0]]
+            tried = launch_configs(kernel, args, kwargs)
+            configs = [("default", tried[0])] + ([("candidate", c) for c in tried[1:]] if candidates else [])
             for kind, cfg in configs:
                 opts = ", ".join(f"{k}={v}" for k, v in cfg.all_kwargs().items() if k != "num_ctas")
                 yield group, f"{flags} {kind}({opts})", kernel, args, dict(kwargs, **cfg.all_kwargs())
@@ -244,8 +247,8 @@ def all_cases(mods, mode):
                         flags = f"D={head_dim} {layout} dropout={int(dropout)}"
                         for g, kern, args, kw in attention_launches(mods["attention"], dtype_name, head_dim,
                                                                     layout, dropout):
-                            if hasattr(kern, "configs"):  # the GPU default config
-                                kw = dict(kw, **kern.configs[0].all_kwargs())
+                            if hasattr(kern, "configs"):  # the GPU default config of this launch
+                                kw = dict(kw, **launch_configs(kern, args, kw)[0].all_kwargs())
                             cases.append((g, dtype_name, flags, kern, args, kw))
         for dtype_name in ("fp16", "bf16"):
             for n in (768, 1024):

@@ -58,39 +58,56 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-def _configs(table, candidates):
-    """One fixed config under the interpreter (no sweep); on GPU the table entry, plus the candidates to
-    autotune over unless FASTROBERTA_AUTOTUNE=0."""
-    def cfg(m, n, warps, stages):
-        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+def _configs(interpreter, defaults, candidates):
+    """One fixed config under the interpreter (no sweep). On GPU a default per input class (``defaults``:
+    "d64" = fp16/bf16 with head dim <= 64, "d128" = fp16/bf16 at 128, "fp32"), then the candidates to
+    autotune over unless FASTROBERTA_AUTOTUNE=0; ``_prune`` picks a launch's default (and candidates)."""
+    def cfg(m, n, warps, stages, default_for=None):
+        c = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        c.default_for = default_for
+        return c
     if interpreter_active():
-        return [cfg(*table[0], 1, 1)]
-    if os.environ.get("FASTROBERTA_AUTOTUNE", "1") == "0":
-        return [cfg(*table[1])]
-    return [cfg(*table[1])] + [cfg(*c) for c in candidates]
+        return [cfg(*interpreter, 1, 1)]
+    configs = [cfg(*c, default_for=kind) for kind, c in defaults.items()]
+    if os.environ.get("FASTROBERTA_AUTOTUNE", "1") != "0":
+        configs += [cfg(*c) for c in candidates]
+    return configs
 
 
-# (interpreter (BLOCK_M, BLOCK_N)), then GPU (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M always
-# counts queries and BLOCK_N keys; the interpreter's blocks differ so that tests catch a mixed-up index.
-_FWD_CONFIGS = _configs(((64, 32), (128, 64, 4, 3)),
+# (interpreter (BLOCK_M, BLOCK_N)), then GPU defaults and candidates (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# BLOCK_M always counts queries and BLOCK_N keys; the interpreter's blocks differ so that tests catch a mixed-up
+# index. The defaults keep every loop free of register spills on sm_90 with dropout on or off (what
+# `python -m benchmarks static` checks): at head dim 128 the fp32 accumulators need 8 warps (or smaller tiles)
+# where 4 warps spill hundreds of bytes in the loop.
+_FWD_CONFIGS = _configs((64, 32), {"d64": (128, 64, 4, 3), "d128": (128, 64, 8, 3), "fp32": (64, 32, 4, 2)},
                         [(128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)])
-_DKDV_CONFIGS = _configs(((32, 64), (64, 128, 8, 3)),
+_DKDV_CONFIGS = _configs((32, 64), {"d64": (64, 128, 8, 3), "d128": (32, 128, 8, 3), "fp32": (32, 64, 4, 2)},
                          [(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)])
-_DQ_CONFIGS = _configs(((64, 32), (128, 32, 4, 3)),
+_DQ_CONFIGS = _configs((64, 32), {"d64": (128, 32, 4, 3), "d128": (128, 32, 8, 3), "fp32": (64, 32, 4, 2)},
                        [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
 _AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "VARLEN", "HAS_MASK", "HAS_SEQLENS", "DROPOUT"]
 
 
-def _fp32_default_only(configs, named_args, **kwargs):
-    """Autotune pruning: fp32 inputs run the GPU default config only. Their dots are exact fp32
-    (PRECISION="ieee", no tensor cores), a path for tests rather than speed; its tiles take twice fp16's
-    shared memory, so at head dim 128 the largest candidates exceed an H100 block's 227 KiB and could never
-    launch, and each fp32 candidate costs 10-100 s of compiling on the first step
-    (tests/test_gpu_compile.py measures both)."""
-    return configs[:1] if named_args["Q"].dtype == torch.float32 else configs
+def _prune(configs, named_args, **kwargs):
+    """Autotune pruning: the launch's default first, then the candidates; fp32 runs its default only.
+
+    fp32 attention on a GPU runs its dots on tensor cores in TF32 (10-bit mantissa, fp32 accumulation: about
+    1e-3 relative error, what torch's allow_tf32 gives) on small tiles (64 x 32 / 32 x 64, 4 warps). Exact
+    fp32 dots (PRECISION="ieee") lower to plain FMAs that spill 1-2 KB per thread in every loop at any tile
+    size on sm_90 (measured with `python -m benchmarks static`); fp32 tiles also take twice fp16's shared
+    memory, so the larger candidates could exceed an H100 block's 227 KiB. Under the interpreter the dots
+    are exact whatever PRECISION says."""
+    if named_args["Q"].dtype == torch.float32:
+        kind = "fp32"
+    else:
+        kind = "d64" if kwargs["HEAD_DIM"] <= 64 else "d128"
+    default = [c for c in configs if getattr(c, "default_for", None) == kind]
+    if kind == "fp32":
+        return default
+    return default + [c for c in configs if getattr(c, "default_for", None) is None]
 
 
-_PRUNE = {"early_config_prune": _fp32_default_only}
+_PRUNE = {"early_config_prune": _prune}
 
 
 @triton.jit
@@ -564,7 +581,7 @@ def _forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, soft
                 seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
                 HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
                 HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                PRECISION="tf32")
     launch = dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, seed=seed, dropout_p=dropout_p,
                   softmax_scale=softmax_scale)
 

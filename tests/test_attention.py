@@ -16,6 +16,11 @@ OUT_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2
            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float16: dict(atol=1e-2, rtol=1e-2),
             torch.bfloat16: dict(atol=6e-2, rtol=5e-2)}
+if DEVICE == "cuda":
+    # On a GPU fp32 attention runs its dots in TF32 (10-bit mantissa; kernels/attention.py, _prune): about
+    # fp16's precision. The interpreter's dots are exact fp32.
+    OUT_TOL[torch.float32] = dict(atol=2e-3, rtol=5e-3)
+    GRAD_TOL[torch.float32] = dict(atol=1e-2, rtol=1e-2)
 
 
 def make_qkv(b, h, l, d, dtype, layout="contiguous", scale=1.0):

@@ -30,7 +30,7 @@ What is compiled by default (about a minute on two idle cores with an empty Trit
 - the four attention kernels with the GPU default config, fp16 and bf16: head dim 64 padded with key mask
   and dropout (RoBERTa training), 32 padded with mask (eval), 128 varlen (packed) without dropout; in fp16
   also head dim 64 right-padded with dropout (the kernels' mask-free path for prefix masks); fp32
-  (exact fp32 dots, 5-100 s a kernel to compile) at head dim 32 only;
+  (TF32 dots on their own small tiles) at head dim 32 only;
 - every autotune candidate left after the kernel's pruning at head dim 64, fp16, padded with mask, without
   dropout (RoBERTa eval; shared memory does not depend on the flags, and dropout doubles compile time);
 - the two cross-entropy row kernels at the GPU block size, vocab 50265, fp16, bf16 and fp32.
