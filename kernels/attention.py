@@ -18,10 +18,12 @@ which is ``reference.attention``. The backward pass (FlashAttention-2) recompute
     dS_ij   = P_ij (dP_ij - Delta_i)
     dQ_i    = s sum_j dS_ij k_j,      dK_j = s sum_i dS_ij q_i
 
-Layout. ``attention`` takes q, k, v [B, H, L, D] with any strides whose last one is 1 (the model passes
-views of one fused QKV projection) and a [B, L] mask of any 0/1 pattern. ``attention_varlen`` takes packed
-[total_tokens, H, D] tensors and int32 ``cu_seqlens`` (sequence b is tokens cu_seqlens[b]:cu_seqlens[b+1]).
-Both run the same kernels: a program finds its sequence's first token and length (``_sequence``), then works
+Layout. ``attention`` takes q, k, v [B, H, L, D] with any strides whose last one is 1 and a [B, L] mask of
+any 0/1 pattern. ``attention_packed`` takes the fused projection qkv [B, L, 3, H, D] (what the model has) and
+returns its gradient as one tensor, the backward kernels writing dQ, dK, dV into strided views of it.
+``attention_varlen`` takes packed [total_tokens, H, D] tensors and int32 ``cu_seqlens`` (sequence b is
+tokens cu_seqlens[b]:cu_seqlens[b+1]).
+All three run the same kernels: a program finds its sequence's first token and length (``_sequence``), then works
 on token positions inside that sequence. In the padded form the length is the position of the last real
 token + 1, so the blocks past each row's trailing padding are skipped; padding in the middle (holes) is
 masked key by key. Scores never leave the chip; the forward pass stores O and the fp32 LSE only.
@@ -33,12 +35,14 @@ Right-padded rows (every real token before every padding one: what full- and doc
 need no per-key mask: the host marks each row's length as with or without holes, on the device, and the
 kernels branch on that per sequence, so only rows with holes load the mask inside their loops.
 
-Dropout uses every bit of each Philox4x32-10 call: keyed by (seed, sequence * H + head) with the counter
-(key // 8, query row, 0, 0) (positions inside the sequence), one call gives four 32-bit words whose eight
-16-bit halves decide eight neighbouring keys by an integer comparison with round(p * 65536) (so the keep
-probability is 1 - p to within 2**-17; ``_dropout_keep``). Backward regenerates the forward's mask, and the
-padded and varlen forms drop the same entries of right-padded data. Sequences are limited to 32768 tokens
-with dropout. The seed is drawn per call from torch's generator (``_checks.dropout_seed``).
+Dropout uses every bit of each Philox4x32-10 call: keyed by (seed, sequence * H + head) and counted by
+(key group, query row) (positions inside the sequence), one call gives four 32-bit words, eight 16-bit halves
+that decide eight (query, key) pairs by an integer comparison with round(p * 65536) (so the keep probability
+is 1 - p to within 2**-17). The eight pairs are ones a thread of the sm_90 tensor-core accumulator holds, so
+the compiler evaluates each call once per eight elements and no mask moves between threads (``_dropout_keep``
+has the exact mapping). Backward regenerates the forward's mask, and the padded and varlen forms drop the
+same entries of right-padded data. Sequences are limited to 32768 tokens with dropout. The seed is drawn per
+call from torch's generator (``_checks.dropout_seed``).
 """
 import contextlib
 import math
@@ -233,6 +237,7 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (query block, sequence, head); query blocks of one head are neighbours so that they
     # share K/V in L2. A 1-D grid has no 65535 limit on sequences x heads.
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
@@ -375,6 +380,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block, looping over the query blocks of its sequence. The loop never reads the key
     mask: padded queries have LSE = +inf (zero probabilities), and padded keys are zeroed once at the end."""
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
     num_n_blocks = tl.cdiv(max_seqlen, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
@@ -483,6 +489,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
                  DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, looping over the key blocks of its sequence (no atomics: each program owns
     its rows)."""
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks

@@ -1,6 +1,7 @@
 """Flash attention (kernels/attention.py) against the eager reference: outputs and q/k/v gradients for padded,
 holed and absent masks, strided inputs, the varlen form, dropout (replayed through the reference), input
 errors, and the model wired to it. On CPU the kernels run under Triton's interpreter, so shapes stay small."""
+import importlib
 import math
 
 import pytest
@@ -442,3 +443,39 @@ def test_packed_qkv_input_errors():
         attention_packed(torch.randn(4, 3, 2, 16))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         attention_packed(torch.randn(1, 4, 3, 2, 16), torch.ones(1, 5, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Right-padded rows: run on their lengths, no per-key mask
+# ---------------------------------------------------------------------------------------------------------
+def test_row_lengths_mark_rows_with_holes():
+    attn = importlib.import_module("fastroberta.kernels.attention")
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.bool)
+    key_mask, seqlens = attn._mask_and_lengths(mask, 4, mask.device)
+    assert seqlens.dtype == torch.int32 and seqlens.tolist() == [2, -3, 0, 4, -3]
+    assert torch.equal(key_mask.bool(), mask)
+    assert attn._mask_and_lengths(None, 4, mask.device) == (None, None)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_mixed_prefix_and_holed_rows(dropout_p):
+    """One batch where some rows take the mask-free path (prefix masks) and others read the mask (holes): both
+    paths in one launch, forward and backward, against the reference replaying the kernel's dropout mask."""
+    b, h, l, d = 4, 2, 48, 16
+    mask = torch.ones(b, l, dtype=torch.bool, device=DEVICE)
+    mask[0, 30:] = False          # right-padded
+    mask[1, 5:9] = False          # a hole, real tokens after it
+    mask[2, 17:] = False          # right-padded, ends inside a block
+    mask[3, ::3] = False          # many holes
+    q, k, v = make_qkv(b, h, l, d, torch.float32)
+    torch.manual_seed(5)
+    o = attention(q, k, v, mask, dropout_p=dropout_p)
+    do = torch.randn_like(o)
+    o.backward(do)
+    keep = recover_keep_mask(mask, b, h, l, d, dropout_p, seed=5) if dropout_p else None
+    ref_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ro = reference.attention(*ref_in, mask, dropout_p=dropout_p, dropout_mask=keep)
+    ro.backward(do)
+    torch.testing.assert_close(o, ro, **OUT_TOL[torch.float32])
+    for t, r in zip((q, k, v), ref_in):
+        torch.testing.assert_close(t.grad, r.grad, **GRAD_TOL[torch.float32])
