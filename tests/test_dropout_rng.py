@@ -121,7 +121,8 @@ def _assert_rate(keep, p, what):
     n = keep.size
     sigma = math.sqrt(p * (1 - p) / n)
     rate = keep.mean()
-    assert abs(rate - (1 - p)) < 4 * sigma, f"{what}: keep rate {rate:.5f} over {n} draws, want {1 - p} +- {4 * sigma:.5f}"
+    assert abs(rate - (1 - p)) < 4 * sigma, \
+        f"{what}: keep rate {rate:.5f} over {n} draws, want {1 - p} +- {4 * sigma:.5f}"
 
 
 def test_attention_keep_rate_and_independence():

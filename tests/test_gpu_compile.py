@@ -37,8 +37,9 @@ What is compiled by default (about a minute on two idle cores with an empty Trit
 Left out by default, for time: bf16 candidates, fp32 attention at head dims 64 and 128, and the other head
 dim x mask/varlen/dropout x config combinations. ``FASTROBERTA_GPU_COMPILE_FULL=1`` compiles all of them
 (every surviving candidate at head dims 32, 64 and 128 in fp16, bf16 and fp32, all eight layout (no mask,
-mask, right-padded, varlen) x dropout combinations, every LayerNorm flag combination at every width, LayerNorm without affine parameters and with
-fp32 parameters), one worker per core: about an hour of CPU, not for CI.
+mask, right-padded, varlen) x dropout combinations, every LayerNorm flag combination at every width,
+LayerNorm without affine parameters and with fp32 parameters), one worker per core: about an hour of CPU,
+not for CI.
 """
 import os
 import sys
