@@ -5,6 +5,8 @@
     train     two short trainer runs, Triton vs torch kernels, loss curves and tokens/s compared
     all       kernels, then e2e
     report    benchmarks/results/SUMMARY.md from the committed results (+ the README section with --readme)
+    static    every kernel compiled for sm_90 (no GPU needed): registers, spills, SASS per main-loop
+              iteration, written to benchmarks/results/sm90/static.{json,md}
 
 Without CUDA everything runs in smoke mode (tiny shapes, Triton interpreter; output labelled "smoke: not a
 performance result" and written to out/benchmarks-smoke/, never to benchmarks/results/). Exit status: 0 when
@@ -95,6 +97,11 @@ def run_report(args):
     return report.main_from_args(args)
 
 
+def run_static(args):
+    from benchmarks import bench_static
+    return bench_static.main_from_args(args)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="fastroberta's benchmark suite",
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -142,6 +149,10 @@ def build_parser():
     r = sub.add_parser("report", help="write SUMMARY.md from committed results")
     from benchmarks import report
     report.add_arguments(r)
+
+    s = sub.add_parser("static", help="sm_90 static report (registers, spills, SASS loop counts), no GPU")
+    from benchmarks import bench_static
+    bench_static.add_arguments(s)
     return parser
 
 
@@ -162,6 +173,8 @@ def main(argv=None):
         ok = run_e2e(args) and ok
     elif args.command == "train":
         ok = run_train(args)
+    elif args.command == "static":
+        ok = run_static(args)
     else:
         ok = run_report(args)
     return 0 if ok else 1

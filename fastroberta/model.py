@@ -115,9 +115,9 @@ class EncoderLayer(KernelSwitch, nn.Module):
         qkv = self.qkv(x)
         if cu_seqlens is None:
             b, l, e = x.shape
-            # [B, L, 3, H, D] -> three strided [B, H, L, D] views; the attention op takes them without copies.
-            q, k, v = qkv.view(b, l, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            ctx = ops.attention(q, k, v, attention_mask, dropout_p=p_attn).transpose(1, 2).reshape(b, l, e)
+            # The fused [B, L, 3, H, D] projection as is: backward writes dQ, dK, dV into one gradient.
+            ctx = ops.attention_packed(qkv.view(b, l, 3, heads, head_dim), attention_mask, dropout_p=p_attn)
+            ctx = ctx.transpose(1, 2).reshape(b, l, e)
         else:
             t, e = x.shape
             q, k, v = qkv.view(t, 3, heads, head_dim).unbind(1)

@@ -18,10 +18,12 @@ which is ``reference.attention``. The backward pass (FlashAttention-2) recompute
     dS_ij   = P_ij (dP_ij - Delta_i)
     dQ_i    = s sum_j dS_ij k_j,      dK_j = s sum_i dS_ij q_i
 
-Layout. ``attention`` takes q, k, v [B, H, L, D] with any strides whose last one is 1 (the model passes
-views of one fused QKV projection) and a [B, L] mask of any 0/1 pattern. ``attention_varlen`` takes packed
-[total_tokens, H, D] tensors and int32 ``cu_seqlens`` (sequence b is tokens cu_seqlens[b]:cu_seqlens[b+1]).
-Both run the same kernels: a program finds its sequence's first token and length (``_sequence``), then works
+Layout. ``attention`` takes q, k, v [B, H, L, D] with any strides whose last one is 1 and a [B, L] mask of
+any 0/1 pattern. ``attention_packed`` takes the fused projection qkv [B, L, 3, H, D] (what the model has) and
+returns its gradient as one tensor, the backward kernels writing dQ, dK, dV into strided views of it.
+``attention_varlen`` takes packed [total_tokens, H, D] tensors and int32 ``cu_seqlens`` (sequence b is
+tokens cu_seqlens[b]:cu_seqlens[b+1]).
+All three run the same kernels: a program finds its sequence's first token and length (``_sequence``), then works
 on token positions inside that sequence. In the padded form the length is the position of the last real
 token + 1, so the blocks past each row's trailing padding are skipped; padding in the middle (holes) is
 masked key by key. Scores never leave the chip; the forward pass stores O and the fp32 LSE only.
@@ -29,10 +31,18 @@ masked key by key. Scores never leave the chip; the forward pass stores O and th
 Rows that cannot attend (padded queries, rows whose keys are all padding) get LSE = +inf, so the
 recomputed P is exactly 0 in backward and their gradients are zero, never NaN.
 
-Dropout draws Philox numbers (``tl.rand``) keyed by (seed, sequence * H + head) with the counter
-row * 32768 + col (positions inside the sequence), so backward regenerates the forward's mask and the padded
-and varlen forms drop the same entries of right-padded data. Sequences are limited to 32768 tokens with
-dropout. The seed is drawn per call from torch's generator (``_checks.dropout_seed``).
+Right-padded rows (every real token before every padding one: what full- and doc-sentence packing give)
+need no per-key mask: the host marks each row's length as with or without holes, on the device, and the
+kernels branch on that per sequence, so only rows with holes load the mask inside their loops.
+
+Dropout uses every bit of each Philox4x32-10 call: keyed by (seed, sequence * H + head) and counted by
+(key group, query row) (positions inside the sequence), one call gives four 32-bit words, eight 16-bit halves
+that decide eight (query, key) pairs by an integer comparison with round(p * 65536) (so the keep probability
+is 1 - p to within 2**-17). The eight pairs are ones a thread of the sm_90 tensor-core accumulator holds, so
+the compiler evaluates each call once per eight elements and no mask moves between threads (``_dropout_keep``
+has the exact mapping). Backward regenerates the forward's mask, and the padded and varlen forms drop the
+same entries of right-padded data. Sequences are limited to 32768 tokens with dropout. The seed is drawn per
+call from torch's generator (``_checks.dropout_seed``).
 """
 import contextlib
 import math
@@ -50,105 +60,170 @@ DROPOUT_MAX_SEQLEN = 32768
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-DROPOUT_ROW_STRIDE = tl.constexpr(DROPOUT_MAX_SEQLEN)
 
 
-def _configs(table, candidates):
-    """One fixed config under the interpreter (no sweep); on GPU the table entry, plus the candidates to
-    autotune over unless FASTROBERTA_AUTOTUNE=0."""
-    def cfg(m, n, warps, stages):
-        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+def _configs(interpreter, defaults, candidates):
+    """One fixed config under the interpreter (no sweep). On GPU a default per input class (``defaults``:
+    "d64" = fp16/bf16 with head dim <= 64, "d128" = fp16/bf16 at 128, "fp32"), then the candidates to
+    autotune over unless FASTROBERTA_AUTOTUNE=0; ``_prune`` picks a launch's default (and candidates)."""
+    def cfg(m, n, warps, stages, default_for=None):
+        c = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        c.default_for = default_for
+        return c
     if interpreter_active():
-        return [cfg(*table[0], 1, 1)]
-    if os.environ.get("FASTROBERTA_AUTOTUNE", "1") == "0":
-        return [cfg(*table[1])]
-    return [cfg(*table[1])] + [cfg(*c) for c in candidates]
+        return [cfg(*interpreter, 1, 1)]
+    configs = [cfg(*c, default_for=kind) for kind, c in defaults.items()]
+    if os.environ.get("FASTROBERTA_AUTOTUNE", "1") != "0":
+        configs += [cfg(*c) for c in candidates]
+    return configs
 
 
-# (interpreter (BLOCK_M, BLOCK_N)), then GPU (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M always
-# counts queries and BLOCK_N keys; the interpreter's blocks differ so that tests catch a mixed-up index.
-_FWD_CONFIGS = _configs(((64, 32), (128, 64, 4, 3)),
+# (interpreter (BLOCK_M, BLOCK_N)), then GPU defaults and candidates (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# BLOCK_M always counts queries and BLOCK_N keys; the interpreter's blocks differ so that tests catch a mixed-up
+# index. The defaults keep every loop free of register spills on sm_90 with dropout on or off (what
+# `python -m benchmarks static` checks): at head dim 128 the fp32 accumulators need 8 warps (or smaller tiles)
+# where 4 warps spill hundreds of bytes in the loop.
+_FWD_CONFIGS = _configs((64, 32), {"d64": (128, 64, 4, 3), "d128": (128, 64, 8, 3), "fp32": (64, 32, 4, 2)},
                         [(128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)])
-_DKDV_CONFIGS = _configs(((32, 64), (32, 128, 4, 3)),
-                         [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)])
-_DQ_CONFIGS = _configs(((64, 32), (128, 32, 4, 3)),
+_DKDV_CONFIGS = _configs((32, 64), {"d64": (64, 128, 8, 3), "d128": (32, 128, 8, 3), "fp32": (32, 64, 4, 2)},
+                         [(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)])
+_DQ_CONFIGS = _configs((64, 32), {"d64": (128, 32, 4, 3), "d128": (128, 32, 8, 3), "fp32": (64, 32, 4, 2)},
                        [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
-_AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "VARLEN", "HAS_MASK", "DROPOUT"]
+_AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "VARLEN", "HAS_MASK", "HAS_SEQLENS", "DROPOUT"]
 
 
-def _fp32_default_only(configs, named_args, **kwargs):
-    """Autotune pruning: fp32 inputs run the GPU default config only. Their dots are exact fp32
-    (PRECISION="ieee", no tensor cores), a path for tests rather than speed; its tiles take twice fp16's
-    shared memory, so at head dim 128 the largest candidates exceed an H100 block's 227 KiB and could never
-    launch, and each fp32 candidate costs 10-100 s of compiling on the first step
-    (tests/test_gpu_compile.py measures both)."""
-    return configs[:1] if named_args["Q"].dtype == torch.float32 else configs
+def _prune(configs, named_args, **kwargs):
+    """Autotune pruning: the launch's default first, then the candidates; fp32 runs its default only.
+
+    fp32 attention on a GPU runs its dots on tensor cores in TF32 (10-bit mantissa, fp32 accumulation: about
+    1e-3 relative error, what torch's allow_tf32 gives) on small tiles (64 x 32 / 32 x 64, 4 warps). Exact
+    fp32 dots (PRECISION="ieee") lower to plain FMAs that spill 1-2 KB per thread in every loop at any tile
+    size on sm_90 (measured with `python -m benchmarks static`); fp32 tiles also take twice fp16's shared
+    memory, so the larger candidates could exceed an H100 block's 227 KiB. Under the interpreter the dots
+    are exact whatever PRECISION says."""
+    if named_args["Q"].dtype == torch.float32:
+        kind = "fp32"
+    else:
+        kind = "d64" if kwargs["HEAD_DIM"] <= 64 else "d128"
+    default = [c for c in configs if getattr(c, "default_for", None) == kind]
+    if kind == "fp32":
+        return default
+    return default + [c for c in configs if getattr(c, "default_for", None) is None]
 
 
-_PRUNE = {"early_config_prune": _fp32_default_only}
+_PRUNE = {"early_config_prune": _prune}
 
 
 @triton.jit
-def _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr):
-    """(first token, attended length, stored rows) of sequence b. Padded rows past the attended length still
-    get zeros written in the padded form; in the varlen form they belong to the next sequence."""
+def _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr):
+    """(first token, attended length, stored rows, has holes) of sequence b. Padded rows past the attended
+    length still get zeros written in the padded form; in the varlen form they belong to the next sequence.
+    SeqLens holds the attended length, negated when the row's mask has holes (padding before its last real
+    token): only those rows need the per-key mask."""
     if VARLEN:
         start = tl.load(CuSeqlens + b)
         seqlen = tl.load(CuSeqlens + b + 1) - start
         store_len = seqlen
+        holes = seqlen < 0
     else:
         start = b * 0
-        if HAS_MASK:
-            seqlen = tl.load(SeqLens + b)
+        if HAS_SEQLENS:
+            code = tl.load(SeqLens + b)
+            seqlen = tl.abs(code)
+            holes = code < 0
         else:
             seqlen = b * 0 + seq_len
+            holes = seqlen < 0
         store_len = b * 0 + seq_len
-    return start, seqlen, store_len
+    return start, seqlen, store_len, holes
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offsets, dropout_p):
-    # The head goes into Philox's key (high word), the position into its counter: streams never overlap.
-    key = (bh.to(tl.int64) << 32) + seed
-    return tl.rand(key, offsets) >= dropout_p
+def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p, KEYS_FIRST: tl.constexpr):
+    """Keep mask of the queries row0 + offs_m x the keys col0 + offs_n (row0 and col0 multiples of 16):
+    [queries, keys], or [keys, queries] with KEYS_FIRST (the dK/dV kernel's transposed tiles).
+
+    For query i and key j, one Philox4x32-10 call keyed by (seed, sequence * H + head) with the counter
+    (4 * (j // 16) + (j // 2) % 4, i - (i & 8), 0, 0) gives four 32-bit words, eight 16-bit halves, for the
+    eight (query, key) pairs that share the counter: pair (i, j) takes the half j % 2 of word
+    2 * ((j // 8) % 2) + (i // 8) % 2 and is kept when that half is >= round(p * 65536). Those eight pairs
+    are ones that one thread of an sm_90 tensor-core accumulator holds in registers (all eight in the
+    [queries, keys] tiles, four in the transposed ones), so the Philox calls of a thread's tile elements
+    coincide and the compiler computes each once; no keep mask moves between threads."""
+    key = (bh.to(tl.int64) << 32) + seed  # the head in Philox's key (high word): streams never overlap
+    threshold = tl.minimum(dropout_p * 65536.0 + 0.5, 65535.0).to(tl.uint32) << 16
+    group = (col0 // 4 + (offs_n // 16) * 4 + (offs_n // 2) % 4).to(tl.uint32)
+    row = (row0 + offs_m - (offs_m & 8)).to(tl.uint32)
+    key_word = ((offs_n // 8) % 2) * 2
+    row_word = (offs_m // 8) % 2
+    high_half = (offs_n % 2) == 1
+    if KEYS_FIRST:
+        c0 = group[:, None] + (row * 0)[None, :]
+        c1 = row[None, :] + (group * 0)[:, None]
+        word_of = key_word[:, None] + row_word[None, :]
+        high_half = high_half[:, None]
+    else:
+        c0 = group[None, :] + (row * 0)[:, None]
+        c1 = row[:, None] + (group * 0)[None, :]
+        word_of = key_word[None, :] + row_word[:, None]
+        high_half = high_half[None, :]
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox(key, c0, c1, zero, zero)
+    word = tl.where(word_of < 2, tl.where(word_of == 0, w0, w1), tl.where(word_of == 2, w2, w3))
+    return tl.where(high_half, word, word << 16) >= threshold
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, lo, hi, seqlen,
-               offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh,
-               BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kT_ptrs = K + cols[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
-        if BOUNDS:
-            kT = tl.load(kT_ptrs, mask=(cols < seqlen)[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
-        else:
-            kT = tl.load(kT_ptrs)
-            v = tl.load(v_ptrs)
-        # Scores in log2 units: exp2 is the native instruction.
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        if BOUNDS:
-            s = tl.where((cols < seqlen)[None, :], s, float("-inf"))
-        if HAS_MASK:
-            real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
-            s = tl.where(real_key[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no real key yet has max -inf; shift by 0 instead so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None] * DROPOUT_ROW_STRIDE + cols[None, :], dropout_p)
-            p = tl.where(keep, p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+def _fwd_tile(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
+              offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+              BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = start_n + offs_n
+    kT_ptrs = K + cols[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
+    if BOUNDS:
+        kT = tl.load(kT_ptrs, mask=(cols < seqlen)[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
+    else:
+        kT = tl.load(kT_ptrs)
+        v = tl.load(v_ptrs)
+    # Scores in log2 units: exp2 is the native instruction.
+    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    if BOUNDS:
+        s = tl.where((cols < seqlen)[None, :], s, float("-inf"))
+    if HAS_MASK:
+        real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
+        s = tl.where(real_key[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no real key yet has max -inf; shift by 0 instead so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p, False)
+        p = tl.where(keep, p, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks 0 .. hi: the full ones in a loop without bounds checks, then the partial one."""
+    hi_full = (hi // BLOCK_N) * BLOCK_N
+    for start_n in range(0, hi_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
+                                  offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                                  False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    if hi_full < hi:
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi_full, seqlen,
+                                  offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                                  True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
     return acc, l_i, m_i
 
 
@@ -158,17 +233,18 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_mb,
               num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
-              HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (query block, sequence, head); query blocks of one head are neighbours so that they
     # share K/V in L2. A 1-D grid has no 65535 limit on sequences x heads.
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
     bh = pid // num_m_blocks
     b = bh // num_heads
     h = bh % num_heads
-    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    start, seqlen, store_len, holes = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_SEQLENS)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     t64 = start.to(tl.int64)
@@ -180,7 +256,8 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
     if HAS_MASK:
         KeyMask += b64 * stride_mb
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = offs_m < seqlen
@@ -192,13 +269,20 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
     qk_scale = softmax_scale * LOG2E
     # A block past the sequence's end does no work; it only writes its zeros (padded form).
     hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
-    hi_full = (hi // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, 0, hi_full, seqlen,
-                               offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh,
-                               False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi_full, hi, seqlen,
-                               offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh,
-                               True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    if HAS_MASK:
+        # Only a row with holes reads the mask key by key; a right-padded one runs on its length alone.
+        if holes:
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                                        offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                                        True, DROPOUT, PRECISION, BLOCK_N)
+        else:
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                                        offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                                        False, DROPOUT, PRECISION, BLOCK_N)
+    else:
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                                    offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
+                                    False, DROPOUT, PRECISION, BLOCK_N)
 
     row_ok = in_seq
     if HAS_MASK:
@@ -223,7 +307,8 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
 def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
                     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
                     num_heads, seq_len, max_seqlen,
-                    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
     """Delta_i = dO_i . O_i in fp32, for every stored row (zero rows of O give 0)."""
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
@@ -231,7 +316,7 @@ def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
     bh = pid // num_m_blocks
     b = bh // num_heads
     h = bh % num_heads
-    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    start, seqlen, store_len, holes = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_SEQLENS)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     t64 = start.to(tl.int64)
@@ -247,38 +332,38 @@ def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, lo, hi, seqlen,
-                    offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                    BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start_m, seqlen,
+                   offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                   BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Works on transposed tiles (keys x queries) so that dK and dV accumulate with plain dots.
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m
-        qT_ptrs = Q + rows[None, :] * stride_qm + offs_d[:, None]
-        do_ptrs = DO + rows[:, None] * stride_dom + offs_d[None, :]
-        if BOUNDS:
-            in_seq = rows < seqlen
-            qT = tl.load(qT_ptrs, mask=in_seq[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=in_seq[:, None], other=0.0)
-            lse = tl.load(LSE + rows, mask=in_seq, other=float("inf"))
-            delta = tl.load(Delta + rows, mask=in_seq, other=0.0)
-        else:
-            qT = tl.load(qT_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(LSE + rows)
-            delta = tl.load(Delta + rows)
-        # LSE = +inf marks a row that attends to nothing: its probabilities come out exactly 0.
-        pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - (lse * LOG2E)[None, :])
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[None, :] * DROPOUT_ROW_STRIDE + cols[:, None], dropout_p)
-            pT_used = tl.where(keep, pT * keep_scale, 0.0)
-        else:
-            pT_used = pT
-        dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if DROPOUT:
-            dpT = tl.where(keep, dpT * keep_scale, 0.0)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    rows = start_m + offs_m
+    qT_ptrs = Q + rows[None, :] * stride_qm + offs_d[:, None]
+    do_ptrs = DO + rows[:, None] * stride_dom + offs_d[None, :]
+    if BOUNDS:
+        in_seq = rows < seqlen
+        qT = tl.load(qT_ptrs, mask=in_seq[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=in_seq[:, None], other=0.0)
+        lse = tl.load(LSE + rows, mask=in_seq, other=float("inf"))
+        delta = tl.load(Delta + rows, mask=in_seq, other=0.0)
+    else:
+        qT = tl.load(qT_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(LSE + rows)
+        delta = tl.load(Delta + rows)
+    # LSE = +inf marks a row that attends to nothing: its probabilities come out exactly 0.
+    pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - (lse * LOG2E)[None, :])
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, start_m, offs_m, col0, cols - col0, dropout_p, True)
+        pT_used = tl.where(keep, pT * keep_scale, 0.0)
+    else:
+        pT_used = pT
+    dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if DROPOUT:
+        dpT = tl.where(keep, dpT * keep_scale, 0.0)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -290,16 +375,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    stride_lb, stride_lh, stride_mb,
                    num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
-                   HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key block, looping over the query blocks of its sequence."""
+                   HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+                   HAS_SEQLENS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block, looping over the query blocks of its sequence. The loop never reads the key
+    mask: padded queries have LSE = +inf (zero probabilities), and padded keys are zeroed once at the end."""
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
     num_n_blocks = tl.cdiv(max_seqlen, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
     bh = pid // num_n_blocks
     b = bh // num_heads
     h = bh % num_heads
-    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    start, seqlen, store_len, holes = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_SEQLENS)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     t64 = start.to(tl.int64)
@@ -312,7 +400,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     LSE += b64 * stride_lb + h64 * stride_lh + t64
     Delta += b64 * stride_lb + h64 * stride_lh + t64
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = pid_n * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = cols < seqlen
@@ -322,14 +411,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     qk_scale = softmax_scale * LOG2E
     keep_scale = 1.0 / (1.0 - dropout_p)
-    hi = tl.where(pid_n * BLOCK_N < seqlen, seqlen, 0)
+    hi = tl.where(col0 < seqlen, seqlen, 0)
     hi_full = (hi // BLOCK_M) * BLOCK_M
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, 0, hi_full, seqlen,
-                             offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                             False, DROPOUT, PRECISION, BLOCK_M)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, hi_full, hi, seqlen,
-                             offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                             True, DROPOUT, PRECISION, BLOCK_M)
+    for start_m in range(0, hi_full, BLOCK_M):
+        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start_m, seqlen,
+                                offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                                False, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
+    if hi_full < hi:
+        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, hi_full, seqlen,
+                                offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                                True, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
 
     # Column j of P feeds only dK_j and dV_j, so padded keys (and keys past the end, loaded as 0) are masked
     # once here instead of in every tile; whatever they accumulated (even inf/NaN) is discarded.
@@ -344,32 +435,46 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, lo, hi, seqlen,
-                  offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                  BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
-        vT_ptrs = V + cols[None, :] * stride_vn + offs_d[:, None]
-        if BOUNDS:
-            k = tl.load(k_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
-            vT = tl.load(vT_ptrs, mask=(cols < seqlen)[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            vT = tl.load(vT_ptrs)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
-        if BOUNDS:
-            p = tl.where((cols < seqlen)[None, :], p, 0.0)
-        if HAS_MASK:
-            real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
-            p = tl.where(real_key[None, :], p, 0.0)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None] * DROPOUT_ROW_STRIDE + cols[None, :], dropout_p)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+def _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
+                 offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                 BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = start_n + offs_n
+    k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
+    vT_ptrs = V + cols[None, :] * stride_vn + offs_d[:, None]
+    if BOUNDS:
+        k = tl.load(k_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
+        vT = tl.load(vT_ptrs, mask=(cols < seqlen)[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        vT = tl.load(vT_ptrs)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+    if BOUNDS:
+        p = tl.where((cols < seqlen)[None, :], p, 0.0)
+    if HAS_MASK:
+        real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
+        p = tl.where(real_key[None, :], p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p, False)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@triton.jit
+def _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                   offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                   HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    hi_full = (hi // BLOCK_N) * BLOCK_N
+    for start_n in range(0, hi_full, BLOCK_N):
+        dq = _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
+                          offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                          False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    if hi_full < hi:
+        dq = _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi_full, seqlen,
+                          offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                          True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
     return dq
 
 
@@ -380,17 +485,18 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_mb,
                  num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
-                 HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+                 DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, looping over the key blocks of its sequence (no atomics: each program owns
     its rows)."""
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
     bh = pid // num_m_blocks
     b = bh // num_heads
     h = bh % num_heads
-    start, seqlen, store_len = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_MASK)
+    start, seqlen, store_len, holes = _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN, HAS_SEQLENS)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     t64 = start.to(tl.int64)
@@ -404,7 +510,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     if HAS_MASK:
         KeyMask += b64 * stride_mb
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = offs_m < seqlen
@@ -416,13 +523,19 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     qk_scale = softmax_scale * LOG2E
     keep_scale = 1.0 / (1.0 - dropout_p)
     hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
-    hi_full = (hi // BLOCK_N) * BLOCK_N
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, 0, hi_full, seqlen,
-                       offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                       False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi_full, hi, seqlen,
-                       offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh,
-                       True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
+    if HAS_MASK:
+        if holes:  # as in the forward: only rows with holes read the mask key by key
+            dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                                offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                                True, DROPOUT, PRECISION, BLOCK_N)
+        else:
+            dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                                offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                                False, DROPOUT, PRECISION, BLOCK_N)
+    else:
+        dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
+                            offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                            False, DROPOUT, PRECISION, BLOCK_N)
     dq = dq * softmax_scale
     stored = (offs_m < store_len)[:, None]
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=stored)
@@ -456,70 +569,109 @@ def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+    """Launch the forward kernel: (o, lse, what backward needs to relaunch)."""
+    varlen = cu_seqlens is not None
+    if varlen:
+        n_seqs, (total, heads, head_dim) = cu_seqlens.numel() - 1, q.shape
+        seq_len = 0
+        lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
+        lse_strides = (0, lse.stride(0))
+    else:
+        n_seqs, heads, seq_len, head_dim = q.shape
+        max_seqlen = seq_len
+        lse = torch.empty(n_seqs, heads, seq_len, dtype=torch.float32, device=q.device)
+        lse_strides = (lse.stride(0), lse.stride(1))
+    o = _empty_out(q, varlen)
+    seed = dropout_seed() if dropout_p > 0.0 else 0
+    meta = dict(num_heads=heads, seq_len=seq_len, max_seqlen=max_seqlen,
+                seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
+                HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
+                HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
+                PRECISION="tf32")
+    launch = dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, seed=seed, dropout_p=dropout_p,
+                  softmax_scale=softmax_scale)
+
+    def grid(cfg):
+        return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
+    with _on_device(q):
+        _attn_fwd[grid](q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
+                        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
+                        *lse_strides, key_mask.stride(0) if key_mask is not None else 0,
+                        softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, **meta)
+    return o, lse, launch
+
+
+def _backward(launch, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, do, dq, dk, dv):
+    """Launch the three backward kernels, writing into dq, dk, dv (any strides with a unit last one)."""
+    run = dict(launch)
+    lse_strides, n_seqs = run.pop("lse_strides"), run.pop("n_seqs")
+    varlen, heads, max_seqlen = run["VARLEN"], run["num_heads"], run["max_seqlen"]
+    do = _unit_last_stride(do)
+    delta = torch.empty_like(lse)
+    mask_stride = key_mask.stride(0) if key_mask is not None else 0
+
+    def grid_n(cfg):
+        return (triton.cdiv(max_seqlen, cfg["BLOCK_N"]) * n_seqs * heads,)
+
+    def grid_m(cfg):
+        return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
+    pre_block = 64
+    with _on_device(q):
+        _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
+            o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
+            heads, run["seq_len"], max_seqlen,
+            HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block)
+        _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
+                               *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                               *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
+                               *lse_strides, mask_stride, **run)
+        _attn_bwd_dq[grid_m](q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
+                             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
         q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-        varlen = cu_seqlens is not None
-        if varlen:
-            n_seqs, (total, heads, head_dim) = cu_seqlens.numel() - 1, q.shape
-            seq_len = 0
-            lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
-            lse_strides = (0, lse.stride(0))
-        else:
-            n_seqs, heads, seq_len, head_dim = q.shape
-            max_seqlen = seq_len
-            lse = torch.empty(n_seqs, heads, seq_len, dtype=torch.float32, device=q.device)
-            lse_strides = (lse.stride(0), lse.stride(1))
-        o = _empty_out(q, varlen)
-        seed = dropout_seed() if dropout_p > 0.0 else 0
-        meta = dict(num_heads=heads, seq_len=seq_len, max_seqlen=max_seqlen,
-                    seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
-                    HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None, DROPOUT=dropout_p > 0.0,
-                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-        ctx.launch = dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, seed=seed, dropout_p=dropout_p,
-                          softmax_scale=softmax_scale)
-
-        def grid(cfg):
-            return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
-        with _on_device(q):
-            _attn_fwd[grid](q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
-                            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-                            *lse_strides, key_mask.stride(0) if key_mask is not None else 0,
-                            softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, **meta)
+        o, lse, ctx.launch = _forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p,
+                                      softmax_scale)
         ctx.save_for_backward(q, k, v, o, lse, key_mask, seqlens, cu_seqlens)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, key_mask, seqlens, cu_seqlens = ctx.saved_tensors
-        run = dict(ctx.launch)
-        lse_strides, n_seqs = run.pop("lse_strides"), run.pop("n_seqs")
-        varlen, heads, max_seqlen = run["VARLEN"], run["num_heads"], run["max_seqlen"]
-        do = _unit_last_stride(do)
-        delta = torch.empty_like(lse)
+        varlen = cu_seqlens is not None
         dq, dk, dv = _empty_out(q, varlen), _empty_out(k, varlen), _empty_out(v, varlen)
-        mask_stride = key_mask.stride(0) if key_mask is not None else 0
-
-        def grid_n(cfg):
-            return (triton.cdiv(max_seqlen, cfg["BLOCK_N"]) * n_seqs * heads,)
-
-        def grid_m(cfg):
-            return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
-        pre_block = 64
-        with _on_device(q):
-            _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
-                o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
-                heads, run["seq_len"], max_seqlen,
-                HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_MASK=run["HAS_MASK"], BLOCK_M=pre_block)
-            _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
-                                   *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                                   *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
-                                   *lse_strides, mask_stride, **run)
-            _attn_bwd_dq[grid_m](q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
-                                 *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                                 *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
+        _backward(ctx.launch, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, do, dq, dk, dv)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+class _PackedQKVAttention(torch.autograd.Function):
+    """Attention on the fused [B, L, 3, H, D] projection: q, k, v are strided views of it, and backward
+    writes dQ, dK, dV straight into one [B, L, 3, H, D] gradient, so autograd never stacks or copies the
+    three (what unbinding the projection into q, k, v and running ``_FlashAttention`` costs)."""
+
+    @staticmethod
+    def forward(ctx, qkv, key_mask, seqlens, dropout_p, softmax_scale):
+        q, k, v = _packed_views(qkv)
+        o, lse, ctx.launch = _forward(q, k, v, key_mask, seqlens, None, 0, dropout_p, softmax_scale)
+        ctx.save_for_backward(qkv, o, lse, key_mask, seqlens)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse, key_mask, seqlens = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        _backward(ctx.launch, *_packed_views(qkv), o, lse, key_mask, seqlens, None, do, *_packed_views(dqkv))
+        return dqkv, None, None, None, None
+
+
+def _packed_views(qkv):
+    """[B, L, 3, H, D] -> three [B, H, L, D] views (no copy)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -563,6 +715,34 @@ def _check_dropout_length(dropout_p, longest):
                          f"got {longest}")
 
 
+def _check_mask(attention_mask, b, l, device):
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}")
+    if attention_mask.shape != (b, l):
+        raise ValueError(f"attention_mask must have shape [B, L] = {(b, l)}, got {tuple(attention_mask.shape)}")
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {device}")
+
+
+def _mask_and_lengths(attention_mask, l, device):
+    """(uint8 key mask, per-row lengths) for the kernels, or (None, None) without a mask."""
+    if attention_mask is None:
+        return None, None
+    real = attention_mask.bool()
+    key_mask = real.contiguous().view(torch.uint8)
+    # The last real token + 1 bounds each row's work (0 for a row without any); it is negated for a row with
+    # holes (fewer real tokens than that), the only rows whose kernels read the mask key by key. Decided on
+    # the device, per row: no host sync, and right-padded rows take the mask-free loop.
+    positions = torch.arange(1, l + 1, dtype=torch.int32, device=device)
+    last = (real * positions).amax(dim=1).to(torch.int32)
+    seqlens = torch.where(real.sum(dim=1, dtype=torch.int32) == last, last, -last)
+    return key_mask, seqlens
+
+
 def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     """softmax(scale * q k^T + mask) v with attention dropout; see the module docstring.
 
@@ -575,26 +755,34 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     b, _, l, d = q.shape
     dropout_p = _check_dropout(dropout_p)
     scale = _softmax_scale(softmax_scale, d)
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            raise TypeError(f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}")
-        if attention_mask.shape != (b, l):
-            raise ValueError(f"attention_mask must have shape [B, L] = {(b, l)}, got {tuple(attention_mask.shape)}")
-        if attention_mask.device != q.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
+    _check_mask(attention_mask, b, l, q.device)
     _check_dropout_length(dropout_p, l)
     if not triton_usable(q) or q.numel() == 0:
         return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
-    key_mask = seqlens = None
-    if attention_mask is not None:
-        real = attention_mask.bool()
-        key_mask = real.contiguous().view(torch.uint8)
-        # The last real token + 1 bounds each row's work; 0 for a row without any.
-        positions = torch.arange(1, l + 1, dtype=torch.int32, device=q.device)
-        seqlens = (real * positions).amax(dim=1).to(torch.int32)
+    key_mask, seqlens = _mask_and_lengths(attention_mask, l, q.device)
     return _FlashAttention.apply(q, k, v, key_mask, seqlens, None, l, dropout_p, scale)
+
+
+def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None):
+    """attention() on the fused projection: qkv [B, L, 3, H, D] (q, k, v along dim 2; any strides with a
+    contiguous last dim), as ``x @ W_qkv.T`` viewed [B, L, 3, H, D] gives it. Returns [B, H, L, D] like
+    attention(). Its gradient is one [B, L, 3, H, D] tensor that the backward kernels write dQ, dK and dV
+    into directly: no stack or copy of the three, as unbinding qkv and calling attention() would cost.
+    """
+    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=5)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape [B, L, 3, H, D], got {tuple(qkv.shape)}")
+    if qkv.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim {qkv.shape[-1]} is not supported; use one of {HEAD_DIMS}")
+    b, l, _, _, d = qkv.shape
+    dropout_p = _check_dropout(dropout_p)
+    scale = _softmax_scale(softmax_scale, d)
+    _check_mask(attention_mask, b, l, qkv.device)
+    _check_dropout_length(dropout_p, l)
+    if not triton_usable(qkv) or qkv.numel() == 0:
+        return reference.attention_packed(qkv, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
+    key_mask, seqlens = _mask_and_lengths(attention_mask, l, qkv.device)
+    return _PackedQKVAttention.apply(_unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale)
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, validate=True):

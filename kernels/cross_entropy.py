@@ -21,7 +21,8 @@ rows.
 How it runs:
 - Ignored rows are dropped by ``index_select`` before anything else; autograd scatters zero gradients back.
 - The labelled rows go through in chunks of C rows, C chosen so that a chunk's logits fit in ``CHUNK_BYTES``
-  (and balanced, so the last chunk is not a sliver). One [C, V] buffer is reused by every chunk.
+  (and balanced, so the last chunk is not a sliver). One [C, V] buffer is reused by every chunk; its rows are
+  padded to a multiple of 64 elements (``_row_stride``) so that the row kernels load whole 16-byte vectors.
 - Forward, per chunk: z = addmm(b, h, W^T) by cuBLAS (fp32 accumulation) into the buffer, then one program
   per row sweeps V once (``_lse_forward_kernel``) for lse, the row's loss and its argmax. Besides its inputs
   (the selected rows h are an activation the model keeps anyway), forward saves n fp32 lse values.
@@ -55,6 +56,18 @@ CHUNK_BYTES = 128 * 2**20
 # Columns a row program reads per step. On a GPU 4096 fp16 values are 16 per thread at 8 warps; the
 # interpreter pays per operation, not per element, so it takes bigger steps (V = 50,265 is still 7 steps).
 BLOCK_V = 8192 if interpreter_active() else 4096
+ROW_ALIGN = 64  # elements; see _row_stride
+
+
+@triton.jit
+def _lse_step(z, start, m, s, arg):
+    """Online log-sum-exp and argmax over one block of a row that starts at column ``start``."""
+    block_max, block_arg = tl.max(z, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    # Strictly greater: on a tie the earlier block keeps the argmax, as torch.argmax does.
+    arg = tl.where(block_max > m, start + block_arg, arg)
+    m_new = tl.maximum(m, block_max)
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+    return m_new, s, arg
 
 
 @triton.jit
@@ -71,15 +84,16 @@ def _lse_forward_kernel(
     m = float("-inf")   # running max
     s = 0.0             # sum of exp(z - m) so far
     arg = 0             # index of the first maximum so far
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+    # Full blocks without a mask (whole-vector loads: the row stride is a multiple of 64 elements), then the
+    # partial last block with one.
+    v_full = (V // BLOCK_V) * BLOCK_V
+    for start in range(0, v_full, BLOCK_V):
+        z = tl.load(z_row + start + tl.arange(0, BLOCK_V)).to(tl.float32)
+        m, s, arg = _lse_step(z, start, m, s, arg)
+    if v_full < V:
+        cols = v_full + tl.arange(0, BLOCK_V)
         z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        block_max, block_arg = tl.max(z, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        # Strictly greater: on a tie the earlier block keeps the argmax, as torch.argmax does.
-        arg = tl.where(block_max > m, start + block_arg, arg)
-        m_new = tl.maximum(m, block_max)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
+        m, s, arg = _lse_step(z, v_full, m, s, arg)
 
     lse = m + tl.log(s)
     z_label = tl.load(z_row + label).to(tl.float32)
@@ -100,12 +114,25 @@ def _logits_grad_kernel(
     label = tl.load(Labels + row).to(tl.int32)
     lse = tl.load(Lse + row)
     scale = tl.load(Scale)
-    for start in range(0, V, BLOCK_V):
+    v_full = (V // BLOCK_V) * BLOCK_V
+    for start in range(0, v_full, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(z_row + cols).to(tl.float32)
+        dz = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
+        tl.store(z_row + cols, dz.to(Z.dtype.element_ty))
+    if v_full < V:
+        cols = v_full + tl.arange(0, BLOCK_V)
         in_row = cols < V
         z = tl.load(z_row + cols, mask=in_row, other=0.0).to(tl.float32)
         dz = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
         tl.store(z_row + cols, dz.to(Z.dtype.element_ty), mask=in_row)
+
+
+def _row_stride(V):
+    """Row stride of the logits chunk buffer: V rounded up to 64 elements, so that every row starts 128-byte
+    aligned and the kernels load whole vectors (V = 50,265 is odd: unpadded rows would be read 2 bytes at a
+    time). The padding columns are never written or read."""
+    return -(-V // ROW_ALIGN) * ROW_ALIGN
 
 
 def _launch_config(V):
@@ -131,7 +158,7 @@ class _MaskedLMCrossEntropy(torch.autograd.Function):
         correct = torch.empty(n, dtype=torch.int32, device=h.device)
         block, num_warps = _launch_config(V)
         if n:
-            buf = torch.empty(min(chunk_rows, n), V, dtype=h.dtype, device=h.device)
+            buf = torch.empty(min(chunk_rows, n), _row_stride(V), dtype=h.dtype, device=h.device)[:, :V]
             for start in range(0, n, chunk_rows):
                 stop = min(start + chunk_rows, n)
                 z = _chunk_logits(h[start:stop], weight, bias, buf[:stop - start])
@@ -163,7 +190,7 @@ class _MaskedLMCrossEntropy(torch.autograd.Function):
             # A device tensor, not a Python float: reading grad_output on the host would sync every step.
             scale = (grad_loss.to(torch.float32) / n).reshape(1)
             block, num_warps = _launch_config(V)
-            buf = torch.empty(min(chunk_rows, n), V, dtype=h.dtype, device=h.device)
+            buf = torch.empty(min(chunk_rows, n), _row_stride(V), dtype=h.dtype, device=h.device)[:, :V]
             for start in range(0, n, chunk_rows):
                 stop = min(start + chunk_rows, n)
                 h_chunk = h[start:stop]
@@ -183,7 +210,7 @@ class _MaskedLMCrossEntropy(torch.autograd.Function):
 
 def _default_chunk_rows(n, V, itemsize):
     """Rows per chunk: as many as fit in CHUNK_BYTES, then evened out over the chunks that takes."""
-    max_rows = max(1, CHUNK_BYTES // (V * itemsize))
+    max_rows = max(1, CHUNK_BYTES // (_row_stride(V) * itemsize))
     n_chunks = max(1, -(-n // max_rows))
     return max(1, -(-n // n_chunks))
 

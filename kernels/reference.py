@@ -7,6 +7,7 @@ query row with no real key gives zeros (never NaN), and an MLM batch without a l
 
     layer_norm(x, w, b, eps, residual, p)  = LN(dropout_p(x) + residual) * w + b      over the last dim
     attention(q, k, v, mask, p, scale)     = dropout_p(softmax(scale * q k^T + mask_bias)) v
+    attention_packed(qkv, mask, p, scale)  = attention on the views q, k, v of a fused [B, L, 3, H, D] qkv
     attention_varlen(q, k, v, cu_seqlens)  = attention per sequence of a packed [total_tokens, H, D] batch
     mlm_cross_entropy(h, W, b, labels)     = mean over labelled rows of logsumexp(h W^T + b) - (h W^T + b)[label]
 """
@@ -59,6 +60,13 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None, d
     if attention_mask is not None:
         out = out * attention_mask.bool()[:, None, :, None]
     return out.to(q.dtype)
+
+
+def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None, dropout_mask=None):
+    """attention() on a fused projection qkv [B, L, 3, H, D]."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                     dropout_mask=dropout_mask)
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):

@@ -135,11 +135,14 @@ def test_strided_inputs(n_labelled):
 
 def test_default_chunking_bounds_the_logits(monkeypatch):
     v, itemsize = 1000, 4
-    monkeypatch.setattr(ce, "CHUNK_BYTES", 7 * v * itemsize)  # 7 rows of logits at most
+    # A chunk row takes the padded row stride: V rounded up to 64 elements, for aligned vector loads.
+    row_bytes = ce._row_stride(v) * itemsize
+    assert ce._row_stride(v) == 1024 and ce._row_stride(50265) == 50304 and ce._row_stride(64) == 64
+    monkeypatch.setattr(ce, "CHUNK_BYTES", 7 * row_bytes)  # 7 rows of logits at most
     for n in (1, 7, 8, 20, 50):
         rows = ce._default_chunk_rows(n, v, itemsize)
         n_chunks = -(-n // rows)
-        assert rows * v * itemsize <= ce.CHUNK_BYTES
+        assert rows * row_bytes <= ce.CHUNK_BYTES
         assert n_chunks == -(-n // 7)  # no more chunks than the budget needs ...
         assert n - (n_chunks - 1) * rows >= rows - n_chunks  # ... and a last chunk that is not a sliver
     inputs = make_inputs(20, 32, v, torch.float32, n_labelled=17)

@@ -1,0 +1,85 @@
+"""``python -m benchmarks static``: the SASS reader on a hand-written listing, and the whole benchmark on one
+small kernel compiled for sm_90 (a few seconds; skipped where Triton has no NVIDIA backend)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repo, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import __main__ as cli  # noqa: E402
+from benchmarks import bench_static, sass, sm90  # noqa: E402
+
+LISTING = """
+\tcode for sm_90a
+\t\tFunction : _toy_kernel
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                      /* 0x00000a00ff017b82 */
+        /*0010*/                   S2R R0, SR_CTAID.X ;                        /* 0x0000000000007919 */
+        /*0020*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;         /* 0x000000100000780c */
+        /*0030*/              @P0 BRA 0xd0 ;                                   /* 0x0000000000248947 */
+        /*0040*/                   LDG.E.128 R4, desc[UR4][R2.64] ;            /* 0x0000000402047981 */
+        /*0050*/                   HGMMA.64x64x16.F32 R24, gdesc[UR8], R24 ;   /* 0x00000000081879f0 */
+        /*0060*/                   IMAD.HI.U32 R6, R5, 0xd2511f53, RZ ;        /* 0x0000000000067827 */
+        /*0070*/                   STL [R1], R6 ;                              /* 0x0000000601007387 */
+        /*0080*/                   FFMA R8, R6, R7, R8 ;                       /* 0x0000000706087223 */
+        /*0090*/                   LDL R9, [R1+0x4] ;                          /* 0x0000040001097983 */
+        /*00a0*/                   IADD3 R0, R0, 0x1, RZ ;                     /* 0x0000000100007810 */
+        /*00b0*/                   ISETP.GE.AND P1, PT, R0, 0x10, PT ;         /* 0x000000100000780c */
+        /*00c0*/             @!P1 BRA 0x40 ;                                   /* 0xffffffff00dc9947 */
+        /*00d0*/                   STG.E [R2.64], R8 ;                         /* 0x0000000802007986 */
+        /*00e0*/                   EXIT ;                                      /* 0x000000000000794d */
+        /*00f0*/                   BRA 0xf0;                                   /* 0xfffffffc00fc7947 */
+"""
+
+
+def test_sass_reader_finds_the_loop_and_counts_by_class():
+    result = sass.analyse(LISTING)
+    assert result["total_instructions"] == 16
+    # The forward branch at 0x30 and the trap at 0xf0 (a branch to itself) close no loop.
+    assert [(r["start"], r["end"]) for r in result["loops"]] == [("0x40", "0xc0")]
+    assert result["counted"] == "main loop" and result["instructions"] == 9
+    assert result["classes"] == {"mma": 1, "int": 3, "float": 1, "memory": 1, "local": 2, "uniform": 0,
+                                 "other": 1}
+    assert result["opcodes"]["LDG.E.128"] == 1
+    assert (result["spill_stores"], result["spill_loads"]) == (1, 1)
+
+
+def test_loop_free_kernel_is_counted_whole():
+    straight = "\n".join(line for line in LISTING.splitlines() if "@!P1 BRA" not in line)
+    result = sass.analyse(straight)
+    assert result["loops"] == [] and result["main_loop"] is None
+    assert result["counted"] == "whole kernel" and result["instructions"] == 15
+
+
+def test_main_loop_prefers_tensor_core_loops():
+    # Two loops: a bigger one without MMA (e.g. an epilogue copy) and the MMA loop, which must win.
+    lines = [f"        /*{a:04x}*/                   {op} ;" for a, op in enumerate(
+        ["NOP"] + ["FADD R0, R0, R1"] * 3 + ["HGMMA.64x64x16.F32 R24, gdesc[UR8], R24", "@P0 BRA 0x10"]
+        + ["IADD3 R0, R0, 0x1, RZ"] * 5 + ["@P1 BRA 0x60", "EXIT"])]
+    listing = "\n".join(line.replace(f"/*{int(line.split('/*')[1][:4], 16):04x}*/",
+                                     f"/*{int(line.split('/*')[1][:4], 16) * 16:04x}*/") for line in lines)
+    result = sass.analyse(listing)
+    assert len(result["loops"]) == 2
+    assert result["classes"]["mma"] == 1 and result["instructions"] == 5
+
+
+def test_static_benchmark_end_to_end_on_one_kernel(tmp_path):
+    only = r"layer_norm_bwd fp16 N=768 residual=1 dropout=0"
+    args = cli.build_parser().parse_args(["static", "--out", str(tmp_path), "--only", only, "--workers", "1"])
+    try:
+        result = bench_static.run(args.out, only=args.only, workers=1, timeout_s=600)
+    except sm90.Unavailable as e:
+        pytest.skip(f"cannot compile for sm_90 here: {e}")
+    assert result["failed"] == []
+    (row,) = result["rows"]
+    assert row["kernel"] == "layer_norm_bwd" and row["dtype"] == "fp16"
+    assert row["counted"] == "main loop"  # the band-of-rows loop
+    assert row["registers"] > 0 and row["shared_bytes"] >= 0 and row["loop_instructions"] > 50
+    assert row["classes"]["float"] > 0 and row["classes"]["local"] == 0
+    saved = json.loads((tmp_path / "static.json").read_text())
+    assert saved["rows"][0]["loop_instructions"] == row["loop_instructions"]
+    md = (tmp_path / "static.md").read_text()
+    assert "layer_norm_bwd" in md and "## Targets" in md
