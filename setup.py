@@ -27,6 +27,9 @@ setup(
     package_data={"fastroberta": ["corpus/*.txt"]},
     install_requires=requires,
     extras_require={
+        # fastroberta.apply_kernels (hf_kernels.py) patches transformers' own encoders; it needs the 5.x line,
+        # whose BERT-family models dispatch attention and build masks through registries it can join.
+        "transformers": ["transformers>=5.0"],
         "test": ["pytest", "pytest-benchmark", "transformers>=4.40"],
         "bench": ["pytest-benchmark", "transformers>=4.40", "matplotlib"],
     },

@@ -3,4 +3,15 @@ from fastroberta.config import RobertaConfig
 from fastroberta.model import MaskedLMOutput, RobertaForMaskedLM
 
 __version__ = "0.1.0"
-__all__ = ["RobertaConfig", "RobertaForMaskedLM", "MaskedLMOutput", "__version__"]
+__all__ = ["RobertaConfig", "RobertaForMaskedLM", "MaskedLMOutput", "apply_kernels", "remove_kernels",
+           "kernels_applied", "__version__"]
+
+# The Hugging Face drop-in imports transformers (an optional extra): loaded on first use only.
+_HF_KERNELS = ("apply_kernels", "remove_kernels", "kernels_applied")
+
+
+def __getattr__(name):
+    if name in _HF_KERNELS:
+        from fastroberta import hf_kernels
+        return getattr(hf_kernels, name)
+    raise AttributeError(f"module 'fastroberta' has no attribute {name!r}")
