@@ -280,14 +280,26 @@ def _mlm_head(model):
     return model.generator_predictions, model.generator_lm_head  # ELECTRA's generator
 
 
-def _make_mlm_forward(model, original):
-    """A *ForMaskedLM forward that, given labels, runs the head on the labelled rows and the fused loss."""
-    signature = inspect.signature(original)
+def _unpatched_forward(module):
+    """The forward that apply_kernels replaced: an instance attribute it found (an accelerate hook, say), else
+    the class's own."""
+    saved = module.__dict__.get("_fastroberta_saved_forward")
+    return saved if saved is not None else types.MethodType(type(module).forward, module)
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
+
+@functools.lru_cache(maxsize=None)
+def _mlm_forward_for(cls):
+    """A *ForMaskedLM forward that, given labels, runs the head on the labelled rows and the fused loss. It
+    carries ``cls.forward``'s signature (Trainer reads it to pick dataset columns) and is bound to each model,
+    so deep copies of a patched model stay self-contained."""
+    signature = inspect.signature(cls.forward)
+
+    @functools.wraps(cls.forward)
+    def forward(self, *args, **kwargs):
+        original = _unpatched_forward(self)
+        bound = signature.bind(self, *args, **kwargs)
         arguments = dict(bound.arguments)
+        arguments.pop("self", None)
         labels = arguments.pop("labels", None)
         if labels is None:
             return original(*args, **kwargs)
@@ -296,16 +308,16 @@ def _make_mlm_forward(model, original):
                 arguments.update(arguments.pop(name, {}))
         return_dict = arguments.pop("return_dict", None)
         if return_dict is None:
-            return_dict = getattr(model.config, "use_return_dict", getattr(model.config, "return_dict", True))
-        outputs = model.base_model(**arguments, return_dict=True)
+            return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+        outputs = self.base_model(**arguments, return_dict=True)
         hidden = outputs[0]
         labels = labels.to(hidden.device).reshape(-1)
         rows = (labels != -100).nonzero().squeeze(1)
-        transform, decoder = _mlm_head(model)
+        transform, decoder = _mlm_head(self)
         h = transform(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))
         weight, bias = decoder.weight, decoder.bias
         dtype = _autocast_dtype(h.device.type) or weight.dtype
-        ops = _ops(model._fastroberta_kernels, h.device)
+        ops = _ops(self._fastroberta_kernels, h.device)
         with _no_autocast(h.device.type):
             loss = ops.mlm_cross_entropy(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                                          labels.index_select(0, rows).long())
@@ -318,22 +330,19 @@ def _make_mlm_forward(model, original):
 
 
 # ------------------------------------------------------------------------------------------------ patching
-_MISSING = object()
-
-
 def _set_forward(module, fn):
-    """Bind ``fn`` as ``module``'s forward, remembering what it replaced (an instance attribute, e.g. an
-    accelerate hook, or nothing)."""
+    """Bind ``fn`` as ``module``'s forward, remembering what it replaced: an instance attribute (an accelerate
+    hook, say) or None for the class's forward."""
     if "_fastroberta_saved_forward" not in module.__dict__:
-        module._fastroberta_saved_forward = module.__dict__.get("forward", _MISSING)
+        module._fastroberta_saved_forward = module.__dict__.get("forward")
     module.forward = types.MethodType(fn, module)
 
 
 def _restore_forward(module):
-    saved = module.__dict__.pop("_fastroberta_saved_forward", None)
-    if saved is None:
+    if "_fastroberta_saved_forward" not in module.__dict__:
         return
-    if saved is _MISSING:
+    saved = module.__dict__.pop("_fastroberta_saved_forward")
+    if saved is None:
         module.__dict__.pop("forward", None)
     else:
         module.forward = saved
@@ -367,11 +376,7 @@ def _patch_instance(model, arch, options):
         model.config._attn_implementation = ATTN_NAME
     if options["cross_entropy"] and isinstance(model, arch.masked_lm):
         model._fastroberta_kernels = kernels
-        if "_fastroberta_saved_forward" not in model.__dict__:
-            model._fastroberta_saved_forward = model.__dict__.get("forward", _MISSING)
-        saved = model._fastroberta_saved_forward
-        original = types.MethodType(type(model).forward, model) if saved is _MISSING else saved
-        model.forward = _make_mlm_forward(model, original)
+        _set_forward(model, _mlm_forward_for(type(model)))
     model._fastroberta_options = dict(options)
 
 
@@ -434,6 +439,7 @@ def kernels_applied(model=None, **options):
 # --------------------------------------------------------------------------------------------- class mode
 _CLASS_OPTIONS = None
 _SAVED_POST_INIT = {}
+_MISSING = object()
 
 
 def _post_init_with_kernels(original):
