@@ -20,13 +20,13 @@
 # under their limit so that they stop between cases and still write their results.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S (total, default 470), T_SETUP T_TESTS T_KERNELS T_E2E T_TRAIN T_HF
-# (planned seconds per stage), GPU_CHECK_STAGES (default "tests kernels e2e train hf"; hf comes last and runs on what the
-# earlier stages leave of the total: GPU_CHECK_STAGES=hf runs it alone for T_HF seconds), GPU_TESTS (pytest paths),
-# HF_ARGS (extra flags for the hf stage), TRAIN_STEPS (200), TRAIN_MICRO_BATCH (16), TRAIN_OPTIMIZER (torch_adamw: DeepSpeed's fused Adam would first
-# JIT-build a CUDA extension; set it empty for the trainer's default), TRAIN_EXTRA_ARGS, E2E_ARGS and
-# KERNEL_ARGS (extra flags for those commands), FASTROBERTA_GIT_COMMIT (the commit to stamp: the GPU machine's
-# copy of the tree has no .git), PYTHON (default python3), GPU_CHECK_SKIP_INSTALL=1 (use the fastroberta already
-# installed: for a dry run of the plumbing on a development machine).
+# (planned seconds per stage), GPU_CHECK_STAGES (default "tests kernels e2e train hf"; hf comes last and runs on
+# what the earlier stages leave of the total: GPU_CHECK_STAGES=hf runs it alone for T_HF seconds), GPU_TESTS
+# (pytest paths), TRAIN_STEPS (200), TRAIN_MICRO_BATCH (16), TRAIN_OPTIMIZER (torch_adamw: DeepSpeed's fused Adam
+# would first JIT-build a CUDA extension; set it empty for the trainer's default), TRAIN_EXTRA_ARGS, E2E_ARGS,
+# KERNEL_ARGS and HF_ARGS (extra flags for those commands), FASTROBERTA_GIT_COMMIT (the commit to stamp: the GPU
+# machine's copy of the tree has no .git), PYTHON (default python3), GPU_CHECK_SKIP_INSTALL=1 (use the fastroberta
+# already installed: for a dry run of the plumbing on a development machine).
 #
 # Output under OUT_DIR, within the device tool's limits (at most 8 files, no sub-folders, names [A-Za-z0-9._-]):
 #   summary.md          stage table + targets table (also printed last)
@@ -54,7 +54,7 @@ T_TESTS=${T_TESTS:-90}
 T_KERNELS=${T_KERNELS:-110}
 T_E2E=${T_E2E:-120}
 T_TRAIN=${T_TRAIN:-90}
-T_HF=${T_HF:-60}
+T_HF=${T_HF:-120}
 PLANNED=0
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TRAIN_STEPS=${TRAIN_STEPS:-200} TRAIN_MICRO_BATCH=${TRAIN_MICRO_BATCH:-16}

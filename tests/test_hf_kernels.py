@@ -376,6 +376,21 @@ def test_attn_implementation_name_and_bad_input():
         fastroberta.apply_kernels(model, attention="yes")
 
 
+def test_transformers_without_attention_registry_gets_a_clear_error(monkeypatch):
+    """An older transformers (no AttentionMaskInterface): attention=True says what is missing; the LayerNorm and
+    loss swaps still work without it."""
+    from transformers import masking_utils
+    monkeypatch.delattr(masking_utils, "AttentionMaskInterface")
+    torch.manual_seed(0)
+    model = transformers.RobertaForMaskedLM(make_config("roberta"))
+    with pytest.raises(RuntimeError, match="no attention-function registry .* attention=False"):
+        fastroberta.apply_kernels(model)
+    assert "_fastroberta_options" not in model.__dict__  # nothing half-patched
+    fastroberta.apply_kernels(model, attention=False, kernels="torch")
+    assert model.config._attn_implementation != "fastroberta"
+    assert model(**make_batch("roberta", "ForMaskedLM")).logits is None
+
+
 def test_import_fastroberta_does_not_import_transformers():
     code = "import sys, fastroberta; assert 'transformers' not in sys.modules; fastroberta.apply_kernels"
     subprocess.run([sys.executable, "-c", code], check=True)
