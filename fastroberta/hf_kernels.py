@@ -176,8 +176,8 @@ def _key_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
 
 
 def _attentions_requested(kwargs):
-    """True when the caller wants attention weights back (``output_attentions`` as an argument or, in
-    transformers 5, through the output-capturing hooks that a config flag switches on)."""
+    """True when the caller wants attention weights back: ``output_attentions`` among the arguments, or (in
+    transformers 5, where the argument need not travel down) an active output collector asking for them."""
     if kwargs.get("output_attentions"):
         return True
     try:
@@ -212,7 +212,7 @@ def fastroberta_attention(module, query, key, value, attention_mask, scaling=Non
     attention functions do."""
     fall_back_eager = _attentions_requested(kwargs) or kwargs.get("head_mask") is not None
     fall_back_sdpa = (
-        (attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype.is_floating_point))
+        (attention_mask is not None and attention_mask.dim() != 2)
         or getattr(module, "is_causal", False) or kwargs.get("is_causal")
         or query.shape[2] != key.shape[2] or query.shape != key.shape or key.shape != value.shape
         or query.shape[-1] not in HEAD_DIMS or query.dtype not in (torch.float32, torch.float16, torch.bfloat16)
@@ -220,6 +220,8 @@ def fastroberta_attention(module, query, key, value, attention_mask, scaling=Non
     if fall_back_eager or fall_back_sdpa:
         return _fallback(module, query, key, value, attention_mask, scaling, dropout, fall_back_eager, **kwargs)
     ops = _ops(getattr(module, "_fastroberta_kernels", "auto"), query.device)
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask != 0  # a [B, L] mask is 1 = real token in transformers too
     if key.dtype != query.dtype or value.dtype != query.dtype:
         key, value = key.to(query.dtype), value.to(query.dtype)
     with _no_autocast(query.device.type):
@@ -247,6 +249,11 @@ def _norm_dtype(*tensors):
     return dtype
 
 
+def _ln_param(p, dtype):
+    """The kernel reads parameters in the input's dtype or fp32 (e.g. bf16 weights under autocast: fp32)."""
+    return p if p is None or p.dtype in (dtype, torch.float32) else p.to(dtype)
+
+
 def _fused_output_forward(self, hidden_states, input_tensor):
     """SelfOutput / Output: LayerNorm(dropout(dense(h)) + input_tensor) as one fused kernel call."""
     x = self.dense(hidden_states)
@@ -255,15 +262,17 @@ def _fused_output_forward(self, hidden_states, input_tensor):
     p = float(self.dropout.p) if self.training else 0.0
     ln = self.LayerNorm
     with _no_autocast(x.device.type):
-        return ops.layer_norm(x.to(dtype), ln.weight, ln.bias, eps=ln.eps, residual=input_tensor.to(dtype),
-                              dropout_p=p)
+        return ops.layer_norm(x.to(dtype), _ln_param(ln.weight, dtype), _ln_param(ln.bias, dtype), eps=ln.eps,
+                              residual=input_tensor.to(dtype), dropout_p=p)
 
 
 def _fused_layer_norm_forward(self, x):
     """The embeddings' nn.LayerNorm through the fused kernel (no residual, no dropout)."""
     ops = _ops(self._fastroberta_kernels, x.device)
+    dtype = _norm_dtype(x)
     with _no_autocast(x.device.type):
-        return ops.layer_norm(x.to(_norm_dtype(x)), self.weight, self.bias, eps=self.eps)
+        return ops.layer_norm(x.to(dtype), _ln_param(self.weight, dtype), _ln_param(self.bias, dtype),
+                              eps=self.eps)
 
 
 # ----------------------------------------------------------------------------------------- masked-LM loss
