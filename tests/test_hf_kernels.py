@@ -353,12 +353,20 @@ def test_fallbacks_to_transformers_attention(monkeypatch):
         patched(**batch)
     assert spy["attention"].calls == 1
 
+    # A head_mask (older transformers pass one down) goes to transformers' eager attention, which applies it.
+    attn = patched.encoder.layer[0].attention.self
+    q = torch.randn(B, 2, L, 16)
+    out, weights = hf_kernels.fastroberta_attention(attn, q, q, q, real, scaling=0.25, head_mask=torch.ones(2, 1, 1))
+    assert weights is not None and spy["attention"].calls == 1
+    torch.testing.assert_close(out[real], torch_ops.attention(q, q, q, real, softmax_scale=0.25).transpose(1, 2)[real])
+
+    calls = spy["attention"].calls
     decoder_ref = transformers.RobertaModel(make_config("roberta", is_decoder=True)).eval()
     decoder = fastroberta.apply_kernels(copy.deepcopy(decoder_ref), kernels="torch")
     with torch.no_grad():
         logits = decoder(**batch, use_cache=False).last_hidden_state
         logits_ref = decoder_ref(**batch, use_cache=False).last_hidden_state
-    assert spy["attention"].calls == 1  # causal: transformers' SDPA, not our bidirectional kernel
+    assert spy["attention"].calls == calls  # causal: transformers' SDPA, not our bidirectional kernel
     torch.testing.assert_close(logits[real], logits_ref[real], rtol=1e-5, atol=1e-5)
 
 
