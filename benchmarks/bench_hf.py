@@ -233,8 +233,8 @@ def hf_markdown(result):
         lines += [f"**{harness.SMOKE_LABEL}** — a micro model on {env['device']}, the kernels through Triton's "
                   "interpreter; the numbers only show that the harness runs.", ""]
     lines += [harness.env_line(env), "",
-              "step = forward + backward + AdamW (fp16/bf16: under autocast), train mode, dropout 0.1, median of the timed "
-              "steps; tokens/s counts real tokens; peak mem = max allocated over the timed steps; check = "
+              "step = forward + backward + AdamW (fp16/bf16: under autocast), train mode, dropout 0.1, median of "
+              "the timed steps; tokens/s counts real tokens; peak mem = max allocated over the timed steps; check = "
               "|loss - hf-sdpa loss| / hf-sdpa loss with dropout off, same weights and batch.", ""]
     keys = []
     for r in result["results"]:
