@@ -27,7 +27,11 @@ setup(
     package_data={"fastroberta": ["corpus/*.txt"]},
     install_requires=requires,
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.40"],
+        # fastroberta.apply_kernels (hf_kernels.py) patches transformers' own encoders; it needs the 5.x line,
+        # whose BERT-family models dispatch attention and build masks through registries it can join.
+        "transformers": ["transformers>=5.0"],
+        # accelerate: transformers.Trainer needs it (tests/test_hf_kernels.py runs a few Trainer steps).
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "accelerate>=1.1"],
         "bench": ["pytest-benchmark", "transformers>=4.40", "matplotlib"],
     },
     entry_points={

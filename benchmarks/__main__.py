@@ -1,7 +1,8 @@
-"""``python -m benchmarks {kernels,e2e,train,all,report} [--smoke] [--profile P] [--out DIR] ...``
+"""``python -m benchmarks {kernels,e2e,hf,train,all,report} [--smoke] [--profile P] [--out DIR] ...``
 
     kernels   layer_norm, attention and cross_entropy benchmarks (``--only`` picks some)
     e2e       the DeepSpeed ZeRO-2 training step: fastroberta (Triton / torch kernels) vs HF transformers
+    hf        transformers' own RoBERTa-base training step, fastroberta.apply_kernels vs eager and SDPA
     train     two short trainer runs, Triton vs torch kernels, loss curves and tokens/s compared
     all       kernels, then e2e
     report    benchmarks/results/SUMMARY.md from the committed results (+ the README section with --readme)
@@ -87,6 +88,16 @@ def run_e2e(args):
     return all(r["status"] == "ok" for r in result["results"] if r["competitor"].startswith("fastroberta"))
 
 
+def run_hf(args):
+    from benchmarks import bench_hf
+    profile = _profile(args)
+    split = (lambda v: [s.strip() for s in v.split(",") if s.strip()] if v else None)
+    result = bench_hf.run(profile, _out_root(args, profile), workloads=split(args.workloads),
+                          precisions=split(args.precisions), competitors=split(args.competitors),
+                          time_budget=args.time_budget)
+    return bench_hf.checks_passed(result)
+
+
 def run_train(args):
     from benchmarks import train_check
     return train_check.main_from_args(args)
@@ -142,6 +153,12 @@ def build_parser():
     a.add_argument("--dtypes", help=argparse.SUPPRESS)
     e2e_flags(a)
 
+    h = sub.add_parser("hf", help="Hugging Face drop-in: transformers RoBERTa-base step, apply_kernels vs not")
+    common(h)
+    h.add_argument("--workloads", help="comma list of finetune,mlm")
+    h.add_argument("--precisions", help="comma list of fp16,bf16 (smoke: fp32)")
+    h.add_argument("--competitors", help="comma list of hf-eager,hf-sdpa,hf+fastroberta")
+
     t = sub.add_parser("train", help="trainer A/B run: Triton vs torch kernels")
     from benchmarks import train_check
     train_check.add_arguments(t)
@@ -171,6 +188,8 @@ def main(argv=None):
     elif args.command == "all":
         ok = run_kernels(args)
         ok = run_e2e(args) and ok
+    elif args.command == "hf":
+        ok = run_hf(args)
     elif args.command == "train":
         ok = run_train(args)
     elif args.command == "static":

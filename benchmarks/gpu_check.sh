@@ -13,17 +13,20 @@
 #   kernels  python -m benchmarks kernels --profile check   (layer_norm, attention, cross_entropy)
 #   e2e      python -m benchmarks e2e --profile check       (base, seq 512, fp16, ZeRO-2: 4 competitors)
 #   train    python -m benchmarks train                     (base, seq 512, fp16, ZeRO-2, Triton vs torch)
+#   hf       python -m benchmarks hf --profile check        (transformers' RoBERTa-base fine-tuning and MLM steps,
+#            fastroberta.apply_kernels vs eager and SDPA, fp16 + bf16; its table is printed into gpu_check.log)
 #   report   python -m benchmarks report --print            (the issues' targets against what was measured)
 # Each stage may use what earlier ones left of the schedule below; the benchmarks get a --time-budget a little
 # under their limit so that they stop between cases and still write their results.
 #
-# Knobs (environment): GPU_CHECK_BUDGET_S (total, default 470), T_SETUP T_TESTS T_KERNELS T_E2E T_TRAIN (planned
-# seconds per stage), GPU_CHECK_STAGES (default "tests kernels e2e train"), GPU_TESTS (pytest paths),
-# TRAIN_STEPS (200), TRAIN_MICRO_BATCH (16), TRAIN_OPTIMIZER (torch_adamw: DeepSpeed's fused Adam would first
-# JIT-build a CUDA extension; set it empty for the trainer's default), TRAIN_EXTRA_ARGS, E2E_ARGS and
-# KERNEL_ARGS (extra flags for those commands), FASTROBERTA_GIT_COMMIT (the commit to stamp: the GPU machine's
-# copy of the tree has no .git), PYTHON (default python3), GPU_CHECK_SKIP_INSTALL=1 (use the fastroberta already
-# installed: for a dry run of the plumbing on a development machine).
+# Knobs (environment): GPU_CHECK_BUDGET_S (total, default 470), T_SETUP T_TESTS T_KERNELS T_E2E T_TRAIN T_HF
+# (planned seconds per stage), GPU_CHECK_STAGES (default "tests kernels e2e train hf"; hf comes last and runs on
+# what the earlier stages leave of the total: GPU_CHECK_STAGES=hf runs it alone for T_HF seconds), GPU_TESTS
+# (pytest paths), TRAIN_STEPS (200), TRAIN_MICRO_BATCH (16), TRAIN_OPTIMIZER (torch_adamw: DeepSpeed's fused Adam
+# would first JIT-build a CUDA extension; set it empty for the trainer's default), TRAIN_EXTRA_ARGS, E2E_ARGS,
+# KERNEL_ARGS and HF_ARGS (extra flags for those commands), FASTROBERTA_GIT_COMMIT (the commit to stamp: the GPU
+# machine's copy of the tree has no .git), PYTHON (default python3), GPU_CHECK_SKIP_INSTALL=1 (use the fastroberta
+# already installed: for a dry run of the plumbing on a development machine).
 #
 # Output under OUT_DIR, within the device tool's limits (at most 8 files, no sub-folders, names [A-Za-z0-9._-]):
 #   summary.md          stage table + targets table (also printed last)
@@ -51,6 +54,7 @@ T_TESTS=${T_TESTS:-90}
 T_KERNELS=${T_KERNELS:-110}
 T_E2E=${T_E2E:-120}
 T_TRAIN=${T_TRAIN:-90}
+T_HF=${T_HF:-120}
 PLANNED=0
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TRAIN_STEPS=${TRAIN_STEPS:-200} TRAIN_MICRO_BATCH=${TRAIN_MICRO_BATCH:-16}
@@ -148,7 +152,7 @@ if [ -z "${GPU_TESTS:-}" ]; then
     [ -f "$f" ] && GPU_TESTS="$GPU_TESTS $f"
   done
 fi
-for s in ${GPU_CHECK_STAGES:-tests kernels e2e train}; do
+for s in ${GPU_CHECK_STAGES:-tests kernels e2e train hf}; do
   case $s in
     tests)   if [ -n "${GPU_TESTS// /}" ]; then
                stage tests "$T_TESTS" "$PY -m pytest -q -rfE -p no:cacheprovider $GPU_TESTS"
@@ -161,6 +165,8 @@ for s in ${GPU_CHECK_STAGES:-tests kernels e2e train}; do
                "$PY -m benchmarks e2e --profile check --out $RESULTS --time-budget @BUDGET@ ${E2E_ARGS:-}" ;;
     train)   stage train "$T_TRAIN" \
                "$PY -m benchmarks train --out $RESULTS --work-dir $WORK/train --time-budget @BUDGET@" ;;
+    hf)      stage hf "$T_HF" \
+               "$PY -m benchmarks hf --profile check --out $RESULTS --time-budget @BUDGET@ ${HF_ARGS:-}" ;;
     *)       echo "unknown stage $s (GPU_CHECK_STAGES)" ;;
   esac
 done
@@ -198,7 +204,7 @@ summary() {
   echo "to commit: tar xzf results.tar.gz benchmarks/results && python -m benchmarks report --readme README.md"
 }
 summary > "$WORK/logs/summary.log"
-cat "$WORK/logs/"{setup,tests,kernels,e2e,train,report,summary}.log > "$OUT_DIR/gpu_check.log" 2>/dev/null
+cat "$WORK/logs/"{setup,tests,kernels,e2e,train,hf,report,summary}.log > "$OUT_DIR/gpu_check.log" 2>/dev/null
 (cd "$WORK" && tar czf "$OUT_DIR/results.tar.gz" benchmarks/results logs stages.tsv)
 cat "$WORK/logs/summary.log"
 echo "files in $OUT_DIR: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
