@@ -29,6 +29,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "transformers>=4.40"],
         "bench": ["pytest-benchmark", "transformers>=4.40", "matplotlib"],
+        # loss.png at the end of a training run; without it the trainer draws nothing and carries on.
+        "plot": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [
