@@ -77,9 +77,9 @@ class RobertaConfig:
     @classmethod
     def demo(cls, **overrides):
         """fastroberta-train's default: small enough to learn visibly in about three minutes on two CPU cores
-        (2 layers x 128 hidden; its vocabulary, sequence length, batch and steps are the trainer's ``demo``
-        run defaults)."""
-        fields = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+        (2 layers x 64 hidden; its vocabulary, sequence length, batch and steps are the trainer's ``demo``
+        run defaults, fastroberta.run_defaults)."""
+        fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
         return cls(**{**fields, **overrides})
 
     @classmethod

@@ -73,10 +73,12 @@ def summary_line(record, base):
 _WORD = re.compile(r"^[A-Za-z]{3,}$")
 
 
-def heldout_sentences(prepared, count=3, min_words=6, max_words=16):
+def heldout_sentences(prepared, count=3, min_words=6, max_words=16, max_tokens=30):
     """``count`` lines of the held-out split, each with one whole word (a single token of at least three
     letters, not the line's first word) to mask: [(text before, masked word, text after)]. Deterministic: the
-    lines are spread evenly over the split and the word is the line's middle-most candidate."""
+    lines are spread evenly over the split and the word is the line's middle-most candidate. A line encodes to
+    at most ``max_tokens`` ids with <s> and </s>, so that a model trained on short sequences has seen every
+    position it needs."""
     tokenizer = prepared.tokenizer
     tokens, offsets = prepared.tokens("val"), prepared.doc_offsets("val")
     lines = []
@@ -84,7 +86,7 @@ def heldout_sentences(prepared, count=3, min_words=6, max_words=16):
         text = tokenizer.decode(tokens[offsets[i]:offsets[i + 1] - 1].tolist())
         for line in text.split("\n"):
             line = line.strip()
-            if min_words <= len(line.split()) <= max_words:
+            if min_words <= len(line.split()) <= max_words and len(tokenizer.encode(line).ids) <= max_tokens:
                 lines.append(line)
     picked = []
     if not lines:

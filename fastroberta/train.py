@@ -53,7 +53,7 @@ TMP_SUFFIX = ".tmp"  # a checkpoint being written
 # and 4e-4 (large) at 8K sequences; smaller batches scale it by sqrt(batch / reference), the rule that also
 # links BERT's 1e-4 at batch 256 to RoBERTa's 6e-4 at 8K. Larger batches keep the reference value. The tiny
 # model tolerates (and over a short run needs) a much higher rate; its reference is a small batch.
-LR_RULE = {"demo": (2e-3, 16), "tiny": (2e-3, 64), "base": (6e-4, 8192), "large": (4e-4, 8192)}
+LR_RULE = {"demo": (4e-3, 32), "tiny": (2e-3, 64), "base": (6e-4, 8192), "large": (4e-4, 8192)}
 WARMUP_FRACTION = 0.05  # RoBERTa: 24K warmup steps of 500K
 
 
@@ -83,7 +83,7 @@ def build_parser():
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=f"preset, one of {', '.join(PRESETS)} (default: {DEFAULT_PRESET}, "
-                   "2 layers x 128; tiny is 4 x 256)")
+                   "2 layers x 64; tiny is 4 x 256)")
     g.add_argument("--config", default=None, help="RobertaConfig / HF config.json instead of a preset")
     g.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="auto: Triton on CUDA, the PyTorch reference on CPU")
@@ -120,7 +120,7 @@ def build_parser():
                    help="checkpoint and exit after this step, the schedule still spanning --steps "
                         "(for time-sliced jobs)")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: by model size and global batch: demo 2e-3 at batch 16, "
+                   help="peak learning rate (default: by model size and global batch: demo 4e-3 at batch 32, "
                         "tiny 2e-3 at batch 64, "
                         "base 6e-4 and large 4e-4 at batch 8192, times sqrt(batch / that batch) for smaller "
                         "batches)")

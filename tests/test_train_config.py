@@ -141,7 +141,7 @@ def _settings(argv):
 
 
 @pytest.mark.parametrize("argv, lr", [
-    ([], 2e-3),                                                        # demo (the default) at its batch 16
+    ([], 4e-3),                                                        # demo (the default) at its batch 32
     (["--model", "tiny"], 2e-3 * math.sqrt(16 / 64)),                  # tiny at its default batch 16
     (["--model", "tiny", "--global-batch-size", "64"], 2e-3),
     (["--model", "base", "--global-batch-size", "8192"], 6e-4),
@@ -299,7 +299,7 @@ def test_run_defaults_follow_the_preset(tmp_path):
     args = tr.build_parser().parse_args(["--output", str(tmp_path / "o")])
     s = tr.resolve_settings(args)
     demo = BY_PRESET["demo"]
-    assert s.model_name == "demo" and s.config.hidden_size == 128 and s.config.num_hidden_layers == 2
+    assert s.model_name == "demo" and s.config.hidden_size == 64 and s.config.num_hidden_layers == 2
     assert (args.vocab_size, args.seq_len, args.micro_batch_size, args.steps) == \
         (demo["vocab_size"], demo["seq_len"], demo["micro_batch_size"], demo["steps"])
     args = tr.build_parser().parse_args(["--model", "tiny", "--output", str(tmp_path / "o")])
