@@ -706,7 +706,7 @@ def train(argv=None):
     def prepare():
         kw = dict(data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                   val_fraction=args.val_fraction, seed=args.seed,
-                  show_progress=s.rank == 0 and not args.no_progress)
+                  show_progress=s.rank == 0 and not args.no_progress and sys.stderr.isatty())  # bars: terminals only
         if args.cache_dir is not None:
             kw["cache_dir"] = args.cache_dir
         return prepare_dataset(**kw)

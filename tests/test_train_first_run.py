@@ -1,6 +1,7 @@
 """The first run a newcomer makes: the demo preset learns to use the context (not only token frequencies), the
 run reports its loss against the held-out unigram baseline, and the exported model's fill-mask answers depend on
-the sentence. One shortened demo run (fp32, pinned: the outcome must not depend on the CPU) shared by the tests."""
+the sentence. One demo run (fp32, pinned: the outcome must not depend on the CPU) shared by the tests: the whole
+default run, about 3 minutes on 2 quiet cores, as no shorter schedule of it was seen to leave the plateau."""
 import os
 
 import pytest
@@ -9,16 +10,17 @@ from fastroberta import run_report
 from fastroberta import train as tr
 from fastroberta.metrics import read_metrics
 
-# Shorter than the default run (which is timed for ~3 minutes on 2 cores), long enough to leave the plateau where
-# only frequencies and the kept-token copy are learnt (measured: about 2,500 steps at the demo's settings).
-STEPS = 3000
+# The default run's length. The plateau where only frequencies and the kept-token copy are learnt (~0.45 nats
+# below the unigram baseline) ends between steps 2,500 and 3,750 of it; a 3,000-step schedule, whose rate
+# decays sooner, was measured still on it (5.43 against a unigram baseline of 5.86).
+STEPS = 5000
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_run")
     summary = tr.train(["--cache-dir", str(out / "cache"), "--steps", str(STEPS), "--precision", "fp32",
-                        "--eval-every", "1000", "--save-every", "0", "--no-progress", "--output", str(out / "run")])
+                        "--eval-every", "2500", "--save-every", "0", "--no-progress", "--output", str(out / "run")])
     return out / "run", summary, read_metrics(str(out / "run" / "metrics.jsonl"))
 
 
@@ -26,7 +28,7 @@ def demo_run(tmp_path_factory):
 def test_demo_run_beats_the_unigram_baseline_and_records_it(demo_run):
     out, summary, records = demo_run
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [1000, 2000, 3000]
+    assert [r["step"] for r in evals] == [2500, 5000]
     final = evals[-1]
     assert all(r["unigram_baseline"] == final["unigram_baseline"] for r in evals)
     assert final["uniform_baseline"] > final["unigram_baseline"] > 0
