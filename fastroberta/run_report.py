@@ -164,7 +164,7 @@ def plot_losses(metrics_path, png_path, unigram=None):
     if train:
         ax.plot(*zip(*train), label="train loss (MLM)", color="tab:blue")
     if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss (MLM)", color="tab:orange")
+        ax.plot(*zip(*held), "o-", markersize=3, label="held-out loss (MLM)", color="tab:orange")
     if unigram is not None:
         ax.axhline(unigram, linestyle="--", color="gray", label=f"held-out unigram baseline {unigram:.2f}")
     ax.set_xlabel("optimizer step")
