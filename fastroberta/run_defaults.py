@@ -2,7 +2,7 @@
 
 The ``demo`` preset (the default when neither --model nor --config is given) is a whole first run: on two CPU
 cores it trains for about three minutes on the bundled corpus and ends clearly below the unigram baseline (see
-README's "First run"). Its settings were chosen by measurement, not taken from RoBERTa. A small MLM model first
+README's training section). Its settings were chosen by measurement, not taken from RoBERTa. A small MLM model first
 learns only token frequencies and that a visible token at a labelled position is often itself (the 10% kept
 tokens): together worth about 0.1 x unigram entropy - 0.14 nats, 0.45 on this corpus. Using the context comes
 after a plateau that more *steps* end sooner than a wider model or a bigger batch: a 2 x 128 model stayed on it
