@@ -33,6 +33,8 @@ setup(
         # accelerate: transformers.Trainer needs it (tests/test_hf_kernels.py runs a few Trainer steps).
         "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "accelerate>=1.1"],
         "bench": ["pytest-benchmark", "transformers>=4.40", "matplotlib"],
+        # loss.png at the end of a training run; without it the trainer draws nothing and carries on.
+        "plot": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [

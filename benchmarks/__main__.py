@@ -9,8 +9,9 @@
     static    every kernel compiled for sm_90 (no GPU needed): registers, spills, SASS per main-loop
               iteration, written to benchmarks/results/sm90/static.{json,md}
 
-Without CUDA everything runs in smoke mode (tiny shapes, Triton interpreter; output labelled "smoke: not a
-performance result" and written to out/benchmarks-smoke/, never to benchmarks/results/). Exit status: 0 when
+Without CUDA everything runs in smoke mode (tiny shapes, Triton interpreter; a banner before any figure says it
+is a correctness run, not a performance result, the console columns read "smoke ms" / "smoke tok/s", and the
+files go to out/benchmarks-smoke/, never to benchmarks/results/). Exit status: 0 when
 every fastroberta correctness check passed and nothing failed to run, 1 otherwise.
 """
 import argparse
@@ -34,6 +35,14 @@ def _profile(args):
             return "smoke"
         return args.profile
     return "full" if torch.cuda.is_available() else "smoke"
+
+
+def _is_smoke(args):
+    """Whether this command measures in smoke mode (its figures are then no performance result)."""
+    import torch
+    if not torch.cuda.is_available() or getattr(args, "smoke", False):
+        return True
+    return getattr(args, "profile", None) == "smoke"
 
 
 def _out_root(args, profile):
@@ -179,6 +188,9 @@ def main(argv=None):
     if not args.command:
         parser.print_help()
         return 2
+    if args.command != "report" and _is_smoke(args):
+        from benchmarks import harness
+        harness.print_smoke_banner()
     # `timeout` sends SIGTERM: turn it into an exception so partial results are still written.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")))
     if args.command == "kernels":

@@ -348,6 +348,9 @@ def run(profile, out_root, models=None, seq_lens=None, precisions=None, competit
     result = {"bench": "e2e", "title": "Training step: DeepSpeed ZeRO-2 on one device", "profile": profile,
               "environment": env, "label": env["label"], "results": [], "complete": False}
     started = time.monotonic()
+    rate, ms = ("smoke tok/s", "smoke ms") if smoke else ("tok/s", "ms")
+    if smoke:
+        log(f"[e2e] figures below are {rate} / {ms}: CPU wall time of a micro model ({harness.SMOKE_LABEL})")
     for model in models:
         for seq in seq_lens:
             for precision in precisions:
@@ -371,14 +374,14 @@ def run(profile, out_root, models=None, seq_lens=None, precisions=None, competit
                             if remaining is not None:
                                 limit = min(limit, remaining - 5)
                             rec = _run_isolated(spec, limit, log)
-                    log(f"  {rec['status']}" + (f": {rec['tokens_per_s']:.0f} tokens/s, step {rec['step_ms']:.1f} ms"
+                    log(f"  {rec['status']}" + (f": {rec['tokens_per_s']:.0f} {rate}, step {rec['step_ms']:.1f} {ms}"
                                                  if rec.get("tokens_per_s") else ""))
                     result["results"].append(rec)
                     result["elapsed_s"] = round(time.monotonic() - started, 1)
                     write_result(result, out_dir, plot=False)
     result["complete"] = all(not r["status"].startswith("skipped") for r in result["results"])
     write_result(result, out_dir, plot=True)
-    log("e2e: " + ", ".join(f"{r['competitor']} {r['tokens_per_s']:.0f} tok/s" if r.get("tokens_per_s")
+    log("e2e: " + ", ".join(f"{r['competitor']} {r['tokens_per_s']:.0f} {rate}" if r.get("tokens_per_s")
                             else f"{r['competitor']} {r['status'][:40]}" for r in result["results"]))
     return result
 
@@ -497,6 +500,8 @@ def _pytest_tests():
                                          "competitor": competitor, "micro_batch": mb,
                                          "real_tokens_per_step": int(batch["attention_mask"].sum()),
                                          "label": harness.environment(profile() == "smoke")["label"]})
+            if profile() == "smoke":
+                benchmark.group = "SMOKE, CPU wall times, not performance: e2e step"
             benchmark.pedantic(step, rounds=max(1, prof["steps"]), warmup_rounds=0, iterations=1)
         finally:
             destroy_engine(engine)

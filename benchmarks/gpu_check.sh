@@ -2,13 +2,16 @@
 # The one-command GPU check: GPU tests, kernel benchmarks, the end-to-end training step and the trainer A/B run,
 # on one GPU in about 8 minutes, with one summary table at the end.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]     # OUT_DIR default: $OUT (the device tool's), else out/gpu-check
+#   bash benchmarks/gpu_check.sh [OUT_DIR]
 #
-# Run it from a checkout whose .whl/ holds the wheels the GPU machine lacks (DeepSpeed and its pure-Python
-# dependencies; build them with ../shared/tools/gpu-wheelhouse). It installs nothing from the network.
+# OUT_DIR is where the results go: the first argument, else $GPU_CHECK_OUT_DIR, else $OUT, else
+# out/gpu-check in the repository. Run it on a machine with one NVIDIA GPU, from a checkout where fastroberta's
+# dependencies are installed (torch for your CUDA, then pip install -e ".[test,bench]"). It installs nothing
+# from the network: on a machine without network access, put wheels of what is missing (DeepSpeed and its
+# pure-Python dependencies) in .whl/ at the repository root and the setup stage installs them from there.
 #
 # Stages, in order; each runs under `timeout`, a failing or timed-out stage is recorded and the next one runs:
-#   setup    the wheelhouse into /tmp/site (PYTHONPATH), the repo itself without dependencies, versions
+#   setup    the wheels in .whl/ (if any) into /tmp/site (PYTHONPATH), the repo itself without dependencies, versions
 #   tests    pytest on CUDA: tests/test_gpu_kernels.py (real shapes, fp16 + bf16) and the kernel test files
 #   kernels  python -m benchmarks kernels --profile check   (layer_norm, attention, cross_entropy)
 #   e2e      python -m benchmarks e2e --profile check       (base, seq 512, fp16, ZeRO-2: 4 competitors)
@@ -28,7 +31,7 @@
 # machine's copy of the tree has no .git), PYTHON (default python3), GPU_CHECK_SKIP_INSTALL=1 (use the fastroberta
 # already installed: for a dry run of the plumbing on a development machine).
 #
-# Output under OUT_DIR, within the device tool's limits (at most 8 files, no sub-folders, names [A-Za-z0-9._-]):
+# Output under OUT_DIR, a flat folder of 8 files that is easy to copy off the GPU machine:
 #   summary.md          stage table + targets table (also printed last)
 #   gpu_check.log       every stage's output, then the summary
 #   results.tar.gz      benchmarks/results/<device>/... (extract at the repo root to commit) and logs/
@@ -37,7 +40,7 @@ set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
-OUT_DIR=${1:-${OUT:-$REPO/out/gpu-check}}
+OUT_DIR=${1:-${GPU_CHECK_OUT_DIR:-${OUT:-$REPO/out/gpu-check}}}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)

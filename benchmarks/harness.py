@@ -50,6 +50,24 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS_ROOT = REPO / "benchmarks" / "results"
 SMOKE_ROOT = REPO / "out" / "benchmarks-smoke"
 SMOKE_LABEL = "smoke: not a performance result"
+# Printed before any figure a CPU run shows: interpreter times are ~1000x slower than compiled code on a GPU.
+SMOKE_BANNER = (
+    "=" * 100 + "\n"
+    "SMOKE RUN: a correctness check, NOT a performance result. No CUDA GPU here, so the Triton kernels run\n"
+    "through Triton's CPU interpreter on tiny shapes: every time and rate printed below ('smoke ms', 'smoke\n"
+    "tok/s') is an interpreter wall-clock figure that says nothing about speed on a GPU. Performance results\n"
+    "come from a CUDA GPU: bash benchmarks/gpu_check.sh (see CONTRIBUTING.md).\n"
+    + "=" * 100)
+
+
+def print_smoke_banner(file=None):
+    import sys
+    print(SMOKE_BANNER, file=file or sys.stdout, flush=True)
+
+
+def time_unit(smoke):
+    """The label of a printed time: plain milliseconds only for a real measurement."""
+    return "smoke ms" if smoke else "ms"
 PROFILES = ("smoke", "check", "full")
 MODES_ALL = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -406,6 +424,9 @@ def run_kernel_bench(bench, profile, out_root, timing=None, deadline=None, dtype
         "results": [], "checks": [], "skipped_cases": [], "complete": False,
     }
     started = time.monotonic()
+    unit = time_unit(smoke)
+    if smoke:
+        log(f"[{bench.NAME}] columns: competitor, then per mode the {unit} (interpreter wall time: {SMOKE_LABEL})")
     for case in cases:
         if deadline is not None and time.monotonic() > deadline:
             result["skipped_cases"].append(case.id)
@@ -450,7 +471,7 @@ def run_kernel_bench(bench, profile, out_root, timing=None, deadline=None, dtype
                 rec = {"case": case.id, "competitor": comp.name, **records[mode]}
                 add_throughput(rec, bench.METRIC, env)
                 result["results"].append(rec)
-            summary = ", ".join(f"{m} {records[m]['ms']:.3f} ms" if records[m]["ms"] else f"{m} -"
+            summary = ", ".join(f"{m} {records[m]['ms']:.3f} {unit}" if records[m]["ms"] else f"{m} -"
                                 for m in bench.MODES)
             log(f"  {comp.name:<22} {summary}")
         del inputs

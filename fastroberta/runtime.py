@@ -53,14 +53,17 @@ def _free_port():
 
 
 def init_distributed(on_cuda, local_rank):
-    """Start (or join) the process group. A plain process without the launcher becomes a group of one."""
+    """Start (or join) the process group; returns (device, CPU thread choice or None). A plain process without
+    the launcher becomes a group of one."""
+    from fastroberta import host
+    threads = None
     if not on_cuda:
         # DeepSpeed picks its accelerator at import; with no GPU make the CPU choice explicit.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # Several ranks on one CPU host would each start one thread per core; split the cores instead.
+        # Several ranks on one CPU host, or other busy processes, would each get one thread per core; take
+        # this process's share of the cores instead (unless OMP_NUM_THREADS says).
         local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if local_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
+        threads = host.set_cpu_threads(local_size)
     import deepspeed
     import torch.distributed as dist
     if "RANK" not in os.environ:
@@ -71,8 +74,9 @@ def init_distributed(on_cuda, local_rank):
         # Before NCCL starts, so that each rank's communicator binds to its own GPU.
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", verbose=False)
-    return device
+        with host.quiet_deepspeed_stdout():  # its CPU comm op announces itself on stdout
+            deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", verbose=False)
+    return device, threads
 
 
 def rng_state():

@@ -1,6 +1,6 @@
 """fastroberta-train: RoBERTa masked-LM pretraining under DeepSpeed.
 
-    fastroberta-train                      # tiny model on the bundled corpus: a couple of minutes on a laptop CPU
+    fastroberta-train                      # demo model on the bundled corpus: about 3 minutes on 2 CPU cores
     fastroberta-train --model base --data corpus/ --global-batch-size 2048 --steps 100000 --output runs/base
     deepspeed --num_gpus 8 --module fastroberta.train --model base --data corpus/ --zero-stage 2 ...
 
@@ -11,7 +11,9 @@ periodic logging / evaluation / checkpoints, then save a final checkpoint and a 
 
 Output folder: ``metrics.jsonl`` (one JSON object per logged step), ``checkpoints/`` (DeepSpeed checkpoints
 ``global_step<N>`` plus a ``latest`` pointer that moves only once a checkpoint is complete), ``hf/`` (model +
-tokenizer loadable by ``transformers``), ``ds_config.json`` and ``run.json`` (the resolved settings).
+tokenizer loadable by ``transformers``), ``ds_config.json`` and ``run.json`` (the resolved settings),
+``loss.png`` (with matplotlib installed). A finished run ends with its held-out loss against the unigram and
+uniform baselines and a few fill-mask predictions (``fastroberta.run_report``).
 """
 import argparse
 import contextlib
@@ -38,6 +40,10 @@ from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, NonFiniteGuard, OutputL
                                  parameters_finite, preserved_rng, rng_state, save_checkpoint, seed_everything,
                                  set_rng_state, world)
 
+from fastroberta import run_report  # baselines and the end-of-run report (issue 12)
+from fastroberta.progress import progress_bar
+from fastroberta.run_defaults import DEFAULT_PRESET, apply_run_defaults, help_for
+
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 OPTIMIZERS = ("auto", "deepspeed_adam", "torch_adamw", "apex_adam")
 MIN_SEQ_LEN = 3  # <s>, one token, </s>
@@ -46,7 +52,7 @@ MIN_SEQ_LEN = 3  # <s>, one token, </s>
 # and 4e-4 (large) at 8K sequences; smaller batches scale it by sqrt(batch / reference), the rule that also
 # links BERT's 1e-4 at batch 256 to RoBERTa's 6e-4 at 8K. Larger batches keep the reference value. The tiny
 # model tolerates (and over a short run needs) a much higher rate; its reference is a small batch.
-LR_RULE = {"tiny": (2e-3, 64), "base": (6e-4, 8192), "large": (4e-4, 8192)}
+LR_RULE = {"demo": (4e-3, 32), "tiny": (2e-3, 64), "base": (6e-4, 8192), "large": (4e-4, 8192)}
 WARMUP_FRACTION = 0.05  # RoBERTa: 24K warmup steps of 500K
 
 
@@ -67,37 +73,50 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="fastroberta-train",
         description="RoBERTa masked-LM pretraining with Triton kernels under DeepSpeed. With no arguments: the "
-                    "tiny preset on the bundled corpus for a couple of minutes.",
+                    "demo preset on the bundled corpus, about 3 minutes on 2 CPU cores, ending with its held-out "
+                    "loss against the unigram baseline and a few fill-mask predictions.",
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help=f"preset, one of {', '.join(PRESETS)} (default: tiny)")
+    g.add_argument("--model", default=None, help=f"preset, one of {', '.join(PRESETS)} (default: {DEFAULT_PRESET}, "
+                   "2 layers x 64; tiny is 4 x 256)")
     g.add_argument("--config", default=None, help="RobertaConfig / HF config.json instead of a preset")
     g.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="auto: Triton on CUDA, the PyTorch reference on CPU")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="text file or folder (default: the bundled corpus)")
+    g.add_argument("--data", default=None,
+                   help="the corpus: a text file (documents separated by "
+                        "blank lines; .txt, .text, .md, .rst or any other name), a .jsonl file (one document per "
+                        "line in its \"text\" field), either of them gzipped (.gz), a folder (its .txt/.text/.md/"
+                        ".rst/.jsonl files, optionally .gz, recursively), or a Hugging Face dataset "
+                        "hf:NAME[:CONFIG][:SPLIT] (needs the datasets package; split default train). Default: the "
+                        "bundled Tiny Shakespeare")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer folder or file (default: train a byte-level BPE on --data)")
-    g.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of a tokenizer trained on --data")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help=f"vocabulary of a tokenizer trained on --data ({help_for('vocab_size')})")
     g.add_argument("--cache-dir", default=None, help="where prepared data is cached (default: the data module's)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the corpus")
-    g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most 512)")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per sequence, at most 512 ({help_for('seq_len')})")
     g.add_argument("--mask-prob", type=float, default=0.15, help="share of tokens chosen for prediction")
     g.add_argument("--packing", default="full", choices=PACKING_MODES,
                    help="full: FULL-SENTENCES (RoBERTa); doc: DOC-SENTENCES; varlen: documents packed into a row "
                         "without attending to each other")
     g = p.add_argument_group("batch and schedule")
-    g.add_argument("--micro-batch-size", type=int, default=16, help="sequences per process per forward pass")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help=f"sequences per process per forward pass ({help_for('micro_batch_size')})")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="sequences per optimizer step over all processes; accumulation is derived "
                         "(default: micro-batch size x world size)")
-    g.add_argument("--steps", type=int, default=200, help="optimizer steps; the LR schedule spans them")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps; the LR schedule spans them ({help_for('steps')})")
     g.add_argument("--stop-at-step", type=int, default=None,
                    help="checkpoint and exit after this step, the schedule still spanning --steps "
                         "(for time-sliced jobs)")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: by model size and global batch: tiny 2e-3 at batch 64, "
+                   help="peak learning rate (default: by model size and global batch: demo 4e-3 at batch 32, "
+                        "tiny 2e-3 at batch 64, "
                         "base 6e-4 and large 4e-4 at batch 8192, times sqrt(batch / that batch) for smaller "
                         "batches)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 5%% of --steps)")
@@ -140,7 +159,10 @@ def build_parser():
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak TFLOP/s for MFU (default: table by GPU name, env "
                         "FASTROBERTA_PEAK_TFLOPS)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress display (a bar on a terminal, otherwise a plain line every 15 s)")
+    g.add_argument("--samples", type=int, default=3,
+                   help="fill-mask predictions on held-out sentences shown at the end (0 = none)")
     g.add_argument("--seed", type=int, default=0, help="model init, dropout, data order and masks")
     g.add_argument("--max-nonfinite", type=int, default=5,
                    help="stop (exit 1) after this many consecutive non-finite losses, in any precision; under "
@@ -181,6 +203,7 @@ def resolve_settings(args):
     rank, world_size = world()
     local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
     s = argparse.Namespace(on_cuda=on_cuda, rank=rank, world_size=world_size, local_rank=local_rank)
+    apply_run_defaults(args)  # vocabulary, seq len, micro-batch and steps by preset (issue 12)
 
     if args.log_every is None:
         args.log_every = max(1, min(10, args.steps // 10))
@@ -209,7 +232,7 @@ def resolve_settings(args):
         s.model_name = os.path.splitext(os.path.basename(args.config))[0]
         s.size_class = "tiny" if s.config.hidden_size <= 256 else "base" if s.config.hidden_size <= 768 else "large"
     else:
-        s.model_name = args.model or "tiny"
+        s.model_name = args.model or DEFAULT_PRESET
         if s.model_name not in PRESETS:
             raise ConfigError(f"unknown model preset {s.model_name!r}; choose one of {', '.join(PRESETS)} "
                               "or pass --config")
@@ -580,10 +603,11 @@ def _train(args, s):
     for w in s.warnings:
         _say(s, f"fastroberta-train: warning: {w}")
 
-    device = init_distributed(s.on_cuda, s.local_rank)
+    device, s.threads = init_distributed(s.on_cuda, s.local_rank)
+    if s.threads:
+        _say(s, f"cpu threads: {s.threads[1]}")
     import deepspeed
     import torch.distributed as dist
-    from tqdm.auto import tqdm
 
     from fastroberta.data import MLMDataLoader, prepare_dataset
     # DeepSpeed's INFO lines (its whole config, every step's bookkeeping) would bury the progress bar.
@@ -595,7 +619,7 @@ def _train(args, s):
     def prepare():
         kw = dict(data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                   val_fraction=args.val_fraction, seed=args.seed,
-                  show_progress=s.rank == 0 and not args.no_progress)
+                  show_progress=s.rank == 0 and not args.no_progress and sys.stderr.isatty())  # bars: terminals only
         if args.cache_dir is not None:
             kw["cache_dir"] = args.cache_dir
         try:
@@ -607,7 +631,9 @@ def _train(args, s):
     dist.barrier()
     if s.local_rank != 0:
         prepared = prepare()
-    _say(s, f"data ready: vocab {prepared.vocab_size} ({time.perf_counter() - t0:.1f}s)")
+    base = run_report.baselines(prepared)  # issue 12: what context-blind guessing scores on the held-out split
+    _say(s, f"data ready: vocab {prepared.vocab_size}; held-out baselines: unigram {base['unigram']:.3f}, uniform "
+            f"{base['uniform']:.3f} nats ({time.perf_counter() - t0:.1f}s)")
 
     # Model: the same initial weights on every rank; then per-rank streams for dropout.
     seed_everything(args.seed)
@@ -693,8 +719,8 @@ def _train(args, s):
     flops_per_token = model.flops_per_token(args.seq_len, args.mask_prob)
     meter = Throughput(flops_per_token, peak_tflops(device, s.precision, args.peak_tflops), s.world_size)
     end_step = args.stop_at_step or args.steps
-    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=s.rank != 0 or args.no_progress, file=sys.stderr)
+    bar = progress_bar(total=args.steps, initial=step, desc="train", disable=s.rank != 0 or args.no_progress,
+                       file=sys.stderr)  # a tqdm bar on a terminal, plain lines in a log (issue 12)
 
     def client_state():
         return {"step": step, "tokens_seen": tokens_seen, "samples_seen": samples_seen,
@@ -806,8 +832,10 @@ def _train(args, s):
                                  f"{lr:.3e}); not saving or exporting these weights. Lower --lr or keep "
                                  f"--clip-grad on; {last_good_checkpoint(s.ckpt_dir)}.")
                     if "eval_loss" in record:
-                        _say(s, f"step {step}: eval loss {record['eval_loss']:.4f}, accuracy "
-                                f"{record['eval_accuracy']:.4f}, perplexity {record['eval_perplexity']:.1f}", bar)
+                        record.update(unigram_baseline=base["unigram"], uniform_baseline=base["uniform"])
+                        _say(s, f"step {step}: eval loss {record['eval_loss']:.4f} (unigram baseline "
+                                f"{base['unigram']:.3f}), accuracy {record['eval_accuracy']:.4f}, perplexity "
+                                f"{record['eval_perplexity']:.1f}", bar)
                 log.log(record)
                 last = record
                 if first_loss is None:
@@ -837,6 +865,9 @@ def _train(args, s):
     summary = {"step": step, "output": s.output, "checkpoint": os.path.join(s.ckpt_dir, f"global_step{step}"),
                "hf": hf_dir, "metrics": last, "stopped_by_signal": stopped_by_signal,
                "elapsed_s": time.perf_counter() - t0}
+    if s.rank == 0:  # issue 12: the loss against the baselines, fill-mask samples, loss.png
+        summary["report"] = run_report.end_of_run(lambda msg: _say(s, msg), s.output, last, base, prepared,
+                                                  hf_dir, args.samples)
     if first_loss is not None and last.get("loss") is not None:
         _say(s, f"done: step {step}, loss {first_loss:.3f} -> {last['loss']:.3f} in {summary['elapsed_s']:.0f}s; "
                 f"outputs in {s.output}")

@@ -89,6 +89,32 @@ def test_e2e_smoke_step_through_deepspeed(tmp_path):
     # Same config and seed: both models start from the same loss scale (ln V for a fresh MLM head).
     assert abs(rows["fastroberta-torch"]["loss_first"] - math.log(1000)) < 0.5
     assert "| fastroberta-torch |" in (tmp_path / harness.device_slug() / "e2e.md").read_text()
+    # The console: the smoke banner before the first figure, and the figures labelled as smoke.
+    banner = proc.stdout.find("SMOKE RUN: a correctness check, NOT a performance result")
+    first_figure = proc.stdout.find("smoke tok/s")
+    assert 0 <= banner < first_figure, proc.stdout[:2000]
+    assert " tokens/s" not in proc.stdout.replace("smoke tok/s", "")
+
+
+def test_kernel_console_output_opens_with_the_smoke_banner(tmp_path, capsys):
+    """`python -m benchmarks kernels` on CPU: the banner comes before any time, and times read 'smoke ms'."""
+    status = cli.main(["kernels", "--smoke", "--only", "layer_norm", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 0
+    banner = out.find(harness.SMOKE_BANNER.splitlines()[1])
+    first_time = out.find(" smoke ms")
+    assert 0 <= banner < first_time, out[:2000]
+    assert " ms," not in out.replace("smoke ms,", "") and "columns:" in out
+
+
+def test_pytest_benchmark_session_header_says_smoke():
+    """`pytest benchmarks/ --benchmark-only` on CPU: the session header carries the banner."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_conftest", REPO / "benchmarks" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    header = conftest.pytest_report_header(None)
+    assert header and "NOT a performance result" in "\n".join(header)
 
 
 # ------------------------------------------------------------------------------------------ the report

@@ -41,23 +41,28 @@ def free_port():
 
 
 def test_default_run_through_the_console_script(tmp_path):
-    """`fastroberta-train` with only --steps shortening it: tiny preset, bundled corpus, its own tokenizer."""
+    """`fastroberta-train` with only --steps shortening it: demo preset, bundled corpus, its own tokenizer; its
+    stderr goes to a pipe, so progress comes as plain lines, and stdout stays empty."""
     exe = shutil.which("fastroberta-train")
     assert exe, "the console script fastroberta-train is not installed"
-    proc = subprocess.run([exe, "--steps", "6"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([exe, "--steps", "20", "--log-every", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env=child_env(FASTROBERTA_CACHE=str(tmp_path / "cache")))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "runs" / "fastroberta-tiny"
+    out = tmp_path / "runs" / "fastroberta-demo"
     records = read_metrics(str(out / "metrics.jsonl"))
-    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["step"] for r in records] == list(range(1, 21))
     assert records[-1]["loss"] < records[0]["loss"] - 0.5, "the loss must visibly fall"
     assert records[-1]["eval_loss"] < records[0]["loss"]
     assert {"step", "loss", "lr", "tokens_per_s", "mlm_accuracy", "grad_norm"} <= set(records[0])
-    assert "train:" in proc.stderr and "tok_s=" in proc.stderr and "acc=" in proc.stderr  # the progress bar
+    assert "train: step 20/20 (100%)" in proc.stderr and "tok_s=" in proc.stderr and "acc=" in proc.stderr
+    assert "\r" not in proc.stderr, "no progress-bar redraws in a log"
+    assert proc.stdout == "", proc.stdout  # DeepSpeed's "... built successfully" included
+    assert "unigram baseline" in proc.stderr and "fill-mask on held-out lines" in proc.stderr
+    assert records[-1]["unigram_baseline"] < records[-1]["uniform_baseline"]
     # The checkpoint and the HF export hold the same trained weights.
     ckpt = out / "checkpoints"
-    assert (ckpt / "latest").read_text() == "global_step6"
-    module = torch.load(ckpt / "global_step6" / "mp_rank_00_model_states.pt", map_location="cpu",
+    assert (ckpt / "latest").read_text() == "global_step20"
+    module = torch.load(ckpt / "global_step20" / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)["module"]
     exported = tr_model_from(out / "hf").state_dict()
     assert set(exported) == set(module)
@@ -66,7 +71,7 @@ def test_default_run_through_the_console_script(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = transformers.RobertaForMaskedLM.from_pretrained(str(out / "hf"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(out / "hf"))
-    assert model.config.vocab_size == len(tokenizer) and 4000 < len(tokenizer) <= 8192
+    assert model.config.vocab_size == len(tokenizer) == 1024  # the demo preset's vocabulary
     enc = tokenizer(["To be, or not to <mask>, that is the question."], return_tensors="pt")
     assert enc["input_ids"][0, 0] == tokenizer.bos_token_id and tokenizer.mask_token_id in enc["input_ids"][0]
     with torch.no_grad():

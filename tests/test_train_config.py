@@ -141,8 +141,9 @@ def _settings(argv):
 
 
 @pytest.mark.parametrize("argv, lr", [
-    ([], 2e-3 * math.sqrt(16 / 64)),                                   # tiny at its default batch 16
-    (["--global-batch-size", "64"], 2e-3),
+    ([], 4e-3),                                                        # demo (the default) at its batch 32
+    (["--model", "tiny"], 2e-3 * math.sqrt(16 / 64)),                  # tiny at its default batch 16
+    (["--model", "tiny", "--global-batch-size", "64"], 2e-3),
     (["--model", "base", "--global-batch-size", "8192"], 6e-4),
     (["--model", "base", "--global-batch-size", "256"], 6e-4 * math.sqrt(256 / 8192)),
     (["--model", "large", "--global-batch-size", "16384"], 4e-4),       # never above the reference
@@ -311,9 +312,37 @@ def test_tensorboard_flag(tmp_path, capsys):
 def test_learning_rate_follows_the_batch_and_optimizer_of_a_user_json(tmp_path):
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"train_batch_size": 64}))
-    s = _settings(["--output", str(tmp_path / "o"), "--deepspeed_config", str(cfg)])
+    s = _settings(["--model", "tiny", "--output", str(tmp_path / "o"), "--deepspeed_config", str(cfg)])
     assert s.global_batch_size == 64 and s.grad_accum_steps == 4
     assert s.lr == pytest.approx(2e-3) and s.ds_config["optimizer"]["params"]["lr"] == pytest.approx(2e-3)
     cfg.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
     s = _settings(["--output", str(tmp_path / "o"), "--deepspeed_config", str(cfg)])
     assert s.lr == 1e-4 and any("optimizer.params.lr" in w for w in s.warnings)
+
+
+def test_run_defaults_follow_the_preset(tmp_path):
+    """No arguments: the demo preset with its own vocabulary, length, batch and steps; tiny keeps the general
+    defaults; flags the user gives always win."""
+    from fastroberta.run_defaults import BY_PRESET, GENERAL
+    args = tr.build_parser().parse_args(["--output", str(tmp_path / "o")])
+    s = tr.resolve_settings(args)
+    demo = BY_PRESET["demo"]
+    assert s.model_name == "demo" and s.config.hidden_size == 64 and s.config.num_hidden_layers == 2
+    assert (args.vocab_size, args.seq_len, args.micro_batch_size, args.steps) == \
+        (demo["vocab_size"], demo["seq_len"], demo["micro_batch_size"], demo["steps"])
+    args = tr.build_parser().parse_args(["--model", "tiny", "--output", str(tmp_path / "o")])
+    s = tr.resolve_settings(args)
+    assert s.config.hidden_size == 256 and s.config.num_hidden_layers == 4
+    assert (args.vocab_size, args.seq_len, args.micro_batch_size, args.steps) == \
+        (GENERAL["vocab_size"], GENERAL["seq_len"], GENERAL["micro_batch_size"], GENERAL["steps"])
+    args = tr.build_parser().parse_args(["--seq-len", "48", "--steps", "7", "--output", str(tmp_path / "o")])
+    tr.resolve_settings(args)
+    assert args.seq_len == 48 and args.steps == 7 and args.vocab_size == demo["vocab_size"]
+
+
+def test_help_names_every_data_form(capsys):
+    with pytest.raises(SystemExit):
+        tr.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for form in (".jsonl", '"text"', ".gz", "folder", "hf:NAME[:CONFIG][:SPLIT]", "text file"):
+        assert form in text, form
