@@ -53,22 +53,24 @@ def _torch_ops():
         return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
 
     return SimpleNamespace(name="torch", layer_norm=layer_norm, attention=reference.attention,
-                           attention_varlen=attention_varlen, mlm_cross_entropy=mlm_cross_entropy)
+                           attention_packed=reference.attention_packed, attention_varlen=attention_varlen,
+                           mlm_cross_entropy=mlm_cross_entropy)
 
 
 def _triton_ops():
-    from .attention import attention, attention_varlen
+    from .attention import attention, attention_packed, attention_varlen
     from .cross_entropy import mlm_cross_entropy
     from .layer_norm import layer_norm
     return SimpleNamespace(name="triton", layer_norm=layer_norm, attention=attention,
-                           attention_varlen=attention_varlen, mlm_cross_entropy=mlm_cross_entropy)
+                           attention_packed=attention_packed, attention_varlen=attention_varlen,
+                           mlm_cross_entropy=mlm_cross_entropy)
 
 
 _OPS = {}
 
 
 def ops_for(kernels, device):
-    """The op namespace (layer_norm, attention, attention_varlen, mlm_cross_entropy) for ``kernels`` on
+    """The op namespace (layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy) for ``kernels`` on
     ``device``."""
     name = resolve_kernels(kernels, device)
     if name not in _OPS:
