@@ -96,8 +96,9 @@ def build_parser():
     g.add_argument("--metric", default=None,
                    help="metric choosing the best model: accuracy, f1, mcc, pearson or spearman (default: the "
                         "task's: MCC for CoLA, F1 for MRPC/QQP, Pearson for STS-B and regression, else accuracy)")
-    g.add_argument("--max-seq-len", type=int, default=128,
-                   help="longer inputs are truncated (pairs: longest first); batches pad to their longest row")
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="longer inputs are truncated (pairs: longest first); batches pad to their longest row "
+                        "(default: 128, or the model's limit if lower)")
     g.add_argument("--group-by-length", action="store_true",
                    help="batch examples of similar length together (less padding, less randomness)")
     g = p.add_argument_group("batch and schedule")
@@ -204,7 +205,7 @@ def resolve_settings(args):
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.max_seq_len < 8:
+    if args.max_seq_len is not None and args.max_seq_len < 8:
         raise ConfigError(f"--max-seq-len must be at least 8, got {args.max_seq_len}")
 
     s.task = get_task(args.task, args.text_fields, args.label_field, args.metric)
@@ -226,6 +227,8 @@ def resolve_settings(args):
             s.config = read_config(s.model_path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {args.model!r}: {e}") from None
+    if args.max_seq_len is None:
+        args.max_seq_len = min(128, s.config.max_seq_len)
     if args.max_seq_len > s.config.max_seq_len:
         raise ConfigError(f"--max-seq-len {args.max_seq_len} exceeds the model's position table "
                           f"({s.config.max_seq_len} tokens)")
@@ -339,7 +342,7 @@ def load_data(args, s, tokenizer, special):
 
 def build_model(args, s, names):
     from fastroberta.model import RobertaForSequenceClassification
-    overrides = {"num_labels": s.task.num_labels,
+    overrides = {"num_labels": 1 if names is None else len(names),
                  "problem_type": "regression" if s.task.regression else "single_label_classification",
                  "id2label": None if names is None else dict(enumerate(names))}
     if args.dropout is not None:
@@ -599,7 +602,7 @@ def _run(args, s):
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-            do_eval = val is not None and (step == end_step or (eval_every and step % eval_every == 0))
+            do_eval = val is not None and (step == total_steps or (eval_every and step % eval_every == 0))
             if do_eval or step % log_every == 0 or step == end_step or stop_votes > 0:
                 elapsed = time.perf_counter() - window["t"]
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
