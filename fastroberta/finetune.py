@@ -501,6 +501,7 @@ def _run(args, s):
     seed_everything(args.seed)
     model, origin = build_model(args, s, names)
     config = model.config
+    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters
     seed_everything(args.seed + s.rank)
     if s.zero_stage == 3:
         emb = model.roberta.embeddings
@@ -510,7 +511,7 @@ def _run(args, s):
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=s.ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
-    _say(s, f"engine ready: {model.num_parameters() / 1e6:.1f}M parameters from {s.model_path} ({origin}), "
+    _say(s, f"engine ready: {n_params / 1e6:.1f}M parameters from {s.model_path} ({origin}), "
             f"{s.precision}, ZeRO {s.zero_stage}, world {s.world_size}, global batch {s.global_batch_size}, "
             f"{total_steps} steps ({steps_per_epoch}/epoch), peak lr {s.lr:.2e}, warmup {warmup}")
 
