@@ -349,16 +349,26 @@ def build_model(args, s, names):
         overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout,
                          classifier_dropout=args.dropout)
     if s.model_kind == "pretrained":
+        import dataclasses
+        # Load with the checkpoint's own head size; a head of another size (a checkpoint fine-tuned for another
+        # task) is then dropped: its out_proj is initialised afresh, like transformers' ignore_mismatched_sizes.
+        keep = {k: v for k, v in overrides.items() if k not in ("num_labels", "id2label", "problem_type")}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                model = RobertaForSequenceClassification.from_pretrained(s.model_path, kernels=args.kernels,
-                                                                         **overrides)
+                loaded = RobertaForSequenceClassification.from_pretrained(s.model_path, kernels=args.kernels, **keep)
             except (OSError, ValueError, RuntimeError) as e:
-                raise ConfigError(f"--model {args.model!r} cannot be loaded for this task: "
-                                  f"{str(e).splitlines()[0]}") from None
-        new = [str(w.message) for w in caught if "newly initialised" in str(w.message)]
-        return model, ("a new classification head" if new else "the checkpoint's classification head")
+                raise ConfigError(f"--model {args.model!r} cannot be loaded: {str(e).splitlines()[0]}") from None
+        new_head = any("newly initialised" in str(w.message) for w in caught)
+        if loaded.config.num_labels == overrides["num_labels"]:
+            loaded.config = dataclasses.replace(loaded.config, **overrides)
+            loaded.num_labels = overrides["num_labels"]
+            return loaded, ("a new classification head" if new_head else "the checkpoint's classification head")
+        model = RobertaForSequenceClassification(dataclasses.replace(loaded.config, **overrides), kernels=args.kernels)
+        state = {k: v for k, v in loaded.state_dict().items() if not k.startswith("classifier.out_proj.")}
+        model.load_state_dict(state, strict=False)
+        return model, ("a new classification head" if new_head else
+                       f"the checkpoint's classification head with a new {overrides['num_labels']}-way output layer")
     import dataclasses
     config = dataclasses.replace(s.config, **overrides)
     return RobertaForSequenceClassification(config, kernels=args.kernels), "random initialisation (from scratch)"

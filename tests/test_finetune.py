@@ -306,3 +306,32 @@ def test_help_documents_every_flag():
                  "--global-batch-size", "--lr", "--epochs", "--steps", "--warmup-ratio", "--weight-decay",
                  "--seed", "--eval-every", "--output", "--resume", "--overwrite", "--kernels"):
         assert flag in text
+
+
+def test_transformers_checkpoint_and_from_scratch(model_dir, tmp_path):
+    """A folder written by transformers (with its own 3-class head, replaced for this 2-class task) is a valid
+    --model; --from-scratch keeps its architecture and tokenizer but none of its weights."""
+    transformers = pytest.importorskip("transformers")
+    src = RobertaForSequenceClassification.from_pretrained(str(model_dir / "hf"), kernels="torch")
+    hf_model = transformers.RobertaForSequenceClassification.from_pretrained(str(model_dir / "hf"), num_labels=3)
+    folder = tmp_path / "hf_ckpt"
+    hf_model.save_pretrained(str(folder))
+    for name in os.listdir(model_dir / "hf"):
+        if name.startswith(("tokenizer", "vocab", "merges", "special")):
+            (folder / name).write_bytes((model_dir / "hf" / name).read_bytes())
+    common = ["--steps", "1", "--lr", "1e-9", "--dropout", "0"]
+    summary = ft.finetune(["--model", str(folder), "--task", "classification", "--train",
+                           str(model_dir / "data" / "train.jsonl"), "--precision", "fp32", "--no-progress",
+                           "--micro-batch-size", "16", "--max-seq-len", "32", "--output", str(tmp_path / "b"),
+                           *common])
+    assert summary["step"] == 1
+    tuned = RobertaForSequenceClassification.from_pretrained(str(tmp_path / "b" / "hf"), kernels="torch")
+    key = "roberta.layers.0.qkv.weight"
+    assert torch.allclose(tuned.state_dict()[key], src.state_dict()[key], atol=1e-6)  # lr 1e-9: encoder kept
+    assert tuned.config.num_labels == 2
+    ft.finetune(["--model", str(folder), "--from-scratch", "--task", "classification", "--train",
+                 str(model_dir / "data" / "train.jsonl"), "--precision", "fp32", "--no-progress",
+                 "--micro-batch-size", "16", "--max-seq-len", "32", "--output", str(tmp_path / "c"), *common])
+    fresh = RobertaForSequenceClassification.from_pretrained(str(tmp_path / "c" / "hf"), kernels="torch")
+    assert fresh.state_dict()[key].shape == src.state_dict()[key].shape
+    assert not torch.allclose(fresh.state_dict()[key], src.state_dict()[key], atol=1e-3)
