@@ -41,7 +41,8 @@ from fastroberta.tokenizer import load_tokenizer, save_tokenizer, train_tokenize
 PACKING_MODES = ("full", "doc", "varlen")
 
 __all__ = ["default_corpus_path", "prepare_dataset", "PreparedDataset", "MLMDataLoader", "IGNORE_INDEX",
-           "check_batch", "PACKING_MODES", "Packer", "mask_tokens", "load_tokenizer", "save_tokenizer", "train_tokenizer"]
+           "check_batch", "PACKING_MODES", "Packer", "mask_tokens", "load_tokenizer", "save_tokenizer",
+           "train_tokenizer"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 

@@ -32,9 +32,9 @@ import torch
 
 from fastroberta.config import PRESETS, RobertaConfig
 from fastroberta.data import PACKING_MODES
-from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
 from fastroberta.ds_config import (ConfigError, build_config, format_conflict, load_user_config, merge_configs,
                                    resolve_batch, resolve_precision, write_config, zero_stage_of)
+from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
 from fastroberta.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")

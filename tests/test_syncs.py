@@ -92,6 +92,7 @@ def count(layers, varlen, checkpointing=False, validate=False):
     return counter
 
 
+@pytest.mark.slow  # four interpreted layers with dropout: ~10-30 s on 2 busy cores
 @pytest.mark.parametrize("varlen, budget", [(False, 1), (True, 2)])
 def test_training_step_syncs_do_not_grow_with_depth(varlen, budget):
     shallow, deep = count(2, varlen), count(4, varlen)
@@ -100,13 +101,13 @@ def test_training_step_syncs_do_not_grow_with_depth(varlen, budget):
 
 
 def test_activation_checkpointing_adds_no_syncs():
-    plain, recomputed = count(2, True), count(2, True, checkpointing=True)
+    plain, recomputed = count(1, True), count(1, True, checkpointing=True)
     assert recomputed.by_line == plain.by_line, (dict(plain.by_line), dict(recomputed.by_line))
 
 
 def test_validation_reads_once_per_forward_not_per_layer():
     # The checks of ids, labels and cu_seqlens cost a few reads, but never one per layer.
-    assert count(2, True, validate=True).by_line == count(4, True, validate=True).by_line
+    assert count(1, True, validate=True).by_line == count(2, True, validate=True).by_line
 
 
 def test_counter_sees_the_syncs_it_is_meant_to():
