@@ -83,8 +83,8 @@ def get_task(name, text_fields=None, label_field=None, metric=None):
         if metric not in METRICS:
             raise ConfigError(f"unknown --metric {metric!r}; choose one of {', '.join(METRICS)}")
         if task.regression != (metric in ("pearson", "spearman")):
-            raise ConfigError(f"--metric {metric} does not fit a {'regression' if task.regression else 'classification'} "
-                              "task")
+            kind = "regression" if task.regression else "classification"
+            raise ConfigError(f"--metric {metric} does not fit a {kind} task")
         changes["metric"] = metric
     if changes:
         task = Task(**{**task.__dict__, **changes})
