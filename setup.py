@@ -39,6 +39,7 @@ setup(
     entry_points={
         "console_scripts": [
             "fastroberta-train = fastroberta.train:main",
+            "fastroberta-finetune = fastroberta.finetune:main",
         ]
     },
     license="Apache-2.0",

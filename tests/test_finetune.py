@@ -1,0 +1,336 @@
+"""fastroberta-finetune: the metrics against hand-computed values, the data forms (CSV, TSV, JSONL, pairs,
+truncation, dynamic padding), one-line errors, and in-process runs of a tiny model on CPU (fp32): outputs,
+transformers loading the kept model, exact resume, the output lock and a regression task."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fastroberta import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+from fastroberta import finetune as ft
+from fastroberta import tasks
+from fastroberta.metrics import read_metrics
+from fastroberta.tokenizer import save_tokenizer, train_tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics (values worked out by hand in the comments)
+# ----------------------------------------------------------------------------------------------------------
+def test_accuracy_and_f1():
+    assert tasks.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    # tp = 2 (rows 0, 3), fp = 1 (row 1), fn = 1 (row 4): F1 = 2tp / (2tp + fp + fn) = 4 / 6
+    assert tasks.f1_score([1, 1, 0, 1, 0], [1, 0, 0, 1, 1]) == pytest.approx(4 / 6)
+    assert tasks.f1_score([0, 0], [0, 0]) == 0.0  # no positives anywhere: F1 taken as 0
+
+
+def test_matthews_correlation():
+    # tp = 2, tn = 1, fp = 1, fn = 1: (tp tn - fp fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)) = 1 / sqrt(3*3*2*2)
+    assert tasks.matthews_corrcoef([1, 1, 0, 1, 0], [1, 0, 0, 1, 1]) == pytest.approx(1 / 6)
+    assert tasks.matthews_corrcoef([1, 0, 1, 0], [1, 0, 1, 0]) == pytest.approx(1.0)
+    assert tasks.matthews_corrcoef([1, 1, 1], [1, 0, 1]) == 0.0  # a constant prediction: undefined, 0
+
+
+def test_pearson_and_spearman():
+    # x - mean = (-1.5, -.5, .5, 1.5), y - mean = (-3, -1, 0, 4): 11 / sqrt(5 * 26)
+    assert tasks.pearson([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(11 / math.sqrt(130))
+    # tied ranks averaged: x ranks (1, 2.5, 2.5, 4), y ranks (1, 3, 2, 4): 4.5 / sqrt(4.5 * 5)
+    assert tasks.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert tasks.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)
+
+
+def test_task_metrics_pick_the_glue_metric():
+    assert set(tasks.compute_metrics(tasks.GLUE["mrpc"], [1, 0], [1, 1])) == {"accuracy", "f1"}
+    assert set(tasks.compute_metrics(tasks.GLUE["cola"], [1, 0], [1, 1])) == {"accuracy", "mcc"}
+    assert set(tasks.compute_metrics(tasks.GLUE["stsb"], [1., 2.], [1., 3.])) == {"pearson", "spearman"}
+    assert [tasks.GLUE[t].num_labels for t in ("mnli", "qnli", "stsb", "sst2")] == [3, 2, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+PAIR = tasks.get_task("classification", text_fields="a,b", label_field="y")
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv", "jsonl"])
+def test_every_file_form_reads_the_same_pairs(tmp_path, ext):
+    rows = [("It's \"quoted\", here", "second", "yes"), ("plain", "with\ttab-free text", "no")]
+    if ext == "jsonl":
+        text = "".join(json.dumps({"a": a, "b": b, "y": y}) + "\n" for a, b, y in rows)
+    elif ext == "csv":
+        text = 'a,b,y\n"It\'s ""quoted"", here",second,yes\nplain,with\ttab-free text,no\n'
+    else:  # GLUE-style TSV: quotes are plain characters
+        rows = [("It's \"quoted\", here", "second", "yes"), ("plain", "two words", "no")]
+        text = "a\tb\ty\n" + "".join("\t".join(r) + "\n" for r in rows)
+    split = tasks.read_split(write(tmp_path / f"d.{ext}", text), "train", PAIR)
+    assert split.texts == [r[:2] for r in rows]
+    assert split.labels == ["yes", "no"]
+    names = tasks.label_names(PAIR, split)
+    assert names == ["no", "yes"]
+    assert tasks.encode_labels(PAIR, split, names).tolist() == [1, 0]
+
+
+def test_numeric_class_names_sort_as_numbers(tmp_path):
+    task = tasks.get_task("classification")
+    split = tasks.read_split(write(tmp_path / "d.jsonl", "".join(
+        json.dumps({"text": "x", "label": v}) + "\n" for v in (10, 2, 1, 2))), "train", task)
+    assert tasks.label_names(task, split) == ["1", "2", "10"]
+
+
+class _Enc:
+    def __init__(self, ids):
+        self.ids = ids
+
+
+class _Tok:
+    """Each word one token: its length."""
+
+    def encode_batch(self, texts, add_special_tokens=False):
+        return [_Enc([len(w) + 10 for w in t.split()]) for t in texts]
+
+
+def test_pairs_truncate_longest_first_in_robertas_format():
+    special = {"bos": 0, "eos": 2}
+    split = tasks.Split("train", "x", [("a bb ccc dddd eeeee ffffff", "g hh")], ["1"], [1])
+    (ids,) = tasks.tokenize(split, _Tok(), 10, special)
+    # budget 10 - 4 specials = 6: the 6-token first text gives up 2, the 2-token second keeps both
+    assert ids == [0, 11, 12, 13, 14, 2, 2, 11, 12, 2]
+    single = tasks.Split("train", "x", [("a bb ccc dddd",)], ["1"], [1])
+    assert tasks.tokenize(single, _Tok(), 5, special) == [[0, 11, 12, 13, 2]]
+    assert tasks.truncate_pair([1] * 3, [1] * 9, 8) == ([1] * 3, [1] * 5)
+
+
+def test_batches_pad_to_their_longest_row_and_cover_each_epoch():
+    ids = [[0] + [5] * n + [2] for n in range(1, 41)]
+    labels = np.arange(40) % 2
+    loader = tasks.TaskLoader(ids, labels, pad_id=1, micro_batch_size=4, global_batch_size=8, seed=3,
+                              group_by_length=True)
+    it = iter(loader)
+    seen = []
+    for _ in range(10):  # one epoch: 5 global batches x 2 micro-batches
+        b = next(it)
+        lengths = b["attention_mask"].sum(1)
+        assert b["input_ids"].shape[1] == int(lengths.max())
+        assert (b["input_ids"][b["attention_mask"] == 0] == 1).all()
+        seen += lengths.tolist()
+    assert sorted(seen) == list(range(3, 43))
+    assert loader.epoch == 0 and loader.position == 5
+    # grouped by length: every micro-batch spans a narrow range
+    first = tasks.TaskLoader(ids, labels, 1, 4, 8, seed=3, group_by_length=True)
+    b = next(iter(first))
+    assert b["attention_mask"].sum(1).max() - b["attention_mask"].sum(1).min() <= 8
+
+
+def test_word_order_task_is_deterministic_and_balanced():
+    a, b = tasks.word_order_task(), tasks.word_order_task()
+    assert a == b
+    assert len(a["train"]) == 2000 and len(a["validation"]) == 500
+    assert sum(r["label"] == "shuffled" for r in a["validation"]) == 250
+    assert not {r["text"] for r in a["train"]} & {r["text"] for r in a["validation"]}
+    assert all(6 <= len(r["text"].split()) <= 14 for r in a["train"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny RoBERTa folder (random weights) with a 400-entry tokenizer trained on the bundled corpus."""
+    root = tmp_path_factory.mktemp("ft_model")
+    rows = tasks.word_order_task()
+    tok = train_tokenizer([r["text"] for r in rows["train"]], 400)
+    from fastroberta.tokenizer import special_ids
+    sp = special_ids(tok)
+    cfg = RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=66, pad_token_id=sp["pad"],
+                        bos_token_id=sp["bos"], eos_token_id=sp["eos"])
+    torch.manual_seed(0)
+    RobertaForMaskedLM(cfg, kernels="torch").save_pretrained(str(root / "hf"))
+    save_tokenizer(tok, str(root / "hf"))
+    data = root / "data"
+    data.mkdir()
+    for name, n in (("train", 128), ("validation", 48), ("test", 40)):
+        tasks.write_jsonl(rows[name][:n], str(data / f"{name}.jsonl"))
+    return root
+
+
+def run(model_dir, out, *extra):
+    d = model_dir / "data"
+    argv = ["--model", str(model_dir), "--task", "classification", "--train", str(d / "train.jsonl"),
+            "--validation", str(d / "validation.jsonl"), "--precision", "fp32", "--micro-batch-size", "8",
+            "--global-batch-size", "16", "--epochs", "2", "--lr", "1e-3", "--max-seq-len", "32", "--no-progress",
+            "--log-every", "1", "--output", str(out), *extra]
+    return ft.finetune(argv)
+
+
+def test_run_outputs_and_transformers_loads_the_kept_model(model_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = run(model_dir, out, "--test", str(model_dir / "data" / "test.jsonl"), "--eval-every", "4")
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 17))  # 128 / 16 = 8 steps per epoch, 2 epochs
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12, 16]
+    best = json.loads((out / "best.json").read_text())
+    assert best["accuracy"] == max(r["eval_accuracy"] for r in evals) == summary["best"]["metric"]
+    assert best["step"] == min(r["step"] for r in evals if r["eval_accuracy"] == best["accuracy"])
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 40 and {p["prediction"] for p in preds} <= {"original", "shuffled"}
+    assert summary["test"]["accuracy"] == pytest.approx(np.mean([p["prediction"] == p["label"] for p in preds]))
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "hf")).eval()
+    ours = RobertaForSequenceClassification.from_pretrained(str(out / "hf"), kernels="torch").eval()
+    assert hf.config.id2label == {0: "original", 1: "shuffled"}
+    tok = transformers.AutoTokenizer.from_pretrained(str(out / "hf"))
+    enc = tok(["To be, or not to be", "that is the question here"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**enc).logits, ours(**enc).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
+    extra = ("--eval-every", "3", "--dropout", "0.1")
+    run(model_dir, tmp_path / "full", *extra)
+    first = run(model_dir, tmp_path / "cut", *extra, "--stop-at-step", "5")
+    assert first["step"] == 5 and first["hf"] is None
+    run(model_dir, tmp_path / "cut", *extra, "--resume")
+    full = read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
+    cut = read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))
+    keys = ("step", "loss", "lr", "eval_accuracy")
+    assert [[r.get(k) for k in keys] for r in cut] == [[r.get(k) for k in keys] for r in full]
+    a = RobertaForSequenceClassification.from_pretrained(str(tmp_path / "full" / "hf"), kernels="torch").state_dict()
+    b = RobertaForSequenceClassification.from_pretrained(str(tmp_path / "cut" / "hf"), kernels="torch").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_regression_task(model_dir, tmp_path):
+    d = tmp_path / "reg"
+    d.mkdir()
+    rows = tasks.word_order_task()["train"][:64]
+    for name in ("train", "validation"):
+        tasks.write_jsonl([{"text": r["text"], "score": float(len(r["text"].split()))} for r in rows],
+                          str(d / f"{name}.jsonl"))
+    summary = ft.finetune(["--model", str(model_dir), "--task", "regression", "--label-field", "score",
+                           "--train", str(d / "train.jsonl"), "--validation", str(d / "validation.jsonl"),
+                           "--precision", "fp32", "--micro-batch-size", "16", "--steps", "3", "--lr", "1e-3",
+                           "--no-progress", "--output", str(tmp_path / "out")])
+    assert set(summary["best"]["metrics"]) == {"pearson", "spearman"}
+    cfg = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())
+    assert cfg["problem_type"] == "regression" and len(cfg["id2label"]) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors: one line, exit status 2
+# ----------------------------------------------------------------------------------------------------------
+def _error(capsys, argv):
+    assert ft.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_field", "no field 'text'"),
+    ("unknown_label", "unknown label 'maybe'"),
+    ("empty", "holds no examples"),
+    ("regression_text", "is not a number"),
+    ("datasets", "needs the `datasets` package"),
+    ("one_class", "only one value"),
+])
+def test_bad_data_is_one_line(model_dir, tmp_path, capsys, case, expected):
+    good = str(model_dir / "data" / "train.jsonl")
+    task, train, val = "classification", good, str(model_dir / "data" / "validation.jsonl")
+    if case == "missing_field":
+        train = write(tmp_path / "t.csv", "sentence,label\nhello there,a\n")
+    elif case == "unknown_label":
+        val = write(tmp_path / "v.jsonl", json.dumps({"text": "x", "label": "maybe"}) + "\n")
+    elif case == "empty":
+        val = write(tmp_path / "v.tsv", "text\tlabel\n")
+    elif case == "regression_text":
+        task = "regression"
+        train = write(tmp_path / "t.jsonl", json.dumps({"text": "x y", "label": "high"}) + "\n")
+    elif case == "datasets":
+        try:
+            import datasets  # noqa: F401
+            pytest.skip("datasets is installed here")
+        except ImportError:
+            pass
+        task, train, val = "sst2", "hf:glue:sst2", None
+    elif case == "one_class":
+        train = write(tmp_path / "t.jsonl", "".join(json.dumps({"text": "x", "label": "a"}) + "\n" for _ in range(3)))
+    argv = ["--model", str(model_dir), "--task", task, "--train", train, "--precision", "fp32",
+            "--output", str(tmp_path / "out")]
+    if val:
+        argv += ["--validation", val]
+    line = _error(capsys, argv)
+    assert expected in line, line
+
+
+def test_flag_errors_are_one_line(model_dir, tmp_path, capsys):
+    base = ["--model", str(model_dir), "--task", "classification", "--train",
+            str(model_dir / "data" / "train.jsonl"), "--precision", "fp32"]
+    assert "fewer than one global batch" in _error(capsys, base + ["--micro-batch-size", "512",
+                                                                   "--output", str(tmp_path / "a")])
+    assert "exceeds the model's position table" in _error(capsys, base + ["--max-seq-len", "512"])
+    assert "needs --tokenizer" in _error(capsys, ["--model", "tiny", "--task", "word-order"])
+    assert "neither hf/config.json nor config.json" in _error(capsys, base[:0] + ["--model", str(tmp_path)])
+    assert "unknown --metric" in _error(capsys, base + ["--metric", "bleu"])
+
+
+def test_a_second_run_on_the_same_output_is_refused(model_dir, tmp_path, capsys):
+    out = tmp_path / "busy"
+    with ft.OutputLock(str(out)):
+        line = _error(capsys, ["--model", str(model_dir), "--task", "classification", "--train",
+                               str(model_dir / "data" / "train.jsonl"), "--output", str(out)])
+    assert "another run is using" in line
+    run(model_dir, out, "--steps", "1")
+    assert "already holds a run" in _error(capsys, ["--model", str(model_dir), "--task", "classification",
+                                                    "--train", str(model_dir / "data" / "train.jsonl"),
+                                                    "--output", str(out)])
+
+
+def test_help_documents_every_flag():
+    text = ft.build_parser().format_help()
+    for action in ft.build_parser()._actions:
+        if action.help != "==SUPPRESS==" and action.option_strings:
+            assert action.help, action.option_strings
+    for flag in ("--model", "--task", "--train", "--validation", "--test", "--text-fields", "--label-field",
+                 "--max-seq-len", "--group-by-length", "--precision", "--zero-stage", "--micro-batch-size",
+                 "--global-batch-size", "--lr", "--epochs", "--steps", "--warmup-ratio", "--weight-decay",
+                 "--seed", "--eval-every", "--output", "--resume", "--overwrite", "--kernels"):
+        assert flag in text
+
+
+def test_transformers_checkpoint_and_from_scratch(model_dir, tmp_path):
+    """A folder written by transformers (with its own 3-class head, replaced for this 2-class task) is a valid
+    --model; --from-scratch keeps its architecture and tokenizer but none of its weights."""
+    transformers = pytest.importorskip("transformers")
+    src = RobertaForSequenceClassification.from_pretrained(str(model_dir / "hf"), kernels="torch")
+    hf_model = transformers.RobertaForSequenceClassification.from_pretrained(str(model_dir / "hf"), num_labels=3)
+    folder = tmp_path / "hf_ckpt"
+    hf_model.save_pretrained(str(folder))
+    for name in os.listdir(model_dir / "hf"):
+        if name.startswith(("tokenizer", "vocab", "merges", "special")):
+            (folder / name).write_bytes((model_dir / "hf" / name).read_bytes())
+    common = ["--steps", "1", "--lr", "1e-9", "--dropout", "0"]
+    summary = ft.finetune(["--model", str(folder), "--task", "classification", "--train",
+                           str(model_dir / "data" / "train.jsonl"), "--precision", "fp32", "--no-progress",
+                           "--micro-batch-size", "16", "--max-seq-len", "32", "--output", str(tmp_path / "b"),
+                           *common])
+    assert summary["step"] == 1
+    tuned = RobertaForSequenceClassification.from_pretrained(str(tmp_path / "b" / "hf"), kernels="torch")
+    key = "roberta.layers.0.qkv.weight"
+    assert torch.allclose(tuned.state_dict()[key], src.state_dict()[key], atol=1e-6)  # lr 1e-9: encoder kept
+    assert tuned.config.num_labels == 2
+    ft.finetune(["--model", str(folder), "--from-scratch", "--task", "classification", "--train",
+                 str(model_dir / "data" / "train.jsonl"), "--precision", "fp32", "--no-progress",
+                 "--micro-batch-size", "16", "--max-seq-len", "32", "--output", str(tmp_path / "c"), *common])
+    fresh = RobertaForSequenceClassification.from_pretrained(str(tmp_path / "c" / "hf"), kernels="torch")
+    assert fresh.state_dict()[key].shape == src.state_dict()[key].shape
+    assert not torch.allclose(fresh.state_dict()[key], src.state_dict()[key], atol=1e-3)
