@@ -16,7 +16,6 @@ Output folder: ``metrics.jsonl`` (one JSON object per logged step; evaluations a
 (for ``--test``), ``checkpoints/`` (DeepSpeed checkpoints for ``--resume``), ``ds_config.json``, ``run.json``.
 """
 import argparse
-import fcntl
 import json
 import logging
 import math
@@ -37,15 +36,14 @@ from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
 from fastroberta.metrics import MetricsLog, peak_memory_mib
 from fastroberta.tasks import TASKS, DataError, Task, get_task  # noqa: F401  (Task: for callers)
 
-# Shared with the pretraining trainer (the lead may later point these at a common runtime module).
-TrainingError = tr.TrainingError
-init_distributed, seed_everything, preserved_rng = tr.init_distributed, tr.seed_everything, tr.preserved_rng
-save_checkpoint, load_checkpoint, find_checkpoint = tr.save_checkpoint, tr.load_checkpoint, tr.find_checkpoint
-param_groups, warmup_linear_decay, StopRequest = tr.param_groups, tr.warmup_linear_decay, tr._StopRequest
-LATEST, CHECKPOINT_DIR = tr.LATEST, tr.CHECKPOINT_DIR
+from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, OutputLock, StopRequest, TrainingError, atomic_write,
+                                 debug_requested, find_checkpoint, init_distributed, is_disk_full, no_space_text,
+                                 os_error_text, preserved_rng, rng_state, save_checkpoint, seed_everything, world)
 
-DEFAULT_MODEL = os.path.join("runs", "fastroberta-tiny")  # where a plain `fastroberta-train` writes
-LOCK_NAME = ".lock"
+# Shared with the pretraining trainer.
+load_checkpoint, param_groups, warmup_linear_decay = tr.load_checkpoint, tr.param_groups, tr.warmup_linear_decay
+
+DEFAULT_MODEL = os.path.join("runs", "fastroberta-demo")  # where a plain `fastroberta-train` writes
 PROG = "fastroberta-finetune"
 
 
@@ -128,6 +126,8 @@ def build_parser():
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON merged over the generated config (its values win; conflicts reported)")
     g.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--debug", action="store_true", help="print the traceback of an error too "
+                   "(also: FASTROBERTA_DEBUG=1)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, help="run folder (default: runs/finetune-<task>)")
@@ -188,7 +188,7 @@ def resolve_model_source(model, from_scratch, tokenizer):
 def resolve_settings(args):
     """Check ``args`` and work out every derived setting; ConfigError says what is wrong. No heavy work."""
     on_cuda = torch.cuda.is_available()
-    rank, world_size = tr._world()
+    rank, world_size = world()
     local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
     s = argparse.Namespace(on_cuda=on_cuda, rank=rank, world_size=world_size, local_rank=local_rank,
                            seed=args.seed)
@@ -277,7 +277,7 @@ def resolve_settings(args):
     s.resume_from = None
     if args.resume is not None:
         s.resume_from = find_checkpoint(s.ckpt_dir if args.resume == LATEST else args.resume,
-                                        explicit=args.resume != LATEST)
+                                        explicit=args.resume != LATEST, warn=s.warnings.append)
         if s.resume_from is None:
             s.warnings.append(f"--resume: no checkpoint in {s.ckpt_dir}; starting from scratch")
     elif not args.overwrite and (os.path.isfile(os.path.join(s.ckpt_dir, LATEST))
@@ -285,31 +285,6 @@ def resolve_settings(args):
         raise ConfigError(f"{s.output} already holds a run; pass --resume to continue it, --overwrite to start "
                           "afresh, or choose another --output")
     return s
-
-
-class OutputLock:
-    """An exclusive fcntl lock on ``<output>/.lock`` held for the whole run: a second run on the same folder
-    fails at once instead of interleaving checkpoints. The kernel drops it when the process ends."""
-
-    def __init__(self, output):
-        self.path = os.path.join(output, LOCK_NAME)
-        self._file = None
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._file = open(self.path, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._file.close()
-            raise ConfigError(f"another run is using {os.path.dirname(self.path)} (it holds {self.path}); wait for "
-                              "it to finish or choose another --output") from None
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -452,14 +427,13 @@ def finetune(argv=None):
     s = resolve_settings(args)
     for w in s.warnings:
         _say(s, f"{PROG}: warning: {w}")
-    lock = OutputLock(s.output) if s.rank == 0 else None
-    if lock is not None:
-        lock.__enter__()
+    # One run per output folder: rank 0 holds the lock before anything is read or written there.
+    lock = OutputLock(s.output).acquire() if s.rank == 0 else None
     try:
         return _run(args, s)
     finally:
         if lock is not None:
-            lock.__exit__(None, None, None)
+            lock.release()
 
 
 def _run(args, s):
@@ -489,7 +463,7 @@ def _run(args, s):
     log_every = args.log_every or max(1, min(10, total_steps // 10))
     warmup = min(total_steps, round(args.warmup_ratio * total_steps))
 
-    device = init_distributed(s)
+    device, s.threads = init_distributed(s.on_cuda, s.local_rank)
     import deepspeed
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -569,9 +543,11 @@ def _run(args, s):
         if step == saved_step:
             return
         saved_step = step
-        client = {"step": step, "best": best, "nonfinite": nonfinite, "run": run_info}
+        client = {"step": step, "best": best, "nonfinite": nonfinite, "run": run_info,
+                  "loader": loader.state_dict()}
         with preserved_rng():
-            path = save_checkpoint(engine, s, step, loader, client, args.keep_last)
+            path = save_checkpoint(engine, s.ckpt_dir, step, s.rank, s.world_size,
+                                   {"rng": rng_state(), "loader": loader.state_dict()}, client, args.keep_last)
         _say(s, f"checkpoint saved: {path}", bar)
 
     batches = iter(loader)
@@ -632,7 +608,7 @@ def _run(args, s):
                         state = gathered_state(engine, s)
                         if s.rank == 0:
                             export_model(state, config, tokenizer, args.max_seq_len, hf_dir)
-                            tr._atomic_write(os.path.join(s.output, "best.json"),
+                            atomic_write(os.path.join(s.output, "best.json"),
                                              json.dumps({"step": step, "metric": metric, **metrics}, indent=2))
                         dist.barrier()
                 log.log(record)
@@ -699,17 +675,32 @@ def write_predictions(args, s, test, names, hf_dir, device, special):
 
 def main(argv=None):
     """Console entry point: 0 on success (also after a signal-requested stop), 2 for a bad configuration or
-    bad data, 1 when training had to stop."""
+    bad data, 1 when the run failed; either error is one line on stderr (``--debug``/FASTROBERTA_DEBUG=1 adds
+    the traceback)."""
+    debug = debug_requested(argv)
     try:
         finetune(argv)
     except ConfigError as e:
-        build_parser().print_usage(sys.stderr)
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2, debug)
     except TrainingError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(e, 1, debug)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        return _fail(no_space_text(e.filename or "") if is_disk_full(e) else os_error_text(e), 1, debug)
+    except Exception as e:  # a bug or an environment problem: still one line, the traceback on request
+        text = str(e).splitlines()[0] if str(e) else ""
+        return _fail(f"{type(e).__name__}: {text} (run again with --debug for the traceback)", 1, debug)
     return 0
+
+
+def _fail(error, code, debug):
+    if debug:
+        import traceback
+        traceback.print_exc()
+    print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -163,6 +163,13 @@ class OutputLock:
         self.fd = fd
         return self
 
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
     def release(self):
         """Unlock; when this run created the folder and left nothing else in it, remove it again."""
         if self.fd is None:

@@ -288,7 +288,7 @@ def test_a_second_run_on_the_same_output_is_refused(model_dir, tmp_path, capsys)
     with ft.OutputLock(str(out)):
         line = _error(capsys, ["--model", str(model_dir), "--task", "classification", "--train",
                                str(model_dir / "data" / "train.jsonl"), "--output", str(out)])
-    assert "another run is using" in line
+    assert "is in use by another run" in line
     run(model_dir, out, "--steps", "1")
     assert "already holds a run" in _error(capsys, ["--model", str(model_dir), "--task", "classification",
                                                     "--train", str(model_dir / "data" / "train.jsonl"),
