@@ -92,9 +92,11 @@ def encode_documents(documents, tokenizer, dtype, num_workers, chunk_chars):
         return
     import multiprocessing
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    # Setting the variable before forking also silences tokenizers' warning about forking after its own
-    # threads ran (it disables them in the children anyway).
+    # Never a plain fork: the caller usually runs threads (torch's, tokenizers' thread pool, gloo, the data
+    # loader's prefetch thread), and a child forked while one of them held a lock can wait on it forever (seen:
+    # the pool's shutdown hanging on such a worker). A forkserver forks from a clean single-threaded process.
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    # The variable also keeps tokenizers from starting a thread pool in every worker.
     with _env("TOKENIZERS_PARALLELISM", "false"), \
             context.Pool(num_workers, _init_worker, (tokenizer.to_str(), np.dtype(dtype).str)) as pool:
         pending = deque()
