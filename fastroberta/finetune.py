@@ -37,8 +37,8 @@ from fastroberta.metrics import MetricsLog, peak_memory_mib
 from fastroberta.tasks import TASKS, DataError, Task, get_task  # noqa: F401  (Task: for callers)
 
 from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, OutputLock, StopRequest, TrainingError, atomic_write,
-                                 debug_requested, find_checkpoint, init_distributed, is_disk_full, no_space_text,
-                                 os_error_text, preserved_rng, rng_state, save_checkpoint, seed_everything, world)
+                                 find_checkpoint, init_distributed, preserved_rng, rng_state, run_command,
+                                 save_checkpoint, seed_everything, world)
 
 # Shared with the pretraining trainer.
 load_checkpoint, param_groups, warmup_linear_decay = tr.load_checkpoint, tr.param_groups, tr.warmup_linear_decay
@@ -674,33 +674,9 @@ def write_predictions(args, s, test, names, hf_dir, device, special):
 
 
 def main(argv=None):
-    """Console entry point: 0 on success (also after a signal-requested stop), 2 for a bad configuration or
-    bad data, 1 when the run failed; either error is one line on stderr (``--debug``/FASTROBERTA_DEBUG=1 adds
-    the traceback)."""
-    debug = debug_requested(argv)
-    try:
-        finetune(argv)
-    except ConfigError as e:
-        return _fail(e, 2, debug)
-    except TrainingError as e:
-        return _fail(e, 1, debug)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except OSError as e:
-        return _fail(no_space_text(e.filename or "") if is_disk_full(e) else os_error_text(e), 1, debug)
-    except Exception as e:  # a bug or an environment problem: still one line, the traceback on request
-        text = str(e).splitlines()[0] if str(e) else ""
-        return _fail(f"{type(e).__name__}: {text} (run again with --debug for the traceback)", 1, debug)
-    return 0
-
-
-def _fail(error, code, debug):
-    if debug:
-        import traceback
-        traceback.print_exc()
-    print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
-    return code
+    """Console entry point: 0 on success (also after a signal-requested stop), 2 for bad input (a flag, a file,
+    the output folder), 1 when the run itself failed; either error is one line on stderr (runtime.run_command)."""
+    return run_command(PROG, finetune, argv)
 
 
 if __name__ == "__main__":

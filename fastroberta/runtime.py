@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import sys
+import traceback
 
 import numpy as np
 import torch
@@ -524,3 +525,34 @@ class StopRequest:
 def debug_requested(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     return "--debug" in argv or os.environ.get("FASTROBERTA_DEBUG", "") not in ("", "0")
+
+
+def run_command(prog, run, argv=None):
+    """A console entry point's exit status for ``run(argv)``: 0 on success, 2 for bad input (ConfigError), 1 when
+    the run failed (TrainingError, a full disk, anything unexpected), 130 on Ctrl-C. Every error is one line
+    ``<prog>: error: ...`` on stderr; ``--debug`` or FASTROBERTA_DEBUG=1 prints the traceback first."""
+    debug = debug_requested(argv)
+
+    def fail(error, code):
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        return code
+
+    try:
+        run(argv)
+    except ConfigError as e:
+        return fail(e, 2)
+    except TrainingError as e:
+        return fail(e, 1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        return fail(no_space_text(e.filename or "") if is_disk_full(e) else os_error_text(e), 1)
+    except Exception as e:  # a bug or an environment problem: still one line, the traceback on request
+        text = str(e).splitlines()[0] if str(e) else ""
+        if is_disk_full(e):
+            return fail(f"{no_space_text('.')} ({text})", 1)
+        return fail(f"{type(e).__name__}: {text} (run again with --debug for the traceback)", 1)
+    return 0

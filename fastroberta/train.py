@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 
 import torch
 
@@ -35,10 +34,9 @@ from fastroberta.ds_config import (ConfigError, build_config, format_conflict, l
 from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
 from fastroberta.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
 from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, NonFiniteGuard, OutputLock, StopRequest, TrainingError,
-                                 all_ranks_true, atomic_write, check_output_folder, debug_requested, find_checkpoint,
-                                 init_distributed, is_disk_full, newest_intact, no_space_text, os_error_text,
-                                 parameters_finite, preserved_rng, rng_state, save_checkpoint, seed_everything,
-                                 set_rng_state, world)
+                                 all_ranks_true, atomic_write, check_output_folder, find_checkpoint, init_distributed,
+                                 newest_intact, parameters_finite, preserved_rng, rng_state, run_command,
+                                 save_checkpoint, seed_everything, set_rng_state, world)
 
 from fastroberta import run_report  # baselines and the end-of-run report (issue 12)
 from fastroberta.progress import progress_bar
@@ -877,35 +875,8 @@ def _train(args, s):
 
 def main(argv=None):
     """Console entry point: 0 on success (also after a signal-requested stop), 2 for bad input (a flag, a file,
-    the output folder), 1 when the run itself failed. Either error is one line on stderr, no traceback;
-    ``--debug`` or FASTROBERTA_DEBUG=1 shows the traceback too."""
-    debug = debug_requested(argv)
-    try:
-        train(argv)
-    except ConfigError as e:
-        return _fail(e, 2, debug)
-    except TrainingError as e:
-        return _fail(e, 1, debug)
-    except KeyboardInterrupt:
-        print("fastroberta-train: interrupted", file=sys.stderr)
-        return 130
-    except OSError as e:
-        if is_disk_full(e):
-            return _fail(no_space_text(e.filename or ""), 1, debug)
-        return _fail(os_error_text(e), 1, debug)
-    except Exception as e:  # a bug or an environment problem: still one line, the traceback on request
-        text = str(e).splitlines()[0] if str(e) else ""
-        if is_disk_full(e):
-            return _fail(f"{no_space_text('.')} ({text})", 1, debug)
-        return _fail(f"{type(e).__name__}: {text} (run again with --debug for the traceback)", 1, debug)
-    return 0
-
-
-def _fail(error, code, debug):
-    if debug:
-        traceback.print_exc()
-    print(f"fastroberta-train: error: {error}", file=sys.stderr, flush=True)
-    return code
+    the output folder), 1 when the run itself failed; either error is one line on stderr (runtime.run_command)."""
+    return run_command("fastroberta-train", train, argv)
 
 
 if __name__ == "__main__":
