@@ -8,6 +8,7 @@ merged config, so a user JSON that changes them changes the run consistently ins
 import copy
 import json
 import os
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
@@ -167,6 +168,36 @@ def zero_stage_of(merged):
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return stage
+
+
+@dataclass
+class MergedConfig:
+    """The DeepSpeed config a run uses (generated from the flags, the user's JSON merged over it) and what it
+    settles: batch split, precision, ZeRO stage; ``warnings`` reports every value the user's JSON changed."""
+    ds: dict
+    user: dict
+    warnings: list
+    micro_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+    precision: str
+    zero_stage: int
+
+
+def merge_with_user_config(generated, user_path, *, micro_batch_size, global_batch_size, world_size, precision,
+                           on_cuda):
+    """Merge ``generated`` with the JSON at ``user_path`` (None: none) and resolve the merged config's batch,
+    precision and ZeRO stage; ConfigError for a combination that cannot run (fp16 without CUDA)."""
+    user = load_user_config(user_path)
+    ds, conflicts = merge_configs(generated, user)
+    micro, accum, global_batch = resolve_batch(ds, user, micro_batch_size=micro_batch_size,
+                                               global_batch_size=global_batch_size, world_size=world_size)
+    precision = resolve_precision(ds, user, precision)
+    if precision == "fp16" and not on_cuda:
+        raise ConfigError("fp16 (enabled in --deepspeed_config) needs a CUDA GPU; use bf16 or fp32 on CPU")
+    return MergedConfig(ds=ds, user=user, warnings=[format_conflict(*c) for c in conflicts],
+                        micro_batch_size=micro, grad_accum_steps=accum, global_batch_size=global_batch,
+                        precision=precision, zero_stage=zero_stage_of(ds))
 
 
 def write_config(cfg, path):

@@ -29,8 +29,7 @@ import torch
 
 from fastroberta.config import PRESETS, RobertaConfig
 from fastroberta.data import PACKING_MODES
-from fastroberta.ds_config import (ConfigError, build_config, format_conflict, load_user_config, merge_configs,
-                                   resolve_batch, resolve_precision, write_config, zero_stage_of)
+from fastroberta.ds_config import ConfigError, build_config, merge_with_user_config, write_config
 from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
 from fastroberta.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
 from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, NonFiniteGuard, OutputLock, StopRequest, TrainingError,
@@ -307,15 +306,12 @@ def resolve_settings(args):
                              world_size=world_size, precision=precision, zero_stage=args.zero_stage,
                              offload_optimizer=args.offload_optimizer, clip_grad=args.clip_grad,
                              optimizer=opt_spec, on_cuda=on_cuda)
-    user = load_user_config(args.deepspeed_config)
-    ds, conflicts = merge_configs(generated, user)
-    s.warnings = [format_conflict(*c) for c in conflicts]
-    s.micro_batch_size, s.grad_accum_steps, s.global_batch_size = resolve_batch(
-        ds, user, micro_batch_size=micro, global_batch_size=global_batch, world_size=world_size)
-    s.precision = resolve_precision(ds, user, precision)
-    if s.precision == "fp16" and not on_cuda:
-        raise ConfigError("fp16 (enabled in --deepspeed_config) needs a CUDA GPU; use bf16 or fp32 on CPU")
-    s.zero_stage = zero_stage_of(ds)
+    merged = merge_with_user_config(generated, args.deepspeed_config, micro_batch_size=micro,
+                                    global_batch_size=global_batch, world_size=world_size, precision=precision,
+                                    on_cuda=on_cuda)
+    ds, user, s.warnings = merged.ds, merged.user, merged.warnings
+    s.micro_batch_size, s.grad_accum_steps = merged.micro_batch_size, merged.grad_accum_steps
+    s.global_batch_size, s.precision, s.zero_stage = merged.global_batch_size, merged.precision, merged.zero_stage
     if "optimizer" in user and optimizer == "apex_adam":
         raise ConfigError("--deepspeed_config defines an optimizer; it cannot be combined with --optimizer "
                           "apex_adam")

@@ -9,8 +9,8 @@ import torch
 
 from fastroberta import RobertaConfig, RobertaForMaskedLM
 from fastroberta import train as tr
-from fastroberta.ds_config import (ConfigError, build_config, load_user_config, merge_configs, resolve_batch,
-                                   resolve_precision, zero_stage_of)
+from fastroberta.ds_config import (ConfigError, build_config, format_conflict, load_user_config, merge_configs,
+                                   resolve_batch, resolve_precision, zero_stage_of)
 from fastroberta.metrics import MetricsLog, Throughput, peak_tflops, perplexity, read_metrics
 
 
@@ -52,7 +52,7 @@ def test_merge_reports_every_changed_value_with_both_values():
     # An equal value (gradient_clipping) and a new key are not conflicts.
     assert sorted(conflicts) == [("optimizer.params.lr", 1e-3, 5e-4), ("zero_optimization.stage", 2, 3)]
     assert gen["zero_optimization"] == {"stage": 2}, "the generated config must not be modified"
-    msg = tr.format_conflict("zero_optimization.stage", 2, 3)
+    msg = format_conflict("zero_optimization.stage", 2, 3)
     assert "zero_optimization.stage" in msg and "3" in msg and "2" in msg
 
 
