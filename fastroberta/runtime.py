@@ -351,21 +351,30 @@ def verify_checkpoint(folder):
     return None
 
 
-def newest_intact(ckpt_dir, below=None):
-    """The newest intact tag in ``ckpt_dir`` (older than step ``below`` when given), or None."""
+def newest_intact(ckpt_dir, below=None, exclude=None):
+    """The newest intact tag in ``ckpt_dir`` (older than step ``below`` when given, other than ``exclude``), or
+    None."""
     for tag in reversed(checkpoint_tags(ckpt_dir)):
-        if below is not None and int(TAG_RE.match(tag).group(1)) >= below:
+        if tag == exclude or (below is not None and int(TAG_RE.match(tag).group(1)) >= below):
             continue
         if verify_checkpoint(os.path.join(ckpt_dir, tag)) is None:
             return tag
     return None
 
 
-def _read_latest(ckpt_dir):
+def latest_pointer(ckpt_dir):
+    """What ``<ckpt_dir>/latest`` says, as written ("" when it is missing or empty)."""
     try:
         with open(os.path.join(ckpt_dir, LATEST)) as f:
-            tag = f.read().strip()
+            return f.read().strip()
     except OSError:
+        return ""
+
+
+def _read_latest(ckpt_dir):
+    """The tag ``latest`` names, or None; a pointer left on a renamed ``.tmp`` folder names the final one."""
+    tag = latest_pointer(ckpt_dir)
+    if not tag:
         return None
     if tag.endswith(TMP_SUFFIX) and not os.path.isdir(os.path.join(ckpt_dir, tag)):
         tag = tag[:-len(TMP_SUFFIX)]  # the save was interrupted between its rename and the pointer update
@@ -384,7 +393,7 @@ def find_checkpoint(path, explicit, warn):
             raise ConfigError(f"--resume {path!r} does not exist")
         problem = verify_checkpoint(norm)
         if problem is not None:
-            raise TrainingError(f"checkpoint {norm} is damaged: {problem}; {_intact_hint(ckpt_dir, tag)}")
+            raise TrainingError(f"checkpoint {norm} is damaged: {problem}; {intact_hint(ckpt_dir, tag)}")
         return ckpt_dir, tag
     ckpt_dir = norm
     tags = checkpoint_tags(ckpt_dir)
@@ -412,11 +421,14 @@ def find_checkpoint(path, explicit, warn):
     return ckpt_dir, fallback
 
 
-def _intact_hint(ckpt_dir, tag):
+def intact_hint(ckpt_dir, tag):
+    """Words for an error about checkpoint ``tag``: the newest intact checkpoint to resume from instead, an older
+    one first, never ``tag`` itself."""
     m = TAG_RE.match(tag.removesuffix(TMP_SUFFIX))
-    intact = newest_intact(ckpt_dir, below=int(m.group(1)) if m else None) or newest_intact(ckpt_dir)
+    intact = (newest_intact(ckpt_dir, below=int(m.group(1))) if m else None) or \
+        newest_intact(ckpt_dir, exclude=tag)
     if intact is None:
-        return f"{ckpt_dir} holds no intact checkpoint"
+        return f"{ckpt_dir} holds no other intact checkpoint; start afresh with --overwrite"
     return f"the newest intact one is {os.path.join(ckpt_dir, intact)}: pass it to --resume"
 
 

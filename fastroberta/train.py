@@ -34,7 +34,7 @@ from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
 from fastroberta.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
 from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, NonFiniteGuard, OutputLock, StopRequest, TrainingError,
                                  all_ranks_true, atomic_write, check_output_folder, find_checkpoint, init_distributed,
-                                 newest_intact, parameters_finite, preserved_rng, rng_state, run_command,
+                                 intact_hint, latest_pointer, parameters_finite, preserved_rng, rng_state, run_command,
                                  save_checkpoint, seed_everything, set_rng_state, world)
 
 from fastroberta import run_report  # baselines and the end-of-run report (issue 12)
@@ -412,11 +412,11 @@ def load_checkpoint(engine, s, loader):
     except Exception as e:  # DeepSpeed and torch.load raise anything from AssertionError to zip errors
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrainingError(f"checkpoint {where} cannot be loaded ({type(e).__name__}: {first}); "
-                            f"{_older_intact(load_dir, tag)}") from None
+                            f"{intact_hint(load_dir, tag)}") from None
     if path is None:
-        raise TrainingError(f"DeepSpeed could not load checkpoint {where}; {_older_intact(load_dir, tag)}")
+        raise TrainingError(f"DeepSpeed could not load checkpoint {where}; {intact_hint(load_dir, tag)}")
     if not all_ranks_true(parameters_finite(engine.module), engine.device):
-        raise TrainingError(f"checkpoint {where} holds non-finite weights; {_older_intact(load_dir, tag)}")
+        raise TrainingError(f"checkpoint {where} holds non-finite weights; {intact_hint(load_dir, tag)}")
     own = os.path.join(load_dir, tag, f"trainer_state_rank{s.rank}.pt")
     if os.path.isfile(own):
         trainer = torch.load(own, map_location="cpu", weights_only=False)
@@ -429,15 +429,6 @@ def load_checkpoint(engine, s, loader):
     return client
 
 
-def _older_intact(ckpt_dir, tag):
-    from fastroberta.runtime import TAG_RE
-    m = TAG_RE.match(tag)
-    older = newest_intact(ckpt_dir, below=int(m.group(1))) if m else None
-    if older is None:
-        return "no older intact checkpoint exists; start afresh with --overwrite"
-    return f"the newest older intact checkpoint is {os.path.join(ckpt_dir, older)}: pass it to --resume"
-
-
 def _data_error(args, e):
     text = str(e).strip("'\"") or type(e).__name__
     if args.data and args.data in text:
@@ -445,17 +436,9 @@ def _data_error(args, e):
     return f"--data {args.data or '(the bundled corpus)'}: {text}"
 
 
-def _latest_tag(ckpt_dir):
-    try:
-        with open(os.path.join(ckpt_dir, LATEST)) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def last_good_checkpoint(ckpt_dir):
     """Words naming the checkpoint ``latest`` points to, for error messages."""
-    tag = _latest_tag(ckpt_dir)
+    tag = latest_pointer(ckpt_dir)
     if not tag:
         return "no checkpoint was saved"
     return f"the last good checkpoint is {os.path.join(ckpt_dir, tag)}"
@@ -690,7 +673,7 @@ def _train(args, s):
         guard.streak = client.get("nonfinite_streak", 0)
         load_dir, tag = s.resume_from
         if s.rank == 0 and os.path.abspath(load_dir) == os.path.abspath(s.ckpt_dir) and \
-                _latest_tag(s.ckpt_dir) != tag:
+                latest_pointer(s.ckpt_dir) != tag:
             atomic_write(os.path.join(s.ckpt_dir, LATEST), tag)  # repair the pointer: it names what we run from
         changed = {k: (client["run"].get(k), v) for k, v in run_info.items() if client["run"].get(k) != v}
         for k, (old, new) in changed.items():
