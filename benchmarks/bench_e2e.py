@@ -1,10 +1,16 @@
 """End-to-end training step: one DeepSpeed ZeRO-2 engine on one device, fastroberta against HF transformers.
 
+Tasks:
+    mlm        pretraining: RobertaForMaskedLM on packed text (no padding), 15% of the tokens labelled, at the
+               profile's sequence lengths (base/large, 128 and 512)
+    finetune   fine-tuning: RobertaForSequenceClassification (2 labels), seq 128, batch 32 (the GLUE shape);
+               each sequence's length drawn uniformly from [seq/4, seq] and right-padded, as a dynamically
+               padded fine-tuning batch is (``bench_hf.make_batch``, the same batches as the drop-in benchmark)
 Competitors (same config, same synthetic batch, same optimizer, same DeepSpeed settings):
-    fastroberta-triton   fastroberta.RobertaForMaskedLM(kernels="triton")
-    fastroberta-torch    fastroberta.RobertaForMaskedLM(kernels="torch")   (the eager reference ops)
-    hf-eager             transformers.RobertaForMaskedLM, attn_implementation="eager"
-    hf-sdpa              transformers.RobertaForMaskedLM, attn_implementation="sdpa"
+    fastroberta-triton   fastroberta's model class for the task, kernels="triton"
+    fastroberta-torch    the same, kernels="torch"   (the eager reference ops)
+    hf-eager             transformers' class of the same name, attn_implementation="eager"
+    hf-sdpa              transformers' class of the same name, attn_implementation="sdpa"
     hf-sdpa-compile      torch.compile of hf-sdpa (full profile or --competitors; compiling costs minutes)
 
 A step is forward + ``engine.backward`` + ``engine.step`` (ZeRO-2, fp16 with dynamic loss scaling or bf16,
@@ -12,8 +18,9 @@ gradient clipping 1.0, torch AdamW, fused on CUDA: DeepSpeed's fused Adam would 
 extension, which costs minutes of the GPU check and is the same for every competitor). Batches are synthetic:
 random token ids, no padding (RoBERTa packs FULL-SENTENCES), 15% of the tokens labelled. Reported:
     tokens/s        real tokens per second over the timed steps (after warm-up steps)
-    MFU             tokens/s x fastroberta's RobertaForMaskedLM.flops_per_token(seq_len) (the trainer's formula:
-                    6 x matmul parameters + attention, decoder excluded) / the device's dense fp16/bf16 peak
+    MFU             tokens/s x fastroberta's flops_per_token(seq_len) (the trainer's formula: 6 x matmul
+                    parameters + attention, + the MLM head on the labelled share for mlm; for finetune the
+                    encoder's, per real token at the padded length) / the device's dense fp16/bf16 peak
     peak mem        torch.cuda.max_memory_allocated over the timed steps (weights, ZeRO state, activations)
     max micro-batch the largest micro-batch that runs two full steps at seq 512: doubling, then bisection to
                     within 1/16 (or 8 sequences), each out-of-memory answered by rebuilding the engine; bounded
@@ -35,22 +42,29 @@ from pathlib import Path
 from benchmarks import harness
 
 COMPETITORS = ("fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa", "hf-sdpa-compile")
+TASKS = ("mlm", "finetune")
 TOKENS_PER_STEP = {"base": 16384, "large": 8192, "micro": 64}
+# The fine-tuning step: (seq_len, micro-batch), and the smoke mode's.
+FINETUNE_SHAPE, FINETUNE_SMOKE_SHAPE = (128, 32), (32, 4)
+FINETUNE_LABELS = 2
 SMOKE_MODEL = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                    intermediate_size=128, max_position_embeddings=66)
 
 PROFILES = {
     # models, seq_lens, precisions, competitors, max-batch competitors, warmup steps, timed steps, search s
-    "smoke": dict(models=["micro"], seq_lens=[32], precisions=["fp32"],
+    "smoke": dict(models=["micro"], seq_lens=[32], precisions=["fp32"], tasks=["mlm", "finetune"],
                   competitors=["fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa"],
+                  finetune_competitors=["fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa"],
                   max_batch=[], warmup=1, steps=1, search_s=0, worker_s=300),
-    # The GPU check's order puts what its targets compare first, in case the time budget runs out.
-    "check": dict(models=["base"], seq_lens=[512], precisions=["fp16"],
+    # The GPU check's order puts what its targets compare first, in case the time budget runs out; the
+    # fine-tuning step comes after the pretraining one.
+    "check": dict(models=["base"], seq_lens=[512], precisions=["fp16"], tasks=["mlm", "finetune"],
                   competitors=["fastroberta-triton", "hf-eager", "hf-sdpa", "fastroberta-torch"],
+                  finetune_competitors=["fastroberta-triton", "hf-eager", "hf-sdpa"],
                   max_batch=["fastroberta-triton", "hf-eager"], warmup=3, steps=8, search_s=20, worker_s=75),
-    "full": dict(models=["base", "large"], seq_lens=[128, 512], precisions=["fp16", "bf16"],
-                 competitors=list(COMPETITORS), max_batch=list(COMPETITORS), warmup=5, steps=20, search_s=90,
-                 worker_s=600),
+    "full": dict(models=["base", "large"], seq_lens=[128, 512], precisions=["fp16", "bf16"], tasks=list(TASKS),
+                 competitors=list(COMPETITORS), finetune_competitors=list(COMPETITORS),
+                 max_batch=list(COMPETITORS), warmup=5, steps=20, search_s=90, worker_s=600),
 }
 
 
@@ -75,31 +89,40 @@ def _setup_distributed():
     return deepspeed
 
 
-def model_config(model):
+def model_config(model, task="mlm"):
     from fastroberta import RobertaConfig
-    return RobertaConfig(**SMOKE_MODEL) if model == "micro" else RobertaConfig.preset(model)
+    cfg = RobertaConfig(**SMOKE_MODEL) if model == "micro" else RobertaConfig.preset(model)
+    if task == "finetune":
+        cfg.num_labels = FINETUNE_LABELS
+    return cfg
 
 
-def flops_per_token(cfg, seq_len):
+def _model_class(task, library):
+    """fastroberta's or transformers' class for the task (both libraries use the same names)."""
+    import importlib
+    module = importlib.import_module(library)
+    return getattr(module, "RobertaForMaskedLM" if task == "mlm" else "RobertaForSequenceClassification")
+
+
+def flops_per_token(cfg, seq_len, task="mlm"):
     """The trainer's model-FLOPs formula, taken from the model itself (built on the meta device)."""
     import torch
-    from fastroberta import RobertaForMaskedLM
     with torch.device("meta"):
-        return float(RobertaForMaskedLM(cfg, kernels="torch").flops_per_token(seq_len))
+        model = _model_class(task, "fastroberta")(cfg, kernels="torch")
+        return float(model.flops_per_token(seq_len) if task == "mlm" else model.roberta.flops_per_token(seq_len))
 
 
-def build_model(competitor, cfg, device):
+def build_model(competitor, cfg, device, task="mlm"):
     import torch
     if competitor.startswith("fastroberta"):
-        from fastroberta import RobertaForMaskedLM
         with torch.device(device):
-            return RobertaForMaskedLM(cfg, kernels=competitor.split("-", 1)[1])
+            return _model_class(task, "fastroberta")(cfg, kernels=competitor.split("-", 1)[1])
     import transformers
     transformers.logging.set_verbosity_error()
     hf_cfg = transformers.RobertaConfig(**cfg.to_dict())
     impl = "eager" if competitor == "hf-eager" else "sdpa"
     # Built on the CPU and moved: transformers has its own ideas about default devices during init.
-    model = transformers.RobertaForMaskedLM._from_config(hf_cfg, attn_implementation=impl).to(device)
+    model = _model_class(task, "transformers")._from_config(hf_cfg, attn_implementation=impl).to(device)
     if competitor == "hf-sdpa-compile":
         model = torch.compile(model)
     return model
@@ -124,10 +147,10 @@ def ds_config(micro_batch, precision):
     return cfg
 
 
-def build_engine(competitor, cfg, micro_batch, precision, device):
+def build_engine(competitor, cfg, micro_batch, precision, device, task="mlm"):
     import torch
     deepspeed = _setup_distributed()
-    model = build_model(competitor, cfg, device)
+    model = build_model(competitor, cfg, device, task)
     model.train()
     kwargs = dict(lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     if device.type == "cuda":
@@ -163,10 +186,21 @@ def synthetic_batch(batch, seq_len, vocab_size, device, label_fraction=0.15, see
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def task_batch(task, batch, seq_len, vocab_size, device):
+    """The synthetic batch of a task: packed MLM text, or a padded fine-tuning batch (bench_hf's)."""
+    if task == "mlm":
+        return synthetic_batch(batch, seq_len, vocab_size, device)
+    from benchmarks.bench_hf import make_batch
+    return make_batch("seqcls", batch, seq_len, vocab_size, padded=True, device=device)
+
+
 def train_step(engine, batch):
-    from fastroberta.model import RobertaForMaskedLM
-    # As the trainer does: the batch is known good, so fastroberta skips its host reads of ids and labels.
-    extra = {"validate": False} if isinstance(getattr(engine, "module", engine), RobertaForMaskedLM) else {}
+    import torch
+    module = getattr(engine, "module", engine)
+    if isinstance(module, torch.nn.Module) and hasattr(module, "_orig_mod"):
+        module = module._orig_mod
+    # As the trainers do: the batch is known good, so fastroberta skips its host reads of ids and labels.
+    extra = {"validate": False} if type(module).__module__.startswith("fastroberta") else {}
     loss = engine(**batch, **extra).loss
     engine.backward(loss)
     engine.step()
@@ -186,7 +220,7 @@ def is_oom(exc):
         or "CUBLAS_STATUS_ALLOC_FAILED" in text
 
 
-def search_max_batch(competitor, cfg, seq_len, precision, device, start, budget_s, engine=None):
+def search_max_batch(competitor, cfg, seq_len, precision, device, start, budget_s, engine=None, task="mlm"):
     """Largest micro-batch that runs two steps (the second one holds the optimizer state too). ``start`` is
     known to fit. Doubling, then bisection until the first failure is within 1/16 of the last fit; past 16
     only multiples of 8 are probed, so the answer is exact to 8 sequences or 1/16, whichever is larger."""
@@ -201,8 +235,8 @@ def search_max_batch(competitor, cfg, seq_len, precision, device, start, budget_
         ok, batch = True, None
         try:
             if engine is None:
-                engine = build_engine(competitor, cfg, mb, precision, device)
-            batch = synthetic_batch(mb, seq_len, cfg.vocab_size, device)
+                engine = build_engine(competitor, cfg, mb, precision, device, task)
+            batch = task_batch(task, mb, seq_len, cfg.vocab_size, device)
             for _ in range(2):
                 train_step(engine, batch)
             _sync()
@@ -237,16 +271,17 @@ def search_max_batch(competitor, cfg, seq_len, precision, device, start, budget_
 
 
 def measure(spec):
-    """One (model, seq_len, precision, competitor): warm-up, timed steps, optional max-batch search."""
+    """One (task, model, seq_len, precision, competitor): warm-up, timed steps, optional max-batch search."""
     import torch
     dev = harness.device()
-    cfg = model_config(spec["model"])
+    task = spec.get("task", "mlm")
+    cfg = model_config(spec["model"], task)
     seq, mb = spec["seq_len"], spec["micro_batch"]
     rec = {**spec, "status": "ok"}
     t_start = time.monotonic()
     torch.manual_seed(0)
-    engine = build_engine(spec["competitor"], cfg, mb, spec["precision"], dev)
-    batch = synthetic_batch(mb, seq, cfg.vocab_size, dev)
+    engine = build_engine(spec["competitor"], cfg, mb, spec["precision"], dev, task)
+    batch = task_batch(task, mb, seq, cfg.vocab_size, dev)
     real_tokens = int(batch["attention_mask"].sum())
     losses = [float(train_step(engine, batch).detach()) for _ in range(spec["warmup"])]
     _sync()
@@ -259,7 +294,7 @@ def measure(spec):
     _sync()
     elapsed = time.perf_counter() - start
     losses.append(float(loss.detach()))
-    fpt = flops_per_token(cfg, seq)
+    fpt = flops_per_token(cfg, seq, task)
     peak = harness.peak_tflops()
     tokens_per_s = real_tokens * spec["steps"] / elapsed
     rec.update({
@@ -274,7 +309,7 @@ def measure(spec):
     del batch
     if spec.get("search_s"):
         rec["max_batch_search"] = search_max_batch(spec["competitor"], cfg, seq, spec["precision"], dev, mb,
-                                                   spec["search_s"], engine=engine)
+                                                   spec["search_s"], engine=engine, task=task)
         rec["max_micro_batch"] = rec["max_batch_search"]["max_micro_batch"]
     else:
         destroy_engine(engine)
@@ -324,8 +359,29 @@ def _split(value, default, cast=str):
     return [cast(v) for v in value]
 
 
+def cases(prof, tasks, models, seq_lens, precisions, competitors):
+    """(task, model, seq_len, micro_batch, precision, competitor) in the order they run: each task's grid in turn.
+    The fine-tuning step has one shape (seq 128, batch 32; smoke: seq 32, batch 4); ``competitors``, when given,
+    replaces both tasks' lists."""
+    out = []
+    for task in tasks:
+        if task == "mlm":
+            shapes = [(seq, None) for seq in seq_lens]
+            comps = competitors or prof["competitors"]
+        else:
+            seq, mb = FINETUNE_SMOKE_SHAPE if "micro" in models else FINETUNE_SHAPE
+            shapes = [(seq, mb)]
+            comps = competitors or prof["finetune_competitors"]
+        for model in models:
+            for seq, mb in shapes:
+                for precision in precisions:
+                    for comp in comps:
+                        out.append((task, model, seq, mb or micro_batch_for(model, seq), precision, comp))
+    return out
+
+
 def run(profile, out_root, models=None, seq_lens=None, precisions=None, competitors=None, max_batch=None,
-        steps=None, time_budget=None, isolate=None, log=print):
+        steps=None, time_budget=None, isolate=None, log=print, tasks=None):
     """Run the profile's grid (flags narrow or widen it); write e2e.json/.md/.png; return the result dict.
     ``isolate``: one subprocess per measurement (default: on CUDA)."""
     prof = PROFILES[profile]
@@ -334,12 +390,15 @@ def run(profile, out_root, models=None, seq_lens=None, precisions=None, competit
     models = _split(models, prof["models"])
     seq_lens = _split(seq_lens, prof["seq_lens"], int)
     precisions = _split(precisions, prof["precisions"])
-    comps = _split(competitors, prof["competitors"])
-    unknown = [c for c in comps if c not in COMPETITORS]
+    comps = _split(competitors, []) if competitors else None
+    tasks = _split(tasks, prof["tasks"])
+    unknown = [c for c in comps or [] if c not in COMPETITORS]
     if unknown:
         raise SystemExit(f"unknown e2e competitor(s) {unknown}; choose from {list(COMPETITORS)}")
+    if [t for t in tasks if t not in TASKS]:
+        raise SystemExit(f"unknown e2e task(s) {[t for t in tasks if t not in TASKS]}; choose from {list(TASKS)}")
     if max_batch in ("all", "none"):
-        searched = comps if max_batch == "all" else []
+        searched = list(COMPETITORS) if max_batch == "all" else []
     else:
         searched = _split(max_batch, prof["max_batch"])
     env = harness.environment(smoke)
@@ -351,34 +410,30 @@ def run(profile, out_root, models=None, seq_lens=None, precisions=None, competit
     rate, ms = ("smoke tok/s", "smoke ms") if smoke else ("tok/s", "ms")
     if smoke:
         log(f"[e2e] figures below are {rate} / {ms}: CPU wall time of a micro model ({harness.SMOKE_LABEL})")
-    for model in models:
-        for seq in seq_lens:
-            for precision in precisions:
-                for comp in comps:
-                    spec = {"model": model, "seq_len": seq, "precision": precision, "competitor": comp,
-                            "micro_batch": micro_batch_for(model, seq), "warmup": prof["warmup"],
-                            "steps": steps or prof["steps"],
-                            "search_s": prof["search_s"] if comp in searched and seq == 512 else 0}
-                    remaining = deadline - time.monotonic() if deadline else None
-                    if remaining is not None and remaining < 15:
-                        rec = {**spec, "status": "skipped: time budget"}
-                    else:
-                        log(f"[e2e] {model} seq {seq} {precision} {comp} micro-batch {spec['micro_batch']}")
-                        if not isolate:
-                            try:
-                                rec = measure(spec)
-                            except Exception as e:
-                                rec = {**spec, "status": f"error: {type(e).__name__}: {str(e)[:300]}"}
-                        else:
-                            limit = prof["worker_s"] + spec["search_s"]
-                            if remaining is not None:
-                                limit = min(limit, remaining - 5)
-                            rec = _run_isolated(spec, limit, log)
-                    log(f"  {rec['status']}" + (f": {rec['tokens_per_s']:.0f} {rate}, step {rec['step_ms']:.1f} {ms}"
-                                                 if rec.get("tokens_per_s") else ""))
-                    result["results"].append(rec)
-                    result["elapsed_s"] = round(time.monotonic() - started, 1)
-                    write_result(result, out_dir, plot=False)
+    for task, model, seq, mb, precision, comp in cases(prof, tasks, models, seq_lens, precisions, comps):
+        spec = {"task": task, "model": model, "seq_len": seq, "precision": precision, "competitor": comp,
+                "micro_batch": mb, "warmup": prof["warmup"], "steps": steps or prof["steps"],
+                "search_s": prof["search_s"] if comp in searched and seq == 512 and task == "mlm" else 0}
+        remaining = deadline - time.monotonic() if deadline else None
+        if remaining is not None and remaining < 15:
+            rec = {**spec, "status": "skipped: time budget"}
+        else:
+            log(f"[e2e] {task} {model} seq {seq} {precision} {comp} micro-batch {mb}")
+            if not isolate:
+                try:
+                    rec = measure(spec)
+                except Exception as e:
+                    rec = {**spec, "status": f"error: {type(e).__name__}: {str(e)[:300]}"}
+            else:
+                limit = prof["worker_s"] + spec["search_s"]
+                if remaining is not None:
+                    limit = min(limit, remaining - 5)
+                rec = _run_isolated(spec, limit, log)
+        log(f"  {rec['status']}" + (f": {rec['tokens_per_s']:.0f} {rate}, step {rec['step_ms']:.1f} {ms}"
+                                     if rec.get("tokens_per_s") else ""))
+        result["results"].append(rec)
+        result["elapsed_s"] = round(time.monotonic() - started, 1)
+        write_result(result, out_dir, plot=False)
     result["complete"] = all(not r["status"].startswith("skipped") for r in result["results"])
     write_result(result, out_dir, plot=True)
     log("e2e: " + ", ".join(f"{r['competitor']} {r['tokens_per_s']:.0f} {rate}" if r.get("tokens_per_s")
@@ -388,7 +443,11 @@ def run(profile, out_root, models=None, seq_lens=None, precisions=None, competit
 
 # ------------------------------------------------------------------------------------------------- writers
 def _config_key(r):
-    return (r["model"], r["seq_len"], r["precision"])
+    return (r.get("task", "mlm"), r["model"], r["seq_len"], r["precision"])
+
+
+TASK_TITLES = {"mlm": "pretraining (masked LM, packed text)",
+               "finetune": f"fine-tuning (sequence classification, {FINETUNE_LABELS} labels, padded batches)"}
 
 
 def e2e_markdown(result):
@@ -423,7 +482,8 @@ def e2e_markdown(result):
                          harness.fmt(tps, 0), ratio("hf-eager"), ratio("hf-sdpa"),
                          harness.fmt(100 * r["mfu"], 1) + "%" if r.get("mfu") else "-",
                          harness.fmt(r.get("peak_mem_gb"), 2), maxb, r.get("skipped_steps", "-"), r["status"]])
-        lines += [f"## {key[0]}, seq {key[1]}, {key[2]}", ""]
+        lines += [f"## {TASK_TITLES[key[0]]}: {key[1]}, seq {key[2]}, micro-batch {rows_in[0]['micro_batch']}, "
+                  f"{key[3]}", ""]
         lines += [harness.markdown_table(["competitor", "micro-batch", "step ms", "tokens/s", "vs hf-eager",
                                           "vs hf-sdpa", "MFU", "peak mem GB", "max micro-batch",
                                           "skipped steps", "status"], rows), ""]
@@ -451,7 +511,8 @@ def plot_e2e(result, path):
             ys.append(match[0] / 1e3 if match else 0)
         ax.bar([x + i * width for x in range(len(configs))], ys, width, label=comp)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(configs))])
-    ax.set_xticklabels([f"{m} L{s} {p}" for m, s, p in configs], rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels([f"{'FT ' if t == 'finetune' else ''}{m} L{s} {p}" for t, m, s, p in configs],
+                       rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("thousand tokens / s")
     ax.set_title(f"Training step, DeepSpeed ZeRO-2 — {result['environment']['device']}", fontsize=9)
     ax.legend(fontsize=7)
@@ -477,18 +538,16 @@ def _pytest_tests():
         return None
     from benchmarks.pytest_support import profile
     prof = PROFILES[profile()]
-    grid = [(m, s, p, c) for m in prof["models"] for s in prof["seq_lens"] for p in prof["precisions"]
-            for c in prof["competitors"]]
+    grid = cases(prof, prof["tasks"], prof["models"], prof["seq_lens"], prof["precisions"], None)
 
-    @pytest.mark.parametrize("model,seq_len,precision,competitor", grid,
-                             ids=[f"{m}-L{s}-{p}-{c}" for m, s, p, c in grid])
-    def test_e2e_step(benchmark, model, seq_len, precision, competitor):
+    @pytest.mark.parametrize("task,model,seq_len,mb,precision,competitor", grid,
+                             ids=[f"{t}-{m}-L{s}-{p}-{c}" for t, m, s, _, p, c in grid])
+    def test_e2e_step(benchmark, task, model, seq_len, mb, precision, competitor):
         """pytest-benchmark: one ZeRO-2 training step (forward, backward, optimizer step)."""
         dev = harness.device()
-        cfg = model_config(model)
-        mb = micro_batch_for(model, seq_len)
-        engine = build_engine(competitor, cfg, mb, precision, dev)
-        batch = synthetic_batch(mb, seq_len, cfg.vocab_size, dev)
+        cfg = model_config(model, task)
+        engine = build_engine(competitor, cfg, mb, precision, dev, task)
+        batch = task_batch(task, mb, seq_len, cfg.vocab_size, dev)
         try:
             for _ in range(prof["warmup"]):
                 train_step(engine, batch)
@@ -496,7 +555,7 @@ def _pytest_tests():
             def step():
                 train_step(engine, batch)
                 _sync()
-            benchmark.extra_info.update({"model": model, "seq_len": seq_len, "precision": precision,
+            benchmark.extra_info.update({"task": task, "model": model, "seq_len": seq_len, "precision": precision,
                                          "competitor": competitor, "micro_batch": mb,
                                          "real_tokens_per_step": int(batch["attention_mask"].sum()),
                                          "label": harness.environment(profile() == "smoke")["label"]})

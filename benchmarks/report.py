@@ -139,8 +139,8 @@ def cross_entropy_targets(res):
 
 
 def e2e_targets(res):
-    rows = {r["competitor"]: r for r in res["results"]
-            if r["model"] == "base" and r["seq_len"] == 512 and r["precision"] == "fp16"}
+    rows = {r["competitor"]: r for r in res["results"] if r.get("task", "mlm") == "mlm"
+            and r["model"] == "base" and r["seq_len"] == 512 and r["precision"] == "fp16"}
     ours = rows.get("fastroberta-triton", {})
 
     def tps_ratio(other):
@@ -161,7 +161,25 @@ def e2e_targets(res):
     return [_target("Training tokens/s vs HF eager", tps_ratio("hf-eager"), 2.0, where=where),
             _target("Training tokens/s vs HF SDPA", tps_ratio("hf-sdpa"), 1.3, where=where),
             _target("Training MFU", 100 * mfu if mfu else None, 45, unit="%", where=where),
-            _target("Largest micro-batch at seq 512 vs HF eager", batch_ratio, 2.0, where=where, note=note)]
+            _target("Largest micro-batch at seq 512 vs HF eager", batch_ratio, 2.0, where=where, note=note)] \
+        + finetune_rows(res)
+
+
+def finetune_rows(res):
+    """The fine-tuning step against transformers' classifier: measured, no target set yet."""
+    rows = {r["competitor"]: r for r in res["results"] if r.get("task") == "finetune" and r["model"] == "base"
+            and r["precision"] == "fp16"}
+    ours = rows.get("fastroberta-triton", {}).get("tokens_per_s")
+    if not rows:
+        return []
+    out = []
+    for other in ("hf-eager", "hf-sdpa"):
+        theirs = rows.get(other, {}).get("tokens_per_s")
+        r = next(iter(rows.values()))
+        out.append({"target": f"Fine-tuning tokens/s vs HF {other[3:]} (no target)",
+                    "measured": f"{ours / theirs:.2f}x" if ours and theirs else "-", "goal": "", "met": None,
+                    "where": f"base, seq {r['seq_len']}, batch {r['micro_batch']}, fp16, padded", "note": ""})
+    return out
 
 
 def train_targets(res):

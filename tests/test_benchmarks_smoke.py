@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repo, not an in
     sys.path.insert(0, str(REPO))
 
 from benchmarks import __main__ as cli  # noqa: E402
-from benchmarks import harness, report, train_check  # noqa: E402
+from benchmarks import bench_e2e, harness, report, train_check  # noqa: E402
 
 ENV_KEYS = ("date", "device", "device_slug", "torch", "triton", "deepspeed", "git_commit", "source_digest", "smoke",
             "label", "copy_bandwidth_gbps")
@@ -72,7 +72,8 @@ def test_smoke_output_is_refused_among_committed_results():
 
 
 def test_e2e_smoke_step_through_deepspeed(tmp_path):
-    """The end-to-end harness on a micro model (fp32, CPU, DeepSpeed ZeRO-2), in its own process as on a GPU."""
+    """The end-to-end harness on a micro model (fp32, CPU, DeepSpeed ZeRO-2), in its own process as on a GPU:
+    the pretraining step on packed text and the fine-tuning step on padded classification batches."""
     cmd = [sys.executable, "-m", "benchmarks", "e2e", "--smoke", "--competitors", "fastroberta-torch,hf-sdpa",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -80,15 +81,22 @@ def test_e2e_smoke_step_through_deepspeed(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / harness.device_slug() / "e2e.json").read_text())
     assert result["label"] == harness.SMOKE_LABEL and result["complete"]
-    rows = {r["competitor"]: r for r in result["results"]}
-    assert set(rows) == {"fastroberta-torch", "hf-sdpa"}
+    rows = {(r["task"], r["competitor"]): r for r in result["results"]}
+    assert set(rows) == {(t, c) for t in ("mlm", "finetune") for c in ("fastroberta-torch", "hf-sdpa")}
     for r in rows.values():
         assert r["status"] == "ok", r
         assert r["tokens_per_s"] > 0 and math.isfinite(r["loss_last"])
-        assert r["real_tokens_per_step"] == r["micro_batch"] * r["seq_len"]
-    # Same config and seed: both models start from the same loss scale (ln V for a fresh MLM head).
-    assert abs(rows["fastroberta-torch"]["loss_first"] - math.log(1000)) < 0.5
-    assert "| fastroberta-torch |" in (tmp_path / harness.device_slug() / "e2e.md").read_text()
+    for comp in ("fastroberta-torch", "hf-sdpa"):
+        mlm, ft = rows["mlm", comp], rows["finetune", comp]
+        assert mlm["real_tokens_per_step"] == mlm["micro_batch"] * mlm["seq_len"]  # packed: no padding
+        # Fine-tuning batches are padded (lengths in [seq/4, seq]), and tokens/s counts the real tokens.
+        assert (ft["seq_len"], ft["micro_batch"]) == bench_e2e.FINETUNE_SMOKE_SHAPE
+        assert ft["micro_batch"] * ft["seq_len"] // 4 <= ft["real_tokens_per_step"] < ft["micro_batch"] * ft["seq_len"]
+        # A fresh head starts near the loss of a uniform guess: ln V for MLM, ln 2 for two labels.
+        assert abs(mlm["loss_first"] - math.log(1000)) < 0.5
+        assert abs(ft["loss_first"] - math.log(2)) < 0.3
+    md = (tmp_path / harness.device_slug() / "e2e.md").read_text()
+    assert "| fastroberta-torch |" in md and "## fine-tuning (sequence classification" in md
     # The console: the smoke banner before the first figure, and the figures labelled as smoke.
     banner = proc.stdout.find("SMOKE RUN: a correctness check, NOT a performance result")
     first_figure = proc.stdout.find("smoke tok/s")
@@ -157,6 +165,10 @@ def _write_device(root, device="NVIDIA H100 80GB HBM3", smoke=False):
         ("fastroberta-triton", 300000.0, 0.5, {"max_micro_batch": 256, "exact": True}),
         ("hf-eager", 100000.0, 0.17, {"max_micro_batch": 96, "exact": True}),
         ("hf-sdpa", 250000.0, 0.42, None)]]
+    # The fine-tuning step, tagged with its task, must not be mistaken for the pretraining rows above.
+    e2e_rows += [{"task": "finetune", "model": "base", "seq_len": 128, "micro_batch": 32, "precision": "fp16",
+                  "competitor": c, "tokens_per_s": t, "mfu": 0.1, "status": "ok"} for c, t in [
+        ("fastroberta-triton", 90000.0), ("hf-eager", 60000.0), ("hf-sdpa", 100000.0)]]
     e2e = {"bench": "e2e", "results": e2e_rows, "complete": True, "environment": _env(device, smoke)}
     for name, data in (("layer_norm", ln), ("attention", att), ("cross_entropy", ce), ("e2e", e2e)):
         data["environment"] = _env(device, smoke)
@@ -191,6 +203,9 @@ def test_report_evaluates_the_targets_and_rewrites_the_readme_section(tmp_path):
     assert rows["Training tokens/s vs HF SDPA"]["measured"] == "1.20x"
     assert rows["Training MFU"]["measured"] == "50.0%"
     assert rows["Largest micro-batch at seq 512 vs HF eager"]["measured"] == "2.67x"
+    assert rows["Fine-tuning tokens/s vs HF eager (no target)"]["measured"] == "1.50x"
+    assert rows["Fine-tuning tokens/s vs HF sdpa (no target)"]["measured"] == "0.90x"
+    assert rows["Fine-tuning tokens/s vs HF sdpa (no target)"]["where"] == "base, seq 128, batch 32, fp16, padded"
     assert rows["Kernel outputs and gradients match the fp32 reference"]["met"] is True
 
     summary = (root / "SUMMARY.md").read_text()
