@@ -357,7 +357,12 @@ def build_model(args, s, names):
 
 
 def model_inputs(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on the device, with validate=False: ids come from the run's tokenizer (checked against the
+    model's vocabulary at start) and labels from encode_labels (checked per split on the host), so the model
+    skips its per-step host reads of them."""
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    inputs["validate"] = False
+    return inputs
 
 
 def predict(module_call, ids, batch_size, pad_id, device, rank, world_size):

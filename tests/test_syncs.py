@@ -116,3 +116,24 @@ def test_counter_sees_the_syncs_it_is_meant_to():
     with SyncCounter() as counter:
         int(t[0]), t.tolist(), t.nonzero(), t[t > 0], bool(t[1]), torch.tensor([1], device=t.device)
     assert counter.total == 6, dict(counter.by_line)
+
+
+def test_fine_tuning_step_makes_no_syncs():
+    """fastroberta-finetune's step: the batch as its loader collates it, through ``finetune.model_inputs``
+    (validate=False), a classifier forward + backward with the Triton kernels reads nothing on the host."""
+    from fastroberta import RobertaForSequenceClassification
+    from fastroberta.finetune import model_inputs
+    from fastroberta.tasks import collate
+    cfg = RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=40, num_labels=3)
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(cfg, kernels="triton").train()
+    batch = collate([[0, 5, 6, 7, 2], [0, 9, 2], [0, 4, 4, 4, 4, 4, 2]], pad_id=1, labels=[2, 0, 1])
+    with SyncCounter() as counter:
+        out = model(**model_inputs(batch, torch.device("cpu")))
+        out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert counter.total == 0, dict(counter.by_line)
+    with SyncCounter() as checked:  # the counter does see the checks that validate=True makes
+        model(**batch).loss.backward()
+    assert checked.total > 0
