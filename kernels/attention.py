@@ -139,6 +139,24 @@ def _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN: tl.constexpr, HAS_SEQLENS:
 
 
 @triton.jit
+def _philox(c0, c1, c2, c3, k0, k1, N_ROUNDS: tl.constexpr):
+    """Philox4x32 (Salmon et al. 2011) on uint32 counter words c0..c3 and uint32 scalar key words k0, k1:
+    bit for bit ``tl.philox``, but each round's two 32 x 32 -> 64-bit products are taken as one widening
+    multiply (one IMAD.WIDE.U32 on sm_90) instead of separate high and low halves (IMAD.HI + IMAD)."""
+    for r in tl.static_range(N_ROUNDS):
+        # The round keys, in 64 bits so that nothing overflows (r is a compile-time constant).
+        rk0 = ((k0.to(tl.uint64) + r * 0x9E3779B9) & 0xFFFFFFFF).to(tl.uint32)
+        rk1 = ((k1.to(tl.uint64) + r * 0xBB67AE85) & 0xFFFFFFFF).to(tl.uint32)
+        prod_a = c0.to(tl.uint64) * 0xD2511F53
+        prod_b = c2.to(tl.uint64) * 0xCD9E8D57
+        c0 = (prod_b >> 32).to(tl.uint32) ^ c1 ^ rk0
+        c2 = (prod_a >> 32).to(tl.uint32) ^ c3 ^ rk1
+        c1 = prod_b.to(tl.uint32)
+        c3 = prod_a.to(tl.uint32)
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p, KEYS_FIRST: tl.constexpr):
     """Keep mask of the queries row0 + offs_m x the keys col0 + offs_n (row0 and col0 multiples of 16):
     [queries, keys], or [keys, queries] with KEYS_FIRST (the dK/dV kernel's transposed tiles).
@@ -150,10 +168,11 @@ def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p, KEYS_FIRST: t
     are ones that one thread of an sm_90 tensor-core accumulator holds in registers (all eight in the
     [queries, keys] tiles, four in the transposed ones), so the Philox calls of a thread's tile elements
     coincide and the compiler computes each once; no keep mask moves between threads."""
-    key = (bh.to(tl.int64) << 32) + seed  # the head in Philox's key (high word): streams never overlap
     threshold = tl.minimum(dropout_p * 65536.0 + 0.5, 65535.0).to(tl.uint32) << 16
-    group = (col0 // 4 + (offs_n // 16) * 4 + (offs_n // 2) % 4).to(tl.uint32)
-    row = (row0 + offs_m - (offs_m & 8)).to(tl.uint32)
+    # row0 and col0 are multiples of the block sizes, so "|" adds; unlike "+" it keeps the compiler from
+    # splitting a product of the counter into a per-block and a per-thread part (a 64-bit add per product).
+    group = ((col0 // 4) | ((offs_n // 16) * 4 + (offs_n // 2) % 4)).to(tl.uint32)
+    row = (row0 | (offs_m - (offs_m & 8))).to(tl.uint32)
     key_word = ((offs_n // 8) % 2) * 2
     row_word = (offs_m // 8) % 2
     high_half = (offs_n % 2) == 1
@@ -168,7 +187,7 @@ def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p, KEYS_FIRST: t
         word_of = key_word[None, :] + row_word[:, None]
         high_half = high_half[None, :]
     zero = c0 * 0
-    w0, w1, w2, w3 = tl.philox(key, c0, c1, zero, zero)
+    w0, w1, w2, w3 = _philox(c0, c1, zero, zero, seed.to(tl.uint32), bh.to(tl.uint32), 10)
     word = tl.where(word_of < 2, tl.where(word_of == 0, w0, w1), tl.where(word_of == 2, w2, w3))
     return tl.where(high_half, word, word << 16) >= threshold
 
