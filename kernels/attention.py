@@ -352,7 +352,7 @@ def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
 
 @triton.jit
 def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start_m, seqlen,
-                   offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                   offs_m, cols, offs_d, qk_scale, dropout_p, seed, bh, col0,
                    BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Works on transposed tiles (keys x queries) so that dK and dV accumulate with plain dots.
@@ -372,15 +372,18 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start
         delta = tl.load(Delta + rows)
     # LSE = +inf marks a row that attends to nothing: its probabilities come out exactly 0.
     pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - (lse * LOG2E)[None, :])
+    # With dropout the loop leaves out the factor 1 / (1 - p) of kept entries: dV and dK accumulate
+    # (1 - p) times their value (Delta enters as (1 - p) Delta), and the kernel scales both once at the end.
     if DROPOUT:
         keep = _dropout_keep(seed, bh, start_m, offs_m, col0, cols - col0, dropout_p, True)
-        pT_used = tl.where(keep, pT * keep_scale, 0.0)
+        pT_used = tl.where(keep, pT, 0.0)
     else:
         pT_used = pT
     dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     if DROPOUT:
-        dpT = tl.where(keep, dpT * keep_scale, 0.0)
+        dpT = tl.where(keep, dpT, 0.0)
+        delta = delta * (1.0 - dropout_p)
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
     return dk, dv
@@ -434,11 +437,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     hi_full = (hi // BLOCK_M) * BLOCK_M
     for start_m in range(0, hi_full, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start_m, seqlen,
-                                offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                                offs_m, cols, offs_d, qk_scale, dropout_p, seed, bh, col0,
                                 False, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
     if hi_full < hi:
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, hi_full, seqlen,
-                                offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                                offs_m, cols, offs_d, qk_scale, dropout_p, seed, bh, col0,
                                 True, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
 
     # Column j of P feeds only dK_j and dV_j, so padded keys (and keys past the end, loaded as 0) are masked
@@ -446,8 +449,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     key_ok = in_seq
     if HAS_MASK:
         key_ok = key_ok & (tl.load(KeyMask + b64 * stride_mb + cols, mask=in_seq, other=0) != 0)
-    dk = tl.where(key_ok[:, None], dk * softmax_scale, 0.0)
-    dv = tl.where(key_ok[:, None], dv, 0.0)
+    if DROPOUT:
+        dk = tl.where(key_ok[:, None], dk * (softmax_scale * keep_scale), 0.0)
+        dv = tl.where(key_ok[:, None], dv * keep_scale, 0.0)
+    else:
+        dk = tl.where(key_ok[:, None], dk * softmax_scale, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
     stored = (cols < store_len)[:, None]
     tl.store(DK + cols[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=stored)
     tl.store(DV + cols[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=stored)
@@ -455,7 +462,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
 
 @triton.jit
 def _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
-                 offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                 offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                  BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = start_n + offs_n
@@ -474,25 +481,25 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, st
         real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
         p = tl.where(real_key[None, :], p, 0.0)
     dp = tl.dot(do, vT, input_precision=PRECISION)
-    if DROPOUT:
+    if DROPOUT:  # the factor 1 / (1 - p) of kept entries is applied once, after the loop (_attn_bwd_dq)
         keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p, False)
-        dp = tl.where(keep, dp * keep_scale, 0.0)
+        dp = tl.where(keep, dp, 0.0)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
 @triton.jit
 def _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
-                   offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                   offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     hi_full = (hi // BLOCK_N) * BLOCK_N
     for start_n in range(0, hi_full, BLOCK_N):
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
-                          offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                          offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                           False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
     if hi_full < hi:
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi_full, seqlen,
-                          offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                          offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                           True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
     return dq
 
@@ -541,21 +548,28 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = softmax_scale * LOG2E
     keep_scale = 1.0 / (1.0 - dropout_p)
+    if DROPOUT:
+        # dS = P (dP - Delta) with dP = Z / (1 - p) dO . v is 1 / (1 - p) times P (Z dO . v - (1 - p) Delta):
+        # the loop computes the latter, and dQ takes the factor at the end.
+        delta = delta * (1.0 - dropout_p)
     hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
     if HAS_MASK:
         if holes:  # as in the forward: only rows with holes read the mask key by key
             dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
-                                offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                                offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                                 True, DROPOUT, PRECISION, BLOCK_N)
         else:
             dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
-                                offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                                offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                                 False, DROPOUT, PRECISION, BLOCK_N)
     else:
         dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
-                            offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                            offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                             False, DROPOUT, PRECISION, BLOCK_N)
-    dq = dq * softmax_scale
+    if DROPOUT:
+        dq = dq * (softmax_scale * keep_scale)
+    else:
+        dq = dq * softmax_scale
     stored = (offs_m < store_len)[:, None]
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=stored)
 
