@@ -82,9 +82,11 @@ def _configs(interpreter, defaults, candidates):
 # BLOCK_M always counts queries and BLOCK_N keys; the interpreter's blocks differ so that tests catch a mixed-up
 # index. The defaults keep every loop free of register spills on sm_90 with dropout on or off (what
 # `python -m benchmarks static` checks): at head dim 128 the fp32 accumulators need 8 warps (or smaller tiles)
-# where 4 warps spill hundreds of bytes in the loop.
-_FWD_CONFIGS = _configs((64, 32), {"d64": (128, 64, 4, 3), "d128": (128, 64, 8, 3), "fp32": (64, 32, 4, 2)},
-                        [(128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)])
+# where 4 warps spill hundreds of bytes in the loop; the forward's 128 x 64 tiles take 8 warps at head dim 64
+# too, where 4 warps (an autotune candidate) use all 255 registers and spill inside the loop of the
+# key-mask kernel with dropout.
+_FWD_CONFIGS = _configs((64, 32), {"d64": (128, 64, 8, 3), "d128": (128, 64, 8, 3), "fp32": (64, 32, 4, 2)},
+                        [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)])
 _DKDV_CONFIGS = _configs((32, 64), {"d64": (64, 128, 8, 3), "d128": (32, 128, 8, 3), "fp32": (32, 64, 4, 2)},
                          [(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)])
 _DQ_CONFIGS = _configs((64, 32), {"d64": (128, 32, 4, 3), "d128": (128, 32, 8, 3), "fp32": (64, 32, 4, 2)},
@@ -224,7 +226,9 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, start_n, se
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p, False)
-        p = tl.where(keep, p, 0.0)
+        # A zero the compiler cannot see (dropout_p is finite): with a constant 0 it moves the select past
+        # the conversion to 16 bits, onto packed pairs that it then has to take apart and put together.
+        p = tl.where(keep, p, dropout_p * 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
@@ -376,7 +380,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start
     # (1 - p) times their value (Delta enters as (1 - p) Delta), and the kernel scales both once at the end.
     if DROPOUT:
         keep = _dropout_keep(seed, bh, start_m, offs_m, col0, cols - col0, dropout_p, True)
-        pT_used = tl.where(keep, pT, 0.0)
+        pT_used = tl.where(keep, pT, dropout_p * 0.0)  # an opaque 0, as in _fwd_tile
     else:
         pT_used = pT
     dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=PRECISION)
