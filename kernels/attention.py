@@ -159,9 +159,10 @@ def _philox(c0, c1, c2, c3, k0, k1, N_ROUNDS: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p, KEYS_FIRST: tl.constexpr):
-    """Keep mask of the queries row0 + offs_m x the keys col0 + offs_n (row0 and col0 multiples of 16):
-    [queries, keys], or [keys, queries] with KEYS_FIRST (the dK/dV kernel's transposed tiles).
+def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p):
+    """Keep mask [queries, keys] of the queries row0 + offs_m x the keys col0 + offs_n (row0 and col0
+    multiples of the block sizes, which are multiples of 16); ``_dropout_keep_t`` gives the same mask
+    transposed, for the dK/dV kernel's [keys, queries] tiles.
 
     For query i and key j, one Philox4x32-10 call keyed by (seed, sequence * H + head) with the counter
     (0, 4 * (j // 16) + (j // 2) % 4, 0, i - (i & 8)) gives four 32-bit words, eight 16-bit halves, for the
@@ -184,20 +185,49 @@ def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p, KEYS_FIRST: t
     key_word = ((offs_n // 8) % 2) * 2
     row_word = (offs_m // 8) % 2
     high_half = (offs_n % 2) == 1
-    if KEYS_FIRST:
-        c0 = group[:, None] + (row * 0)[None, :]
-        c1 = row[None, :] + (group * 0)[:, None]
-        word_of = key_word[:, None] + row_word[None, :]
-        high_half = high_half[:, None]
-    else:
-        c0 = group[None, :] + (row * 0)[:, None]
-        c1 = row[:, None] + (group * 0)[None, :]
-        word_of = key_word[None, :] + row_word[:, None]
-        high_half = high_half[None, :]
-    zero = c0 * 0
-    w0, w1, w2, w3 = _philox(zero, c0, zero, c1, seed.to(tl.uint32), bh.to(tl.uint32), 10)
+    c1 = group[None, :] + (row * 0)[:, None]
+    c3 = row[:, None] + (group * 0)[None, :]
+    word_of = key_word[None, :] + row_word[:, None]
+    high_half = high_half[None, :]
+    zero = c1 * 0
+    w0, w1, w2, w3 = _philox(zero, c1, zero, c3, seed.to(tl.uint32), bh.to(tl.uint32), 10)
     word = tl.where(word_of < 2, tl.where(word_of == 0, w0, w1), tl.where(word_of == 2, w2, w3))
     return tl.where(high_half, word, word << 16) >= threshold
+
+
+@triton.jit
+def _dropout_keep_t(seed, bh, row0, col0, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The transpose of ``_dropout_keep(seed, bh, row0, arange(BLOCK_M), col0, arange(BLOCK_N), dropout_p)``:
+    the keep mask [BLOCK_N keys, BLOCK_M queries] of the dK/dV kernel's transposed tiles.
+
+    In those tiles a thread of the sm_90 accumulator holds keys j or j + 1, not both, so only four of a
+    Philox call's eight pairs: evaluated per element, as ``_dropout_keep`` does, each call would be
+    computed by two threads. Here each call is evaluated once, on a compact [BLOCK_N / 4 key groups,
+    BLOCK_M / 2 query pairs] grid; its 16-bit halves are regrouped into the two 32-bit words each of the
+    two threads needs (the halves j % 2 of words 2e and 2e + 1, e = (j // 8) % 2), and reshapes spread
+    them over the tile, which the compiler does with one pass through shared memory."""
+    threshold = tl.minimum(dropout_p * 65536.0 + 0.5, 65535.0).to(tl.uint32) << 16
+    g = tl.arange(0, BLOCK_N // 4)  # 4 * (j // 16) + (j // 2) % 4 of key j
+    r = tl.arange(0, BLOCK_M // 2)  # 8 * (i // 16) + i % 8 of query i
+    group = ((col0 // 4) | g).to(tl.uint32)
+    row = (row0 | ((r // 8) * 16 + r % 8)).to(tl.uint32)
+    c1 = group[:, None] + (row * 0)[None, :]
+    c3 = row[None, :] + (group * 0)[:, None]
+    zero = c1 * 0
+    w0, w1, w2, w3 = _philox(zero, c1, zero, c3, seed.to(tl.uint32), bh.to(tl.uint32), 10)
+    # The half j % 2 of words 2 e and 2 e + 1 (e = (j // 8) % 2), packed as the low and high half of one
+    # word: [g, r, j % 2, e]
+    lo0 = (w0 & 0xFFFF) | (w1 << 16)
+    lo1 = (w2 & 0xFFFF) | (w3 << 16)
+    hi0 = (w0 >> 16) | (w1 & 0xFFFF0000)
+    hi1 = (w2 >> 16) | (w3 & 0xFFFF0000)
+    x = tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1))
+    x = tl.reshape(x, (BLOCK_N // 16, 4, BLOCK_M // 16, 8, 2, 2))  # [j // 16, (j // 2) % 4, i // 16, i % 8, j % 2, e]
+    x = tl.permute(x, (0, 5, 1, 4, 2, 3))  # [j // 16, e, (j // 2) % 4, j % 2, i // 16, i % 8]
+    x = tl.broadcast_to(x[:, :, :, :, :, None, :], (BLOCK_N // 16, 2, 4, 2, BLOCK_M // 16, 2, 8))
+    x = tl.reshape(x, (BLOCK_N, BLOCK_M))
+    b = ((tl.arange(0, BLOCK_M) // 8) % 2 == 1)[None, :]
+    return tl.where(b, x, x << 16) >= threshold
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,7 +261,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, start_n, se
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p, False)
+        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p)
         # A zero the compiler cannot see (dropout_p is finite): with a constant 0 it moves the select past
         # the conversion to 16 bits, onto packed pairs that it then has to take apart and put together.
         p = tl.where(keep, p, dropout_p * 0.0)
@@ -385,16 +415,18 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start
     # With dropout the loop leaves out the factor 1 / (1 - p) of kept entries: dV and dK accumulate
     # (1 - p) times their value (Delta enters as (1 - p) Delta), and the kernel scales both once at the end.
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, start_m, offs_m, col0, cols - col0, dropout_p, True)
+        keep = _dropout_keep_t(seed, bh, start_m, col0, dropout_p, BLOCK_M, BLOCK_N)
         pT_used = tl.where(keep, pT, dropout_p * 0.0)  # an opaque 0, as in _fwd_tile
     else:
         pT_used = pT
     dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     if DROPOUT:
-        dpT = tl.where(keep, dpT, 0.0)
-        delta = delta * (1.0 - dropout_p)
-    dsT = pT * (dpT - delta[None, :])
+        # P (Z dP - (1 - p) Delta) = (Z P) dP - P (1 - p) Delta: Z P is pT_used, so the keep mask need not
+        # stay live (in predicate registers) across the dV product.
+        dsT = pT_used * dpT - pT * (delta * (1.0 - dropout_p))[None, :]
+    else:
+        dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
     return dk, dv
 
@@ -492,7 +524,7 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, st
         p = tl.where(real_key[None, :], p, 0.0)
     dp = tl.dot(do, vT, input_precision=PRECISION)
     if DROPOUT:  # the factor 1 / (1 - p) of kept entries is applied once, after the loop (_attn_bwd_dq)
-        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p, False)
+        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p)
         dp = tl.where(keep, dp, 0.0)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)

@@ -1,5 +1,5 @@
 """The dropout keep masks of the attention and LayerNorm kernels, drawn straight from their ``_dropout_keep``
-helpers (through tiny test kernels under the interpreter):
+helpers (and attention's transposed ``_dropout_keep_t``) through tiny test kernels under the interpreter:
 
 - each is exactly the documented function of (seed, sequence * H + head, row, column): checked against an
   independent NumPy Philox4x32-10 and its documented word/half mapping, in both tile orientations the
@@ -29,10 +29,11 @@ def _attention_keep_kernel(Out, seed, bh, p, L: tl.constexpr, BM: tl.constexpr, 
     col0 = tl.program_id(1) * BN
     offs_m = tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
-    keep = attn._dropout_keep(seed, bh + 0 * row0, row0, offs_m, col0, offs_n, p, KEYS_FIRST)
-    if KEYS_FIRST:
+    if KEYS_FIRST:  # the dK/dV kernel's [keys, queries] tiles
+        keep = attn._dropout_keep_t(seed, bh + 0 * row0, row0, col0, p, BM, BN)
         tl.store(Out + (row0 + offs_m)[None, :] * L + (col0 + offs_n)[:, None], keep.to(tl.int8))
     else:
+        keep = attn._dropout_keep(seed, bh + 0 * row0, row0, offs_m, col0, offs_n, p)
         tl.store(Out + (row0 + offs_m)[:, None] * L + (col0 + offs_n)[None, :], keep.to(tl.int8))
 
 
@@ -102,6 +103,8 @@ def test_attention_mask_does_not_depend_on_the_tiling():
     a = attention_keep(seed, bh, p, 128, bm=16, bn=32)
     assert np.array_equal(a, attention_keep(seed, bh, p, 128, bm=64, bn=128))
     assert np.array_equal(a, attention_keep(seed, bh, p, 128, keys_first=True, bm=32, bn=64))
+    assert np.array_equal(a, attention_keep(seed, bh, p, 128, keys_first=True, bm=64, bn=128))
+    assert np.array_equal(a, attention_keep(seed, bh, p, 128, keys_first=True, bm=16, bn=16))
 
 
 def test_layer_norm_mask_is_the_documented_philox_function():
