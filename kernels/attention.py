@@ -35,7 +35,7 @@ Right-padded rows (every real token before every padding one: what full- and doc
 need no per-key mask: the host marks each row's length as with or without holes, on the device, and the
 kernels branch on that per sequence, so only rows with holes load the mask inside their loops.
 
-Dropout uses every bit of each Philox4x32-10 call: keyed by (seed, sequence * H + head) and counted by
+Dropout uses every bit of each Philox4x32-7 call (7 rounds: ``DROPOUT_PHILOX_ROUNDS`` says why): keyed by (seed, sequence * H + head) and counted by
 (key group, query row) (positions inside the sequence), one call gives four 32-bit words, eight 16-bit halves
 that decide eight (query, key) pairs by an integer comparison with round(p * 65536) (so the keep probability
 is 1 - p to within 2**-17). The eight pairs are ones a thread of the sm_90 tensor-core accumulator holds, so
@@ -57,6 +57,12 @@ from ._checks import FLOAT_DTYPES, check_tensor, dropout_seed, interpreter_activ
 
 HEAD_DIMS = (16, 32, 64, 128)
 DROPOUT_MAX_SEQLEN = 32768
+# Rounds of the Philox4x32 generator behind the attention dropout masks: 7, the fewest that Salmon et al.
+# (SC 2011) found to pass TestU01's BigCrush for Philox4x32 (10 is their default, with a margin; 7 is what
+# FlashAttention-2's dropout runs). Each round costs about four SASS instructions per call (a call decides
+# eight attention entries), so 7 instead of 10 takes ~12 instructions off every call in the kernels' loops.
+# tests/test_dropout_rng.py checks the masks against an independent Philox4x32-7 and their statistics.
+DROPOUT_PHILOX_ROUNDS = tl.constexpr(7)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -164,7 +170,7 @@ def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p):
     multiples of the block sizes, which are multiples of 16); ``_dropout_keep_t`` gives the same mask
     transposed, for the dK/dV kernel's [keys, queries] tiles.
 
-    For query i and key j, one Philox4x32-10 call keyed by (seed, sequence * H + head) with the counter
+    For query i and key j, one Philox4x32-7 call (``DROPOUT_PHILOX_ROUNDS``) keyed by (seed, sequence * H + head) with the counter
     (0, 4 * (j // 16) + (j // 2) % 4, 0, i - (i & 8)) gives four 32-bit words, eight 16-bit halves, for the
     eight (query, key) pairs that share the counter: pair (i, j) takes the half j % 2 of word
     2 * ((j // 8) % 2) + (i // 8) % 2 and is kept when that half is >= round(p * 65536). Those eight pairs
@@ -190,7 +196,7 @@ def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p):
     word_of = key_word[None, :] + row_word[:, None]
     high_half = high_half[None, :]
     zero = c1 * 0
-    w0, w1, w2, w3 = _philox(zero, c1, zero, c3, seed.to(tl.uint32), bh.to(tl.uint32), 10)
+    w0, w1, w2, w3 = _philox(zero, c1, zero, c3, seed.to(tl.uint32), bh.to(tl.uint32), DROPOUT_PHILOX_ROUNDS)
     word = tl.where(word_of < 2, tl.where(word_of == 0, w0, w1), tl.where(word_of == 2, w2, w3))
     return tl.where(high_half, word, word << 16) >= threshold
 
@@ -214,7 +220,7 @@ def _dropout_keep_t(seed, bh, row0, col0, dropout_p, BLOCK_M: tl.constexpr, BLOC
     c1 = group[:, None] + (row * 0)[None, :]
     c3 = row[None, :] + (group * 0)[:, None]
     zero = c1 * 0
-    w0, w1, w2, w3 = _philox(zero, c1, zero, c3, seed.to(tl.uint32), bh.to(tl.uint32), 10)
+    w0, w1, w2, w3 = _philox(zero, c1, zero, c3, seed.to(tl.uint32), bh.to(tl.uint32), DROPOUT_PHILOX_ROUNDS)
     # The half j % 2 of words 2 e and 2 e + 1 (e = (j // 8) % 2), packed as the low and high half of one
     # word: [g, r, j % 2, e]
     lo0 = (w0 & 0xFFFF) | (w1 << 16)
