@@ -35,13 +35,17 @@ Right-padded rows (every real token before every padding one: what full- and doc
 need no per-key mask: the host marks each row's length as with or without holes, on the device, and the
 kernels branch on that per sequence, so only rows with holes load the mask inside their loops.
 
-Dropout uses every bit of each Philox4x32-7 call (7 rounds: ``DROPOUT_PHILOX_ROUNDS`` says why): keyed by (seed, sequence * H + head) and counted by
-(key group, query row) (positions inside the sequence), one call gives four 32-bit words, eight 16-bit halves
-that decide eight (query, key) pairs by an integer comparison with round(p * 65536) (so the keep probability
-is 1 - p to within 2**-17). The eight pairs are ones a thread of the sm_90 tensor-core accumulator holds, so
-the compiler evaluates each call once per eight elements and no mask moves between threads (``_dropout_keep``
-has the exact mapping). Backward regenerates the forward's mask, and the padded and varlen forms drop the
-same entries of right-padded data. Sequences are limited to 32768 tokens with dropout. The seed is drawn per
+Dropout uses every bit of each Philox4x32-7 call (7 rounds, ``DROPOUT_PHILOX_ROUNDS`` says why): keyed by
+(seed, sequence * H + head) and counted by (key group, query pair) (positions inside the sequence), one call
+gives four 32-bit words, eight 16-bit halves that decide eight (query, key) pairs by an integer comparison
+with round(p * 65536) (so the keep probability is 1 - p to within 2**-17). The eight pairs are ones a thread
+of the sm_90 tensor-core accumulator holds in the forward and dQ kernels' [queries, keys] tiles, so the
+compiler evaluates each call once per eight elements and no mask moves between threads (``_dropout_keep``
+has the exact mapping); the dK/dV kernel's transposed tiles split a call's pairs between two threads, so
+``_dropout_keep_t`` evaluates each call once and moves its halves through shared memory. The loops mask
+without scaling; the factor 1 / (1 - p) is applied once per output row (forward, dQ) or key (dK, dV).
+Backward regenerates the forward's mask, and the padded and varlen forms drop the same entries of
+right-padded data. Sequences are limited to 32768 tokens with dropout. The seed is drawn per
 call from torch's generator (``_checks.dropout_seed``).
 """
 import contextlib
