@@ -174,11 +174,11 @@ def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p):
     multiples of the block sizes, which are multiples of 16); ``_dropout_keep_t`` gives the same mask
     transposed, for the dK/dV kernel's [keys, queries] tiles.
 
-    For query i and key j, one Philox4x32-7 call (``DROPOUT_PHILOX_ROUNDS``) keyed by (seed, sequence * H + head) with the counter
-    (0, 4 * (j // 16) + (j // 2) % 4, 0, i - (i & 8)) gives four 32-bit words, eight 16-bit halves, for the
-    eight (query, key) pairs that share the counter: pair (i, j) takes the half j % 2 of word
-    2 * ((j // 8) % 2) + (i // 8) % 2 and is kept when that half is >= round(p * 65536). Those eight pairs
-    are ones that one thread of an sm_90 tensor-core accumulator holds in registers (all eight in the
+    For query i and key j, one Philox4x32-7 call (``DROPOUT_PHILOX_ROUNDS``) keyed by (seed, sequence * H +
+    head) with the counter (0, 4 * (j // 16) + (j // 2) % 4, 0, i - (i & 8)) gives four 32-bit words, eight
+    16-bit halves, for the eight (query, key) pairs that share the counter: pair (i, j) takes the half j % 2
+    of word 2 * ((j // 8) % 2) + (i // 8) % 2 and is kept when that half is >= round(p * 65536). Those eight
+    pairs are ones that one thread of an sm_90 tensor-core accumulator holds in registers (all eight in the
     [queries, keys] tiles, four in the transposed ones), so the Philox calls of a thread's tile elements
     coincide and the compiler computes each once; no keep mask moves between threads.
 
@@ -232,7 +232,8 @@ def _dropout_keep_t(seed, bh, row0, col0, dropout_p, BLOCK_M: tl.constexpr, BLOC
     hi0 = (w0 >> 16) | (w1 & 0xFFFF0000)
     hi1 = (w2 >> 16) | (w3 & 0xFFFF0000)
     x = tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1))
-    x = tl.reshape(x, (BLOCK_N // 16, 4, BLOCK_M // 16, 8, 2, 2))  # [j // 16, (j // 2) % 4, i // 16, i % 8, j % 2, e]
+    # [j // 16, (j // 2) % 4, i // 16, i % 8, j % 2, e]
+    x = tl.reshape(x, (BLOCK_N // 16, 4, BLOCK_M // 16, 8, 2, 2))
     x = tl.permute(x, (0, 5, 1, 4, 2, 3))  # [j // 16, e, (j // 2) % 4, j % 2, i // 16, i % 8]
     x = tl.broadcast_to(x[:, :, :, :, :, None, :], (BLOCK_N // 16, 2, 4, 2, BLOCK_M // 16, 2, 8))
     x = tl.reshape(x, (BLOCK_N, BLOCK_M))
