@@ -35,13 +35,17 @@ Right-padded rows (every real token before every padding one: what full- and doc
 need no per-key mask: the host marks each row's length as with or without holes, on the device, and the
 kernels branch on that per sequence, so only rows with holes load the mask inside their loops.
 
-Dropout uses every bit of each Philox4x32-10 call: keyed by (seed, sequence * H + head) and counted by
-(key group, query row) (positions inside the sequence), one call gives four 32-bit words, eight 16-bit halves
-that decide eight (query, key) pairs by an integer comparison with round(p * 65536) (so the keep probability
-is 1 - p to within 2**-17). The eight pairs are ones a thread of the sm_90 tensor-core accumulator holds, so
-the compiler evaluates each call once per eight elements and no mask moves between threads (``_dropout_keep``
-has the exact mapping). Backward regenerates the forward's mask, and the padded and varlen forms drop the
-same entries of right-padded data. Sequences are limited to 32768 tokens with dropout. The seed is drawn per
+Dropout uses every bit of each Philox4x32-7 call (7 rounds, ``DROPOUT_PHILOX_ROUNDS`` says why): keyed by
+(seed, sequence * H + head) and counted by (key group, query pair) (positions inside the sequence), one call
+gives four 32-bit words, eight 16-bit halves that decide eight (query, key) pairs by an integer comparison
+with round(p * 65536) (so the keep probability is 1 - p to within 2**-17). The eight pairs are ones a thread
+of the sm_90 tensor-core accumulator holds in the forward and dQ kernels' [queries, keys] tiles, so the
+compiler evaluates each call once per eight elements and no mask moves between threads (``_dropout_keep``
+has the exact mapping); the dK/dV kernel's transposed tiles split a call's pairs between two threads, so
+``_dropout_keep_t`` evaluates each call once and moves its halves through shared memory. The loops mask
+without scaling; the factor 1 / (1 - p) is applied once per output row (forward, dQ) or key (dK, dV).
+Backward regenerates the forward's mask, and the padded and varlen forms drop the same entries of
+right-padded data. Sequences are limited to 32768 tokens with dropout. The seed is drawn per
 call from torch's generator (``_checks.dropout_seed``).
 """
 import contextlib
@@ -57,6 +61,12 @@ from ._checks import FLOAT_DTYPES, check_tensor, dropout_seed, interpreter_activ
 
 HEAD_DIMS = (16, 32, 64, 128)
 DROPOUT_MAX_SEQLEN = 32768
+# Rounds of the Philox4x32 generator behind the attention dropout masks: 7, the fewest that Salmon et al.
+# (SC 2011) found to pass TestU01's BigCrush for Philox4x32 (10 is their default, with a margin; 7 is what
+# FlashAttention-2's dropout runs). Each round costs about four SASS instructions per call (a call decides
+# eight attention entries), so 7 instead of 10 takes ~12 instructions off every call in the kernels' loops.
+# tests/test_dropout_rng.py checks the masks against an independent Philox4x32-7 and their statistics.
+DROPOUT_PHILOX_ROUNDS = tl.constexpr(7)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -82,9 +92,11 @@ def _configs(interpreter, defaults, candidates):
 # BLOCK_M always counts queries and BLOCK_N keys; the interpreter's blocks differ so that tests catch a mixed-up
 # index. The defaults keep every loop free of register spills on sm_90 with dropout on or off (what
 # `python -m benchmarks static` checks): at head dim 128 the fp32 accumulators need 8 warps (or smaller tiles)
-# where 4 warps spill hundreds of bytes in the loop.
-_FWD_CONFIGS = _configs((64, 32), {"d64": (128, 64, 4, 3), "d128": (128, 64, 8, 3), "fp32": (64, 32, 4, 2)},
-                        [(128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)])
+# where 4 warps spill hundreds of bytes in the loop; the forward's 128 x 64 tiles take 8 warps at head dim 64
+# too, where 4 warps (an autotune candidate) use all 255 registers and spill inside the loop of the
+# key-mask kernel with dropout.
+_FWD_CONFIGS = _configs((64, 32), {"d64": (128, 64, 8, 3), "d128": (128, 64, 8, 3), "fp32": (64, 32, 4, 2)},
+                        [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)])
 _DKDV_CONFIGS = _configs((32, 64), {"d64": (64, 128, 8, 3), "d128": (32, 128, 8, 3), "fp32": (32, 64, 4, 2)},
                          [(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)])
 _DQ_CONFIGS = _configs((64, 32), {"d64": (128, 32, 4, 3), "d128": (128, 32, 8, 3), "fp32": (64, 32, 4, 2)},
@@ -139,38 +151,94 @@ def _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN: tl.constexpr, HAS_SEQLENS:
 
 
 @triton.jit
-def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p, KEYS_FIRST: tl.constexpr):
-    """Keep mask of the queries row0 + offs_m x the keys col0 + offs_n (row0 and col0 multiples of 16):
-    [queries, keys], or [keys, queries] with KEYS_FIRST (the dK/dV kernel's transposed tiles).
+def _philox(c0, c1, c2, c3, k0, k1, N_ROUNDS: tl.constexpr):
+    """Philox4x32 (Salmon et al. 2011) on uint32 counter words c0..c3 and uint32 scalar key words k0, k1:
+    bit for bit ``tl.philox``, but each round's two 32 x 32 -> 64-bit products are taken as one widening
+    multiply (one IMAD.WIDE.U32 on sm_90) instead of separate high and low halves (IMAD.HI + IMAD)."""
+    for r in tl.static_range(N_ROUNDS):
+        # The round keys, in 64 bits so that nothing overflows (r is a compile-time constant).
+        rk0 = ((k0.to(tl.uint64) + r * 0x9E3779B9) & 0xFFFFFFFF).to(tl.uint32)
+        rk1 = ((k1.to(tl.uint64) + r * 0xBB67AE85) & 0xFFFFFFFF).to(tl.uint32)
+        prod_a = c0.to(tl.uint64) * 0xD2511F53
+        prod_b = c2.to(tl.uint64) * 0xCD9E8D57
+        c0 = (prod_b >> 32).to(tl.uint32) ^ c1 ^ rk0
+        c2 = (prod_a >> 32).to(tl.uint32) ^ c3 ^ rk1
+        c1 = prod_b.to(tl.uint32)
+        c3 = prod_a.to(tl.uint32)
+    return c0, c1, c2, c3
 
-    For query i and key j, one Philox4x32-10 call keyed by (seed, sequence * H + head) with the counter
-    (4 * (j // 16) + (j // 2) % 4, i - (i & 8), 0, 0) gives four 32-bit words, eight 16-bit halves, for the
-    eight (query, key) pairs that share the counter: pair (i, j) takes the half j % 2 of word
-    2 * ((j // 8) % 2) + (i // 8) % 2 and is kept when that half is >= round(p * 65536). Those eight pairs
-    are ones that one thread of an sm_90 tensor-core accumulator holds in registers (all eight in the
+
+@triton.jit
+def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p):
+    """Keep mask [queries, keys] of the queries row0 + offs_m x the keys col0 + offs_n (row0 and col0
+    multiples of the block sizes, which are multiples of 16); ``_dropout_keep_t`` gives the same mask
+    transposed, for the dK/dV kernel's [keys, queries] tiles.
+
+    For query i and key j, one Philox4x32-7 call (``DROPOUT_PHILOX_ROUNDS``) keyed by (seed, sequence * H +
+    head) with the counter (0, 4 * (j // 16) + (j // 2) % 4, 0, i - (i & 8)) gives four 32-bit words, eight
+    16-bit halves, for the eight (query, key) pairs that share the counter: pair (i, j) takes the half j % 2
+    of word 2 * ((j // 8) % 2) + (i // 8) % 2 and is kept when that half is >= round(p * 65536). Those eight
+    pairs are ones that one thread of an sm_90 tensor-core accumulator holds in registers (all eight in the
     [queries, keys] tiles, four in the transposed ones), so the Philox calls of a thread's tile elements
-    coincide and the compiler computes each once; no keep mask moves between threads."""
-    key = (bh.to(tl.int64) << 32) + seed  # the head in Philox's key (high word): streams never overlap
+    coincide and the compiler computes each once; no keep mask moves between threads.
+
+    The key group and the query pair sit in the counter words that Philox's first round only XORs with the
+    key (c1 and c3, the multiplied words c0 and c2 being 0): its second round then multiplies a value of
+    the keys alone and one of the queries alone, so rounds one and two are computed once per key group and
+    once per query pair (outside the loop for whichever of the two a kernel's loop keeps fixed), never per
+    call, and no product of a loop counter is left for the compiler to turn into 64-bit running sums."""
     threshold = tl.minimum(dropout_p * 65536.0 + 0.5, 65535.0).to(tl.uint32) << 16
-    group = (col0 // 4 + (offs_n // 16) * 4 + (offs_n // 2) % 4).to(tl.uint32)
-    row = (row0 + offs_m - (offs_m & 8)).to(tl.uint32)
+    # row0 and col0 are multiples of the block sizes, so "|" adds. Written with "+", the counters come out
+    # of the compiler costing about 20 instructions more per Philox call (measured with the static report).
+    group = ((col0 // 4) | ((offs_n // 16) * 4 + (offs_n // 2) % 4)).to(tl.uint32)
+    row = (row0 | (offs_m - (offs_m & 8))).to(tl.uint32)
     key_word = ((offs_n // 8) % 2) * 2
     row_word = (offs_m // 8) % 2
     high_half = (offs_n % 2) == 1
-    if KEYS_FIRST:
-        c0 = group[:, None] + (row * 0)[None, :]
-        c1 = row[None, :] + (group * 0)[:, None]
-        word_of = key_word[:, None] + row_word[None, :]
-        high_half = high_half[:, None]
-    else:
-        c0 = group[None, :] + (row * 0)[:, None]
-        c1 = row[:, None] + (group * 0)[None, :]
-        word_of = key_word[None, :] + row_word[:, None]
-        high_half = high_half[None, :]
-    zero = c0 * 0
-    w0, w1, w2, w3 = tl.philox(key, c0, c1, zero, zero)
+    c1 = group[None, :] + (row * 0)[:, None]
+    c3 = row[:, None] + (group * 0)[None, :]
+    word_of = key_word[None, :] + row_word[:, None]
+    high_half = high_half[None, :]
+    zero = c1 * 0
+    w0, w1, w2, w3 = _philox(zero, c1, zero, c3, seed.to(tl.uint32), bh.to(tl.uint32), DROPOUT_PHILOX_ROUNDS)
     word = tl.where(word_of < 2, tl.where(word_of == 0, w0, w1), tl.where(word_of == 2, w2, w3))
     return tl.where(high_half, word, word << 16) >= threshold
+
+
+@triton.jit
+def _dropout_keep_t(seed, bh, row0, col0, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The transpose of ``_dropout_keep(seed, bh, row0, arange(BLOCK_M), col0, arange(BLOCK_N), dropout_p)``:
+    the keep mask [BLOCK_N keys, BLOCK_M queries] of the dK/dV kernel's transposed tiles.
+
+    In those tiles a thread of the sm_90 accumulator holds keys j or j + 1, not both, so only four of a
+    Philox call's eight pairs: evaluated per element, as ``_dropout_keep`` does, each call would be
+    computed by two threads. Here each call is evaluated once, on a compact [BLOCK_N / 4 key groups,
+    BLOCK_M / 2 query pairs] grid; its 16-bit halves are regrouped into the two 32-bit words each of the
+    two threads needs (the halves j % 2 of words 2e and 2e + 1, e = (j // 8) % 2), and reshapes spread
+    them over the tile, which the compiler does with one pass through shared memory."""
+    threshold = tl.minimum(dropout_p * 65536.0 + 0.5, 65535.0).to(tl.uint32) << 16
+    g = tl.arange(0, BLOCK_N // 4)  # 4 * (j // 16) + (j // 2) % 4 of key j
+    r = tl.arange(0, BLOCK_M // 2)  # 8 * (i // 16) + i % 8 of query i
+    group = ((col0 // 4) | g).to(tl.uint32)
+    row = (row0 | ((r // 8) * 16 + r % 8)).to(tl.uint32)
+    c1 = group[:, None] + (row * 0)[None, :]
+    c3 = row[None, :] + (group * 0)[:, None]
+    zero = c1 * 0
+    w0, w1, w2, w3 = _philox(zero, c1, zero, c3, seed.to(tl.uint32), bh.to(tl.uint32), DROPOUT_PHILOX_ROUNDS)
+    # The half j % 2 of words 2 e and 2 e + 1 (e = (j // 8) % 2), packed as the low and high half of one
+    # word: [g, r, j % 2, e]
+    lo0 = (w0 & 0xFFFF) | (w1 << 16)
+    lo1 = (w2 & 0xFFFF) | (w3 << 16)
+    hi0 = (w0 >> 16) | (w1 & 0xFFFF0000)
+    hi1 = (w2 >> 16) | (w3 & 0xFFFF0000)
+    x = tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1))
+    # [j // 16, (j // 2) % 4, i // 16, i % 8, j % 2, e]
+    x = tl.reshape(x, (BLOCK_N // 16, 4, BLOCK_M // 16, 8, 2, 2))
+    x = tl.permute(x, (0, 5, 1, 4, 2, 3))  # [j // 16, e, (j // 2) % 4, j % 2, i // 16, i % 8]
+    x = tl.broadcast_to(x[:, :, :, :, :, None, :], (BLOCK_N // 16, 2, 4, 2, BLOCK_M // 16, 2, 8))
+    x = tl.reshape(x, (BLOCK_N, BLOCK_M))
+    b = ((tl.arange(0, BLOCK_M) // 8) % 2 == 1)[None, :]
+    return tl.where(b, x, x << 16) >= threshold
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,8 +272,10 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, start_n, se
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p, False)
-        p = tl.where(keep, p, 0.0)
+        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p)
+        # A zero the compiler cannot see (dropout_p is finite): with a constant 0 it moves the select past
+        # the conversion to 16 bits, onto packed pairs that it then has to take apart and put together.
+        p = tl.where(keep, p, dropout_p * 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
@@ -333,7 +403,7 @@ def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
 
 @triton.jit
 def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start_m, seqlen,
-                   offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                   offs_m, cols, offs_d, qk_scale, dropout_p, seed, bh, col0,
                    BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Works on transposed tiles (keys x queries) so that dK and dV accumulate with plain dots.
@@ -353,16 +423,21 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start
         delta = tl.load(Delta + rows)
     # LSE = +inf marks a row that attends to nothing: its probabilities come out exactly 0.
     pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - (lse * LOG2E)[None, :])
+    # With dropout the loop leaves out the factor 1 / (1 - p) of kept entries: dV and dK accumulate
+    # (1 - p) times their value (Delta enters as (1 - p) Delta), and the kernel scales both once at the end.
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, start_m, offs_m, col0, cols - col0, dropout_p, True)
-        pT_used = tl.where(keep, pT * keep_scale, 0.0)
+        keep = _dropout_keep_t(seed, bh, start_m, col0, dropout_p, BLOCK_M, BLOCK_N)
+        pT_used = tl.where(keep, pT, dropout_p * 0.0)  # an opaque 0, as in _fwd_tile
     else:
         pT_used = pT
     dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     if DROPOUT:
-        dpT = tl.where(keep, dpT * keep_scale, 0.0)
-    dsT = pT * (dpT - delta[None, :])
+        # P (Z dP - (1 - p) Delta) = (Z P) dP - P (1 - p) Delta: Z P is pT_used, so the keep mask need not
+        # stay live (in predicate registers) across the dV product.
+        dsT = pT_used * dpT - pT * (delta * (1.0 - dropout_p))[None, :]
+    else:
+        dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
     return dk, dv
 
@@ -415,11 +490,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     hi_full = (hi // BLOCK_M) * BLOCK_M
     for start_m in range(0, hi_full, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start_m, seqlen,
-                                offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                                offs_m, cols, offs_d, qk_scale, dropout_p, seed, bh, col0,
                                 False, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
     if hi_full < hi:
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, hi_full, seqlen,
-                                offs_m, cols, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, col0,
+                                offs_m, cols, offs_d, qk_scale, dropout_p, seed, bh, col0,
                                 True, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
 
     # Column j of P feeds only dK_j and dV_j, so padded keys (and keys past the end, loaded as 0) are masked
@@ -427,8 +502,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     key_ok = in_seq
     if HAS_MASK:
         key_ok = key_ok & (tl.load(KeyMask + b64 * stride_mb + cols, mask=in_seq, other=0) != 0)
-    dk = tl.where(key_ok[:, None], dk * softmax_scale, 0.0)
-    dv = tl.where(key_ok[:, None], dv, 0.0)
+    if DROPOUT:
+        dk = tl.where(key_ok[:, None], dk * (softmax_scale * keep_scale), 0.0)
+        dv = tl.where(key_ok[:, None], dv * keep_scale, 0.0)
+    else:
+        dk = tl.where(key_ok[:, None], dk * softmax_scale, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
     stored = (cols < store_len)[:, None]
     tl.store(DK + cols[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=stored)
     tl.store(DV + cols[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=stored)
@@ -436,7 +515,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
 
 @triton.jit
 def _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
-                 offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                 offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                  BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = start_n + offs_n
@@ -455,25 +534,25 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, st
         real_key = tl.load(KeyMask + cols, mask=cols < seqlen, other=0) != 0
         p = tl.where(real_key[None, :], p, 0.0)
     dp = tl.dot(do, vT, input_precision=PRECISION)
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p, False)
-        dp = tl.where(keep, dp * keep_scale, 0.0)
+    if DROPOUT:  # the factor 1 / (1 - p) of kept entries is applied once, after the loop (_attn_bwd_dq)
+        keep = _dropout_keep(seed, bh, row0, offs_m - row0, start_n, offs_n, dropout_p)
+        dp = tl.where(keep, dp, 0.0)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
 @triton.jit
 def _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
-                   offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                   offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     hi_full = (hi // BLOCK_N) * BLOCK_N
     for start_n in range(0, hi_full, BLOCK_N):
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, start_n, seqlen,
-                          offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                          offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                           False, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
     if hi_full < hi:
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi_full, seqlen,
-                          offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                          offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                           True, HAS_MASK, DROPOUT, PRECISION, BLOCK_N)
     return dq
 
@@ -522,21 +601,28 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = softmax_scale * LOG2E
     keep_scale = 1.0 / (1.0 - dropout_p)
+    if DROPOUT:
+        # dS = P (dP - Delta) with dP = Z / (1 - p) dO . v is 1 / (1 - p) times P (Z dO . v - (1 - p) Delta):
+        # the loop computes the latter, and dQ takes the factor at the end.
+        delta = delta * (1.0 - dropout_p)
     hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
     if HAS_MASK:
         if holes:  # as in the forward: only rows with holes read the mask key by key
             dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
-                                offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                                offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                                 True, DROPOUT, PRECISION, BLOCK_N)
         else:
             dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
-                                offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                                offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                                 False, DROPOUT, PRECISION, BLOCK_N)
     else:
         dq = _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, hi, seqlen,
-                            offs_m, offs_n, offs_d, qk_scale, dropout_p, keep_scale, seed, bh, row0,
+                            offs_m, offs_n, offs_d, qk_scale, dropout_p, seed, bh, row0,
                             False, DROPOUT, PRECISION, BLOCK_N)
-    dq = dq * softmax_scale
+    if DROPOUT:
+        dq = dq * (softmax_scale * keep_scale)
+    else:
+        dq = dq * softmax_scale
     stored = (offs_m < store_len)[:, None]
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=stored)
 
