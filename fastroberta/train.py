@@ -80,6 +80,9 @@ def build_parser():
     g.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="auto: Triton on CUDA, the PyTorch reference on CPU")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (one graph, fullgraph=True) inside the DeepSpeed engine; off by "
+                        "default until a GPU benchmark shows it faster (python -m benchmarks e2e)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help="the corpus: a text file (documents separated by "
@@ -380,6 +383,15 @@ def warmup_linear_decay(warmup_steps, total_steps):
     return factor
 
 
+def compile_engine(engine):
+    """torch.compile the engine's module in place (``fullgraph=True``: a graph break is an error, not a silent
+    slowdown), with the Dynamo options fastroberta's models need (``fastroberta.compile``). Compilation itself
+    happens at the first forward (and again once for eval mode); the state_dict keys do not change."""
+    from fastroberta.compile import enable_dynamo_options
+    enable_dynamo_options()
+    engine.compile(compile_kwargs={"fullgraph": True})
+
+
 def build_model(s, args, prepared):
     from fastroberta.model import RobertaForMaskedLM
     config = s.config
@@ -638,6 +650,8 @@ def _train(args, s):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
                                            model_parameters=groups if client_optimizer is None else None,
                                            lr_scheduler=schedule, config=s.ds_config)
+    if args.compile:
+        compile_engine(engine)
     _say(s, f"engine ready: {model.num_parameters() / 1e6:.1f}M parameters, {s.precision}, ZeRO {s.zero_stage}, "
             f"world {s.world_size}, global batch {s.global_batch_size} = {s.micro_batch_size} x "
             f"{s.grad_accum_steps} accumulation x {s.world_size}, peak lr {s.lr:.2e}, warmup {s.warmup_steps} "

@@ -52,6 +52,21 @@ def dropout_seed():
     return seed_value(new_dropout_seed())
 
 
+def known_true(condition):
+    """``bool(condition)`` for a condition on sizes, False where torch.compile traces a size it cannot know (one
+    from ``nonzero``): branching on it would break the graph. For shortcuts whose other branch is also correct."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+    except ImportError:  # torch < 2.7: no unbacked sizes to worry about in its supported traces
+        return bool(condition)
+    return guard_or_false(condition)
+
+
+def known_empty(t):
+    """``t.numel() == 0`` by ``known_true``: the kernels' host code also handles an empty tensor."""
+    return known_true(t.numel() == 0)
+
+
 def compiling():
     """True while torch.compile (Dynamo) traces the caller: checks that must read a tensor's values on the
     host (a graph break) are skipped then; see each entry point's docstring for which."""

@@ -58,8 +58,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, new_dropout_seed, seed_value,
-                      triton_usable)
+from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
+                      seed_value, triton_usable)
 from ._library import custom_op
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -695,6 +695,8 @@ def _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropo
     heads, max_seqlen = run["num_heads"], run["max_seqlen"]
     lse = _empty_lse(q, varlen)
     o = _empty_out(q, varlen)
+    if q.numel() == 0:  # nothing to launch (a compiled graph reaches the op with an empty batch)
+        return o, lse
 
     def grid(cfg):
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
@@ -708,6 +710,8 @@ def _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropo
 def _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p,
                         softmax_scale, seed, dq, dk, dv):
     """Launch the three backward kernels, writing into dq, dk, dv (any strides with a unit last one)."""
+    if q.numel() == 0:
+        return
     run = _launch_meta(q, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
     lse_strides, n_seqs = run.pop("lse_strides"), run.pop("n_seqs")
     varlen, heads, max_seqlen = run["VARLEN"], run["num_heads"], run["max_seqlen"]
@@ -929,7 +933,7 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     scale = _softmax_scale(softmax_scale, d)
     _check_mask(attention_mask, b, l, q.device)
     _check_dropout_length(dropout_p, l)
-    if not triton_usable(q) or q.numel() == 0:
+    if not triton_usable(q) or known_empty(q):
         return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _mask_and_lengths(attention_mask, l, q.device)
     seed = new_dropout_seed() if dropout_p > 0.0 else None
@@ -953,7 +957,7 @@ def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None
     scale = _softmax_scale(softmax_scale, d)
     _check_mask(attention_mask, b, l, qkv.device)
     _check_dropout_length(dropout_p, l)
-    if not triton_usable(qkv) or qkv.numel() == 0:
+    if not triton_usable(qkv) or known_empty(qkv):
         return reference.attention_packed(qkv, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _mask_and_lengths(attention_mask, l, qkv.device)
     seed = new_dropout_seed() if dropout_p > 0.0 else None
@@ -999,7 +1003,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
     # Unvalidated, max_seqlen stands in for the longest sequence: it is an upper bound of it.
     _check_dropout_length(dropout_p, max(lengths) if validate else max_seqlen)
-    if not triton_usable(q) or q.numel() == 0:
+    if not triton_usable(q) or known_empty(q):
         return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                           softmax_scale=scale)
     seed = new_dropout_seed() if dropout_p > 0.0 else None

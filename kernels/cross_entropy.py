@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_tensor, compiling, interpreter_active, triton_usable
+from ._checks import check_tensor, compiling, interpreter_active, known_true, triton_usable
 from ._library import custom_op
 
 # Most bytes one chunk of logits may take: 128 MiB is ~1,300 rows of fp16 logits at V = 50,265, large enough
@@ -323,7 +323,7 @@ def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_nu
     else:
         rows = (labels != ignore_index).nonzero().squeeze(1)
         n = rows.numel()
-    if n == hidden.shape[0]:
+    if known_true(n == hidden.shape[0]):
         h, targets = hidden, labels.contiguous()  # the kernels index labels with stride 1
     else:
         h, targets = hidden.index_select(0, rows), labels.index_select(0, rows)
