@@ -315,6 +315,9 @@ def resolve_settings(args):
     ds, user, s.warnings = merged.ds, merged.user, merged.warnings
     s.micro_batch_size, s.grad_accum_steps = merged.micro_batch_size, merged.grad_accum_steps
     s.global_batch_size, s.precision, s.zero_stage = merged.global_batch_size, merged.precision, merged.zero_stage
+    if getattr(args, "compile", False) and s.zero_stage == 3:
+        raise ConfigError("--compile supports ZeRO stages 0-2: ZeRO-3 gathers parameters in hooks inside the "
+                          "model's forward, which a single compiled graph cannot hold")
     if "optimizer" in user and optimizer == "apex_adam":
         raise ConfigError("--deepspeed_config defines an optimizer; it cannot be combined with --optimizer "
                           "apex_adam")
@@ -384,12 +387,16 @@ def warmup_linear_decay(warmup_steps, total_steps):
 
 
 def compile_engine(engine):
-    """torch.compile the engine's module in place (``fullgraph=True``: a graph break is an error, not a silent
-    slowdown), with the Dynamo options fastroberta's models need (``fastroberta.compile``). Compilation itself
-    happens at the first forward (and again once for eval mode); the state_dict keys do not change."""
+    """torch.compile the model's forward inside the engine (``fullgraph=True``: a graph break is an error, not a
+    silent slowdown), with the Dynamo options fastroberta's models need (``fastroberta.compile``). The module's
+    ``forward`` is compiled, not the module: DeepSpeed's forward hooks (timers, ZeRO bookkeeping) run around it
+    in eager mode, where they cannot break the graph. Compilation itself happens at the first forward (and once
+    more for eval mode); parameters and state_dict keys do not change."""
+    import torch
     from fastroberta.compile import enable_dynamo_options
     enable_dynamo_options()
-    engine.compile(compile_kwargs={"fullgraph": True})
+    module = engine.module
+    module.forward = torch.compile(module.forward, fullgraph=True)
 
 
 def build_model(s, args, prepared):

@@ -151,6 +151,7 @@ def test_opcheck(op):
 def _step(model, call, train):
     """Outputs (and, in training, parameter gradients) of one forward (+ backward), from a fixed RNG state."""
     torch.manual_seed(7)
+    params = getattr(model, "_orig_mod", model).named_parameters()  # a compiled module prefixes the names
     for p in model.parameters():
         p.grad = None
     if not train:
@@ -161,7 +162,7 @@ def _step(model, call, train):
     loss = out.loss if getattr(out, "loss", None) is not None else out.last_hidden_state.float().pow(2).mean()
     loss.backward()
     outs = [t.detach() for t in vars(out).values() if isinstance(t, torch.Tensor)]
-    return outs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return outs, {n: p.grad.clone() for n, p in params if p.grad is not None}
 
 
 @pytest.mark.slow  # two Inductor compiles (forward + backward) of a 2-layer model: ~40-90 s
