@@ -196,7 +196,7 @@ def test_train_compile_gives_eager_losses(small, tmp_path):  # noqa: F811
     # Dropout on, fp32: with Inductor drawing from torch's generator (fallback_random) the compiled steps draw
     # the same dropout seeds as eager ones, so the losses agree to fp32 rounding.
     extra = ["--steps", "5", "--micro-batch-size", "2", "--global-batch-size", "2", "--precision", "fp32",
-             "--eval-batches", "1", "--kernels", "triton"]
+             "--eval-batches", "1", "--kernels", "triton", "--seq-len", "16"]
     _, eager = run(small, tmp_path / "eager", *extra, config="dropout")
     torch._dynamo.reset()
     with torch._inductor.config.patch(fallback_random=True):
