@@ -16,6 +16,7 @@ import torch._dynamo
 import torch._inductor.config
 
 from fastroberta import RobertaConfig, RobertaForMaskedLM
+from fastroberta import train as tr
 from fastroberta.compile import compile_model, enable_dynamo_options
 from fastroberta.kernels import attention, attention_packed, attention_varlen, layer_norm, mlm_cross_entropy
 from fastroberta.kernels._checks import interpreter_active
@@ -205,3 +206,16 @@ def test_train_compile_gives_eager_losses(small, tmp_path):  # noqa: F811
     np.testing.assert_allclose(losses(compiled), losses(eager), rtol=0, atol=1e-5)
     assert compiled[-1]["eval_loss"] == pytest.approx(eager[-1]["eval_loss"], abs=1e-5)
     assert len(set(losses(eager))) > 1  # the steps train: not one repeated number
+
+
+def test_compile_flag_is_off_by_default_and_refuses_zero3(tmp_path):
+    from fastroberta import finetune as ft
+    from fastroberta.ds_config import ConfigError
+    assert tr.build_parser().parse_args([]).compile is False
+    assert ft.build_parser().parse_args([]).compile is False
+    s = tr.resolve_settings(tr.build_parser().parse_args(["--compile", "--zero-stage", "2",
+                                                          "--output", str(tmp_path / "a")]))
+    assert s.zero_stage == 2
+    with pytest.raises(ConfigError, match="--compile supports ZeRO stages 0-2"):
+        tr.resolve_settings(tr.build_parser().parse_args(["--compile", "--zero-stage", "3",
+                                                          "--output", str(tmp_path / "b")]))
