@@ -150,7 +150,8 @@ def build_parser():
         p.add_argument("--seq-lens", help="comma list, e.g. 128,512 (the mlm task's; finetune is seq 128)")
         p.add_argument("--precisions", help="comma list of fp16,bf16")
         p.add_argument("--competitors", help="comma list of fastroberta-triton,fastroberta-torch,hf-eager,"
-                       "hf-sdpa,hf-sdpa-compile (both tasks; default: the profile's)")
+                       "hf-sdpa,hf-sdpa-compile,fastroberta-triton-compile (both tasks; default: the "
+                       "profile's)")
         p.add_argument("--max-batch", help="competitors whose largest micro-batch at seq 512 is searched "
                        "(comma list, 'all' or 'none'; default: the profile's)")
         p.add_argument("--steps", type=int, help="timed steps per configuration")

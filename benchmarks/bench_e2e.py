@@ -12,6 +12,9 @@ Competitors (same config, same synthetic batch, same optimizer, same DeepSpeed s
     hf-eager             transformers' class of the same name, attn_implementation="eager"
     hf-sdpa              transformers' class of the same name, attn_implementation="sdpa"
     hf-sdpa-compile      torch.compile of hf-sdpa (full profile or --competitors; compiling costs minutes)
+    fastroberta-triton-compile   fastroberta-triton compiled inside the engine, as ``fastroberta-train --compile``
+                         (``train.compile_engine``, fullgraph: the kernels are custom ops, Inductor fuses the rest);
+                         last in the check profile, so it runs when the stage has time left for its compile
 
 A step is forward + ``engine.backward`` + ``engine.step`` (ZeRO-2, fp16 with dynamic loss scaling or bf16,
 gradient clipping 1.0, torch AdamW, fused on CUDA: DeepSpeed's fused Adam would first JIT-build a CUDA
@@ -41,8 +44,11 @@ from pathlib import Path
 
 from benchmarks import harness
 
-COMPETITORS = ("fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa", "hf-sdpa-compile")
+COMPETITORS = ("fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa", "hf-sdpa-compile",
+               "fastroberta-triton-compile")
 TASKS = ("mlm", "finetune")
+# Extra seconds a compiled competitor's worker gets for its compile (Inductor, forward + backward graphs).
+COMPILE_S = {"smoke": 0, "check": 90, "full": 600}
 TOKENS_PER_STEP = {"base": 16384, "large": 8192, "micro": 64}
 # The fine-tuning step: (seq_len, micro-batch), and the smoke mode's.
 FINETUNE_SHAPE, FINETUNE_SMOKE_SHAPE = (128, 32), (32, 4)
@@ -57,10 +63,11 @@ PROFILES = {
                   finetune_competitors=["fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa"],
                   max_batch=[], warmup=1, steps=1, search_s=0, worker_s=300),
     # The GPU check's order puts what its targets compare first, in case the time budget runs out; the
-    # fine-tuning step comes after the pretraining one.
+    # fine-tuning step comes after the pretraining one, and the compiled pretraining step ("last") after both.
     "check": dict(models=["base"], seq_lens=[512], precisions=["fp16"], tasks=["mlm", "finetune"],
                   competitors=["fastroberta-triton", "hf-eager", "hf-sdpa", "fastroberta-torch"],
                   finetune_competitors=["fastroberta-triton", "hf-eager", "hf-sdpa"],
+                  last=[("mlm", "fastroberta-triton-compile")],
                   max_batch=["fastroberta-triton", "hf-eager"], warmup=3, steps=8, search_s=20, worker_s=75),
     "full": dict(models=["base", "large"], seq_lens=[128, 512], precisions=["fp16", "bf16"], tasks=list(TASKS),
                  competitors=list(COMPETITORS), finetune_competitors=list(COMPETITORS),
@@ -116,7 +123,8 @@ def build_model(competitor, cfg, device, task="mlm"):
     import torch
     if competitor.startswith("fastroberta"):
         with torch.device(device):
-            return _model_class(task, "fastroberta")(cfg, kernels=competitor.split("-", 1)[1])
+            # "fastroberta-triton-compile": the Triton model, compiled in build_engine
+            return _model_class(task, "fastroberta")(cfg, kernels=competitor.split("-")[1])
     import transformers
     transformers.logging.set_verbosity_error()
     hf_cfg = transformers.RobertaConfig(**cfg.to_dict())
@@ -158,6 +166,9 @@ def build_engine(competitor, cfg, micro_batch, precision, device, task="mlm"):
     optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=ds_config(micro_batch, precision))
+    if competitor.startswith("fastroberta") and competitor.endswith("-compile"):
+        from fastroberta.train import compile_engine
+        compile_engine(engine)  # what fastroberta-train --compile does
     return engine
 
 
@@ -362,7 +373,7 @@ def _split(value, default, cast=str):
 def cases(prof, tasks, models, seq_lens, precisions, competitors):
     """(task, model, seq_len, micro_batch, precision, competitor) in the order they run: each task's grid in turn.
     The fine-tuning step has one shape (seq 128, batch 32; smoke: seq 32, batch 4); ``competitors``, when given,
-    replaces both tasks' lists."""
+    replaces both tasks' lists (and the profile's ``last`` cases, which run after both grids)."""
     out = []
     for task in tasks:
         if task == "mlm":
@@ -377,6 +388,11 @@ def cases(prof, tasks, models, seq_lens, precisions, competitors):
                 for precision in precisions:
                     for comp in comps:
                         out.append((task, model, seq, mb or micro_batch_for(model, seq), precision, comp))
+    if not competitors:  # the profile's cases that run after every task's grid (the check's compiled step)
+        for task, comp in prof.get("last", []):
+            if task == "mlm" and task in tasks:
+                out += [(task, model, seq, micro_batch_for(model, seq), precision, comp)
+                        for model in models for seq in seq_lens for precision in precisions]
     return out
 
 
@@ -426,6 +442,8 @@ def run(profile, out_root, models=None, seq_lens=None, precisions=None, competit
                     rec = {**spec, "status": f"error: {type(e).__name__}: {str(e)[:300]}"}
             else:
                 limit = prof["worker_s"] + spec["search_s"]
+                if comp.endswith("-compile"):
+                    limit += COMPILE_S[profile]
                 if remaining is not None:
                     limit = min(limit, remaining - 5)
                 rec = _run_isolated(spec, limit, log)

@@ -15,8 +15,10 @@
 #   tests    pytest on CUDA: tests/test_gpu_kernels.py (real shapes, fp16 + bf16) and the kernel test files
 #   kernels  python -m benchmarks kernels --profile check   (layer_norm, attention, cross_entropy)
 #   e2e      python -m benchmarks e2e --profile check       (ZeRO-2, fp16: pretraining step base/seq 512, 4
-#            competitors; then the fine-tuning step, RobertaForSequenceClassification seq 128 batch 32, padded,
-#            fastroberta vs transformers' eager and SDPA)
+#            competitors, then fastroberta-triton-compile (the Triton model under torch.compile, as
+#            fastroberta-train --compile runs it) when the stage's budget has room for its compile; then the
+#            fine-tuning step, RobertaForSequenceClassification seq 128 batch 32, padded, fastroberta vs
+#            transformers' eager and SDPA)
 #   train    python -m benchmarks train                     (base, seq 512, fp16, ZeRO-2, Triton vs torch)
 #   hf       python -m benchmarks hf --profile check        (transformers' RoBERTa-base fine-tuning and MLM steps,
 #            fastroberta.apply_kernels vs eager and SDPA, fp16 + bf16; its table is printed into gpu_check.log)

@@ -67,8 +67,8 @@ def _torch_dtype(name):
 # Launch arguments, built as the launch sites build them
 # ---------------------------------------------------------------------------------------------------------
 def layer_norm_launches(ln, dtype_name, n, has_residual, has_dropout, affine=(True, True), param_dtype=None):
-    """(group, label, kernel, args, kwargs) of the forward and backward launch, as ``_LayerNormFunction``
-    passes them: [rows, n] activations, parameters in x's dtype unless ``param_dtype``."""
+    """(group, label, kernel, args, kwargs) of the forward and backward launch, as ``_layer_norm_forward`` and
+    ``_layer_norm_backward`` pass them: [rows, n] activations, parameters in x's dtype unless ``param_dtype``."""
     import torch
     dtype = _torch_dtype(dtype_name)
     param_dtype = param_dtype or dtype
@@ -125,8 +125,8 @@ def _layer_norm_cases(ln, dtype_name, full):
 
 def attention_launches(attn, dtype_name, head_dim, layout, dropout):
     """(group, kernel, args, kwargs) of the four launches of one forward + backward, built as
-    ``_FlashAttention`` builds them: q, k, v strided views of one fused QKV projection, outputs laid out
-    [B, L, H, D]. ``layout`` is one of LAYOUTS."""
+    ``_attention_forward`` and ``_attention_backward`` build them: q, k, v strided views of one fused QKV
+    projection, outputs laid out [B, L, H, D]. ``layout`` is one of LAYOUTS."""
     import torch
     import triton
     dtype = _torch_dtype(dtype_name)
@@ -217,7 +217,7 @@ def _attention_cases(attn, dtype_name, selection):
 
 
 def cross_entropy_launches(ce, dtype_name, vocab=50265):
-    """Arguments as ``_MaskedLMCrossEntropy`` passes them: one chunk of [rows, V] logits, int64 labels."""
+    """Arguments as ``_mlm_cross_entropy_forward`` passes them: one chunk of [rows, V] logits, int64 labels."""
     import torch
     dtype = _torch_dtype(dtype_name)
     rows = 1024

@@ -78,6 +78,9 @@ def build_parser():
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or file (default: the model's)")
     g.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="auto: Triton on CUDA, the PyTorch reference on CPU")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fullgraph) inside the DeepSpeed engine, as fastroberta-train "
+                        "--compile; batches of new lengths recompile until Dynamo marks the length dynamic")
     g.add_argument("--dropout", type=float, default=None,
                    help="hidden, attention and classifier dropout (default: the model's config)")
     g = p.add_argument_group("task and data")
@@ -270,6 +273,9 @@ def resolve_settings(args):
     ds, user, s.warnings = merged.ds, merged.user, merged.warnings
     s.micro_batch_size, s.grad_accum_steps = merged.micro_batch_size, merged.grad_accum_steps
     s.global_batch_size, s.precision, s.zero_stage = merged.global_batch_size, merged.precision, merged.zero_stage
+    if args.compile and s.zero_stage == 3:
+        raise ConfigError("--compile supports ZeRO stages 0-2: ZeRO-3 gathers parameters in hooks inside the "
+                          "model's forward, which a single compiled graph cannot hold")
     if "scheduler" in user:
         raise ConfigError("--deepspeed_config defines a scheduler; fine-tuning uses its own linear warmup/decay "
                           "(--warmup-ratio)")
@@ -507,6 +513,8 @@ def _run(args, s):
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=s.ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    if args.compile:
+        tr.compile_engine(engine)
     _say(s, f"engine ready: {n_params / 1e6:.1f}M parameters from {s.model_path} ({origin}), "
             f"{s.precision}, ZeRO {s.zero_stage}, world {s.world_size}, global batch {s.global_batch_size}, "
             f"{total_steps} steps ({steps_per_epoch}/epoch), peak lr {s.lr:.2e}, warmup {warmup}")

@@ -20,6 +20,12 @@ Host syncs: ``validate=True`` (the default) checks ids, labels and cu_seqlens on
 is a clear error and never a device-side assert. ``validate=False`` (the trainer, whose data loader checks
 each batch on the host) skips those reads; then a padded MLM forward + backward syncs once (the labelled-row
 count) and an unpadded one twice (the real-token count, then the labelled-row count), whatever the depth.
+
+torch.compile: every model here compiles with ``fullgraph=True`` (``fastroberta.compile_model`` sets the two
+Dynamo options it needs: the labelled-row and real-token selections have data-dependent sizes). While Dynamo
+traces, ``validate=True`` checks shapes, dtypes and devices only: the value checks read tensors on the host and
+would break the graph, so a compiled model behaves as ``validate=False`` (check the data before, as the
+trainer's loader does). A varlen batch should then come with ``max_seqlen``.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -30,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastroberta.config import IGNORE_INDEX, RobertaConfig
+from fastroberta.kernels._checks import compiling
 from fastroberta.kernels.backend import KERNEL_CHOICES, KernelSwitch
 from fastroberta.kernels.layer_norm import FusedLayerNorm
 
@@ -151,7 +158,7 @@ class MLMHead(KernelSwitch, nn.Module):
         """(loss, num_correct, num_labels) for hidden [N, E] and labels [N]. Selecting the labelled rows is
         one device-to-host sync; ``validate`` also checks the label range (another)."""
         labelled = labels != IGNORE_INDEX
-        if validate:
+        if validate and not compiling():
             _check_labels(labels, decoder_weight.shape[0])
         rows = labelled.nonzero().squeeze(-1)
         h = self.transform(hidden.index_select(0, rows))
@@ -325,6 +332,7 @@ class RobertaModel(_PreTrained):
         trusted (computed, with one sync, when not given). ``unpad`` (default ``self.unpad``) runs a padded
         batch unpadded. ``labels`` are only checked here (shape, and range when ``validate``)."""
         cfg = self.config
+        validate = validate and not compiling()  # host reads would break a torch.compile graph
         self._check_inputs(input_ids, attention_mask, token_type_ids, labels, validate)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
@@ -451,6 +459,7 @@ class RobertaForMaskedLM(_WithEncoder):
         """MLM forward. With ``labels`` (-100 = not a target) returns the mean CE over labelled tokens and runs
         the head on those rows only (no [B, L, V] tensor); without, returns ``logits`` [B, L, V].
         The other arguments are ``RobertaModel.encode``'s."""
+        validate = validate and not compiling()  # see the module docstring
         if labels is not None:
             _check_same_shape(input_ids, labels=labels)
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -499,6 +508,7 @@ class RobertaForSequenceClassification(_WithEncoder):
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
                 max_seqlen=None, unpad=None, output_hidden_states=False, validate=True):
+        validate = validate and not compiling()  # see the module docstring
         if cu_seqlens is not None:
             raise ValueError("sequence classification takes one sequence per row: cu_seqlens is not supported")
         enc = self.roberta.encode(input_ids, attention_mask, token_type_ids, None, None, unpad,
@@ -557,6 +567,7 @@ class RobertaForTokenClassification(_WithEncoder):
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
                 max_seqlen=None, unpad=None, output_hidden_states=False, validate=True):
+        validate = validate and not compiling()  # see the module docstring
         if labels is not None:
             _check_same_shape(input_ids, labels=labels)
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:

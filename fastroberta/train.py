@@ -80,6 +80,9 @@ def build_parser():
     g.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="auto: Triton on CUDA, the PyTorch reference on CPU")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (one graph, fullgraph=True) inside the DeepSpeed engine; off by "
+                        "default until a GPU benchmark shows it faster (python -m benchmarks e2e)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help="the corpus: a text file (documents separated by "
@@ -312,6 +315,9 @@ def resolve_settings(args):
     ds, user, s.warnings = merged.ds, merged.user, merged.warnings
     s.micro_batch_size, s.grad_accum_steps = merged.micro_batch_size, merged.grad_accum_steps
     s.global_batch_size, s.precision, s.zero_stage = merged.global_batch_size, merged.precision, merged.zero_stage
+    if getattr(args, "compile", False) and s.zero_stage == 3:
+        raise ConfigError("--compile supports ZeRO stages 0-2: ZeRO-3 gathers parameters in hooks inside the "
+                          "model's forward, which a single compiled graph cannot hold")
     if "optimizer" in user and optimizer == "apex_adam":
         raise ConfigError("--deepspeed_config defines an optimizer; it cannot be combined with --optimizer "
                           "apex_adam")
@@ -378,6 +384,19 @@ def warmup_linear_decay(warmup_steps, total_steps):
             return (s + 1) / warmup_steps
         return max(0.0, (total_steps - s) / max(1, total_steps - warmup_steps))
     return factor
+
+
+def compile_engine(engine):
+    """torch.compile the model's forward inside the engine (``fullgraph=True``: a graph break is an error, not a
+    silent slowdown), with the Dynamo options fastroberta's models need (``fastroberta.compile``). The module's
+    ``forward`` is compiled, not the module: DeepSpeed's forward hooks (timers, ZeRO bookkeeping) run around it
+    in eager mode, where they cannot break the graph. Compilation itself happens at the first forward (and once
+    more for eval mode); parameters and state_dict keys do not change."""
+    import torch
+    from fastroberta.compile import enable_dynamo_options
+    enable_dynamo_options()
+    module = engine.module
+    module.forward = torch.compile(module.forward, fullgraph=True)
 
 
 def build_model(s, args, prepared):
@@ -638,6 +657,8 @@ def _train(args, s):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
                                            model_parameters=groups if client_optimizer is None else None,
                                            lr_scheduler=schedule, config=s.ds_config)
+    if args.compile:
+        compile_engine(engine)
     _say(s, f"engine ready: {model.num_parameters() / 1e6:.1f}M parameters, {s.precision}, ZeRO {s.zero_stage}, "
             f"world {s.world_size}, global batch {s.global_batch_size} = {s.micro_batch_size} x "
             f"{s.grad_accum_steps} accumulation x {s.world_size}, peak lr {s.lr:.2e}, warmup {s.warmup_steps} "

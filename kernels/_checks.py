@@ -33,7 +33,41 @@ def check_tensor(name, t, *, dtypes=FLOAT_DTYPES, ndim=None, device=None):
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
 
 
+def new_dropout_seed():
+    """A Philox seed for one dropout call, as a CPU int64 tensor of one element drawn from torch's default
+    (CPU) generator: no device involved, and ``torch.manual_seed`` or a restored RNG state (activation
+    checkpointing, resume) reproduces it. The public entry points draw it and pass it to their custom op, so
+    no ``.item()`` sits in a ``torch.compile`` region (``torch.randint`` traces as a graph op); the op reads
+    it on the host (``seed_value``) when it launches the kernel."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+def seed_value(seed):
+    """The int in a seed tensor from ``new_dropout_seed`` (0 for None). A read of CPU memory: no device sync."""
+    return 0 if seed is None else int(seed.item())
+
+
 def dropout_seed():
-    """A Philox seed for one dropout call, drawn from torch's default (CPU) generator: no device sync, and
-    ``torch.manual_seed`` or a restored RNG state (activation checkpointing, resume) reproduces it."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    """``new_dropout_seed()`` as a Python int."""
+    return seed_value(new_dropout_seed())
+
+
+def known_true(condition):
+    """``bool(condition)`` for a condition on sizes, False where torch.compile traces a size it cannot know (one
+    from ``nonzero``): branching on it would break the graph. For shortcuts whose other branch is also correct."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+    except ImportError:  # torch < 2.7: no unbacked sizes to worry about in its supported traces
+        return bool(condition)
+    return guard_or_false(condition)
+
+
+def known_empty(t):
+    """``t.numel() == 0`` by ``known_true``: the kernels' host code also handles an empty tensor."""
+    return known_true(t.numel() == 0)
+
+
+def compiling():
+    """True while torch.compile (Dynamo) traces the caller: checks that must read a tensor's values on the
+    host (a graph break) are skipped then; see each entry point's docstring for which."""
+    return torch.compiler.is_compiling()

@@ -46,18 +46,21 @@ has the exact mapping); the dK/dV kernel's transposed tiles split a call's pairs
 without scaling; the factor 1 / (1 - p) is applied once per output row (forward, dQ) or key (dK, dV).
 Backward regenerates the forward's mask, and the padded and varlen forms drop the same entries of
 right-padded data. Sequences are limited to 32768 tokens with dropout. The seed is drawn per
-call from torch's generator (``_checks.dropout_seed``).
+call from torch's CPU generator (``_checks.new_dropout_seed``) as a tensor, passed to the custom op.
 """
 import contextlib
 import math
 import os
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import FLOAT_DTYPES, check_tensor, dropout_seed, interpreter_active, triton_usable
+from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
+                      seed_value, triton_usable)
+from ._library import custom_op
 
 HEAD_DIMS = (16, 32, 64, 128)
 DROPOUT_MAX_SEQLEN = 32768
@@ -655,42 +658,61 @@ def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
-    """Launch the forward kernel: (o, lse, what backward needs to relaunch)."""
+def _launch_meta(q, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    """The keyword arguments every kernel of one attention call shares (forward and backward), with the
+    grid's sequence count and the LSE strides. Derived from the inputs alone, so backward rebuilds them."""
     varlen = cu_seqlens is not None
     if varlen:
         n_seqs, (total, heads, head_dim) = cu_seqlens.numel() - 1, q.shape
         seq_len = 0
-        lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
-        lse_strides = (0, lse.stride(0))
+        lse_strides = (0, total)
     else:
         n_seqs, heads, seq_len, head_dim = q.shape
         max_seqlen = seq_len
-        lse = torch.empty(n_seqs, heads, seq_len, dtype=torch.float32, device=q.device)
-        lse_strides = (lse.stride(0), lse.stride(1))
-    o = _empty_out(q, varlen)
-    seed = dropout_seed() if dropout_p > 0.0 else 0
+        lse_strides = (heads * seq_len, seq_len)
     meta = dict(num_heads=heads, seq_len=seq_len, max_seqlen=max_seqlen,
                 seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
                 HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
                 HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
                 PRECISION="tf32")
-    launch = dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, seed=seed, dropout_p=dropout_p,
-                  softmax_scale=softmax_scale)
+    return dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, seed=seed_value(seed) if dropout_p > 0.0 else 0,
+                dropout_p=dropout_p, softmax_scale=softmax_scale)
+
+
+def _empty_lse(q, varlen):
+    """fp32 log-sum-exp per (head, token): [H, total] varlen, [B, H, L] padded."""
+    if varlen:
+        return torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    return torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+
+
+def _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    """Launch the forward kernel: (o, lse). q, k, v: [B, H, L, D] (padded) or [T, H, D] (``cu_seqlens``), unit
+    last stride; ``seed`` the dropout seed tensor (``_checks.new_dropout_seed``), None without dropout."""
+    varlen = cu_seqlens is not None
+    run = _launch_meta(q, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+    lse_strides, n_seqs = run.pop("lse_strides"), run.pop("n_seqs")
+    heads, max_seqlen = run["num_heads"], run["max_seqlen"]
+    lse = _empty_lse(q, varlen)
+    o = _empty_out(q, varlen)
+    if q.numel() == 0:  # nothing to launch (a compiled graph reaches the op with an empty batch)
+        return o, lse
 
     def grid(cfg):
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
     with _on_device(q):
         _attn_fwd[grid](q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
                         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-                        *lse_strides, key_mask.stride(0) if key_mask is not None else 0,
-                        softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, **meta)
-    return o, lse, launch
+                        *lse_strides, key_mask.stride(0) if key_mask is not None else 0, **run)
+    return o, lse
 
 
-def _backward(launch, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, do, dq, dk, dv):
+def _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p,
+                        softmax_scale, seed, dq, dk, dv):
     """Launch the three backward kernels, writing into dq, dk, dv (any strides with a unit last one)."""
-    run = dict(launch)
+    if q.numel() == 0:
+        return
+    run = _launch_meta(q, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
     lse_strides, n_seqs = run.pop("lse_strides"), run.pop("n_seqs")
     varlen, heads, max_seqlen = run["VARLEN"], run["num_heads"], run["max_seqlen"]
     do = _unit_last_stride(do)
@@ -717,42 +739,110 @@ def _backward(launch, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, do, dq, dk
                              *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
-        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-        o, lse, ctx.launch = _forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p,
-                                      softmax_scale)
-        ctx.save_for_backward(q, k, v, o, lse, key_mask, seqlens, cu_seqlens)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, key_mask, seqlens, cu_seqlens = ctx.saved_tensors
-        varlen = cu_seqlens is not None
-        dq, dk, dv = _empty_out(q, varlen), _empty_out(k, varlen), _empty_out(v, varlen)
-        _backward(ctx.launch, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, do, dq, dk, dv)
-        return dq, dk, dv, None, None, None, None, None, None
+# ---------------------------------------------------------------------------------------------------------
+# Custom ops (see _library.py): separate q, k, v (padded or varlen), and the packed [B, L, 3, H, D] projection
+# ---------------------------------------------------------------------------------------------------------
+@custom_op("attention")
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+                  seqlens: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+                  dropout_p: float, softmax_scale: float, seed: Optional[torch.Tensor]
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    return _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
 
 
-class _PackedQKVAttention(torch.autograd.Function):
-    """Attention on the fused [B, L, 3, H, D] projection: q, k, v are strided views of it, and backward
-    writes dQ, dK, dV straight into one [B, L, 3, H, D] gradient, so autograd never stacks or copies the
-    three (what unbinding the projection into q, k, v and running ``_FlashAttention`` costs)."""
+@_attention_op.register_fake
+def _(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    varlen = cu_seqlens is not None
+    return _empty_out(q, varlen), _empty_lse(q, varlen)
 
-    @staticmethod
-    def forward(ctx, qkv, key_mask, seqlens, dropout_p, softmax_scale):
-        q, k, v = _packed_views(qkv)
-        o, lse, ctx.launch = _forward(q, k, v, key_mask, seqlens, None, 0, dropout_p, softmax_scale)
-        ctx.save_for_backward(qkv, o, lse, key_mask, seqlens)
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        qkv, o, lse, key_mask, seqlens = ctx.saved_tensors
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        _backward(ctx.launch, *_packed_views(qkv), o, lse, key_mask, seqlens, None, do, *_packed_views(dqkv))
-        return dqkv, None, None, None, None
+@custom_op("attention_backward")
+def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                           lse: torch.Tensor, key_mask: Optional[torch.Tensor], seqlens: Optional[torch.Tensor],
+                           cu_seqlens: Optional[torch.Tensor], max_seqlen: int, dropout_p: float,
+                           softmax_scale: float, seed: Optional[torch.Tensor]
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    varlen = cu_seqlens is not None
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    dq, dk, dv = _empty_out(q, varlen), _empty_out(k, varlen), _empty_out(v, varlen)
+    _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                        seed, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    varlen = cu_seqlens is not None
+    return _empty_out(q, varlen), _empty_out(k, varlen), _empty_out(v, varlen)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, key_mask, seqlens, cu_seqlens, seed)
+    ctx.args = (max_seqlen, dropout_p, softmax_scale)
+
+
+def _attention_grad(ctx, do, _dlse):
+    q, k, v, o, lse, key_mask, seqlens, cu_seqlens, seed = ctx.saved_tensors
+    max_seqlen, dropout_p, softmax_scale = ctx.args
+    dq, dk, dv = torch.ops.fastroberta.attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
+                                                          max_seqlen, dropout_p, softmax_scale, seed)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+
+# Attention on the fused [B, L, 3, H, D] projection: q, k, v are strided views of it, and backward writes dQ,
+# dK, dV straight into one [B, L, 3, H, D] gradient, so autograd never stacks or copies the three (what
+# unbinding the projection into q, k, v and running the attention op costs).
+@custom_op("attention_packed")
+def _attention_packed_op(qkv: torch.Tensor, key_mask: Optional[torch.Tensor], seqlens: Optional[torch.Tensor],
+                         dropout_p: float, softmax_scale: float, seed: Optional[torch.Tensor]
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _packed_views(_unit_last_stride(qkv))
+    return _attention_forward(q, k, v, key_mask, seqlens, None, 0, dropout_p, softmax_scale, seed)
+
+
+@_attention_packed_op.register_fake
+def _(qkv, key_mask, seqlens, dropout_p, softmax_scale, seed):
+    q = _packed_views(qkv)[0]
+    return _empty_out(q, False), _empty_lse(q, False)
+
+
+@custom_op("attention_packed_backward")
+def _attention_packed_backward_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                                  key_mask: Optional[torch.Tensor], seqlens: Optional[torch.Tensor],
+                                  dropout_p: float, softmax_scale: float, seed: Optional[torch.Tensor]
+                                  ) -> torch.Tensor:
+    qkv = _unit_last_stride(qkv)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _attention_backward(do, *_packed_views(qkv), o, lse, key_mask, seqlens, None, 0, dropout_p, softmax_scale,
+                        seed, *_packed_views(dqkv))
+    return dqkv
+
+
+@_attention_packed_backward_op.register_fake
+def _(do, qkv, o, lse, key_mask, seqlens, dropout_p, softmax_scale, seed):
+    return qkv.new_empty(qkv.shape)
+
+
+def _attention_packed_setup(ctx, inputs, output):
+    qkv, key_mask, seqlens, dropout_p, softmax_scale, seed = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse, key_mask, seqlens, seed)
+    ctx.args = (dropout_p, softmax_scale)
+
+
+def _attention_packed_grad(ctx, do, _dlse):
+    qkv, o, lse, key_mask, seqlens, seed = ctx.saved_tensors
+    dqkv = torch.ops.fastroberta.attention_packed_backward(do, qkv, o, lse, key_mask, seqlens, *ctx.args, seed)
+    return dqkv, None, None, None, None, None
+
+
+_attention_packed_op.register_autograd(_attention_packed_grad, setup_context=_attention_packed_setup)
 
 
 def _packed_views(qkv):
@@ -843,10 +933,12 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     scale = _softmax_scale(softmax_scale, d)
     _check_mask(attention_mask, b, l, q.device)
     _check_dropout_length(dropout_p, l)
-    if not triton_usable(q) or q.numel() == 0:
+    if not triton_usable(q) or known_empty(q):
         return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _mask_and_lengths(attention_mask, l, q.device)
-    return _FlashAttention.apply(q, k, v, key_mask, seqlens, None, l, dropout_p, scale)
+    seed = new_dropout_seed() if dropout_p > 0.0 else None
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    return _attention_op(q, k, v, key_mask, seqlens, None, l, dropout_p, scale, seed)[0]
 
 
 def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None):
@@ -865,10 +957,11 @@ def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None
     scale = _softmax_scale(softmax_scale, d)
     _check_mask(attention_mask, b, l, qkv.device)
     _check_dropout_length(dropout_p, l)
-    if not triton_usable(qkv) or qkv.numel() == 0:
+    if not triton_usable(qkv) or known_empty(qkv):
         return reference.attention_packed(qkv, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _mask_and_lengths(attention_mask, l, qkv.device)
-    return _PackedQKVAttention.apply(_unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale)
+    seed = new_dropout_seed() if dropout_p > 0.0 else None
+    return _attention_packed_op(_unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale, seed)[0]
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, validate=True):
@@ -877,7 +970,9 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     q, k, v: [total_tokens, H, D]. cu_seqlens: int32 [n_seqs + 1], 0 first, non-decreasing, total_tokens
     last. max_seqlen: an int >= the longest sequence. ``validate=True`` reads cu_seqlens on the host to check
     it (one device-to-host copy, a sync on CUDA); ``validate=False`` trusts cu_seqlens and max_seqlen (a
-    caller that checked them once, as the model does per forward, not per layer) and never syncs.
+    caller that checked them once, as the model does per forward, not per layer) and never syncs. Under
+    ``torch.compile`` that host read is skipped as with ``validate=False`` (it would break the graph); the
+    type, dtype, shape and device checks always run.
     """
     _check_qkv(q, k, v, "[total_tokens, H, D]")
     dropout_p = _check_dropout(dropout_p)
@@ -892,6 +987,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+    validate = validate and not compiling()  # reading cu_seqlens on the host would break the graph
     if validate:
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0:
@@ -907,7 +1003,9 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
     # Unvalidated, max_seqlen stands in for the longest sequence: it is an upper bound of it.
     _check_dropout_length(dropout_p, max(lengths) if validate else max_seqlen)
-    if not triton_usable(q) or q.numel() == 0:
+    if not triton_usable(q) or known_empty(q):
         return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                           softmax_scale=scale)
-    return _FlashAttention.apply(q, k, v, None, None, cu_seqlens, max_seqlen, dropout_p, scale)
+    seed = new_dropout_seed() if dropout_p > 0.0 else None
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    return _attention_op(q, k, v, None, None, cu_seqlens, max_seqlen, dropout_p, scale, seed)[0]

@@ -8,10 +8,9 @@ resolves it once, the first time its forward sees a device; moving the module (`
 ``_apply``) forgets the resolution, so the next forward resolves it again for the new device.
 """
 import os
-from types import SimpleNamespace
 
 from . import reference
-from ._checks import interpreter_active
+from ._checks import compiling, interpreter_active
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -36,6 +35,19 @@ def resolve_kernels(kernels, device):
     return kernels
 
 
+class OpSet:
+    """The five fused ops of one implementation (a plain class, not a SimpleNamespace: torch.compile can build
+    it while tracing a model's first call)."""
+
+    def __init__(self, name, layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy):
+        self.name = name
+        self.layer_norm = layer_norm
+        self.attention = attention
+        self.attention_packed = attention_packed
+        self.attention_varlen = attention_varlen
+        self.mlm_cross_entropy = mlm_cross_entropy
+
+
 def _torch_ops():
     # The eager twins, with the keyword arguments of the Triton entry points that only concern host-side
     # checks accepted and ignored (the reference reads its inputs on the host anyway).
@@ -52,18 +64,15 @@ def _torch_ops():
         _check_inputs(x, weight, bias, eps, residual, dropout_p)  # the same clear errors as the kernel's
         return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
 
-    return SimpleNamespace(name="torch", layer_norm=layer_norm, attention=reference.attention,
-                           attention_packed=reference.attention_packed, attention_varlen=attention_varlen,
-                           mlm_cross_entropy=mlm_cross_entropy)
+    return OpSet("torch", layer_norm, reference.attention, reference.attention_packed, attention_varlen,
+                 mlm_cross_entropy)
 
 
 def _triton_ops():
     from .attention import attention, attention_packed, attention_varlen
     from .cross_entropy import mlm_cross_entropy
     from .layer_norm import layer_norm
-    return SimpleNamespace(name="triton", layer_norm=layer_norm, attention=attention,
-                           attention_packed=attention_packed, attention_varlen=attention_varlen,
-                           mlm_cross_entropy=mlm_cross_entropy)
+    return OpSet("triton", layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy)
 
 
 _OPS = {}
@@ -104,7 +113,8 @@ class KernelSwitch:
         ops = self._ops
         if ops is None:
             ops = ops_for(self._kernels, device)
-            object.__setattr__(self, "_ops", ops)
+            if not compiling():  # torch.compile resolves it while tracing (once per compiled graph)
+                object.__setattr__(self, "_ops", ops)
         return ops
 
     def _apply(self, fn, *args, **kwargs):

@@ -42,12 +42,15 @@ Decisions, and why:
 - dW accumulates across chunks in the weight's dtype (``addmm_``: each GEMM sums in fp32, the running total is
   rounded once per chunk). Chunks are large, so a 32 x 512 batch with 15% labels is one or two chunks.
 """
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_tensor, interpreter_active, triton_usable
+from ._checks import check_tensor, compiling, interpreter_active, known_true, triton_usable
+from ._library import custom_op
 
 # Most bytes one chunk of logits may take: 128 MiB is ~1,300 rows of fp16 logits at V = 50,265, large enough
 # that the chunk GEMMs run at full tensor-core speed and small next to eager's [N, V] fp32 softmax copies.
@@ -147,65 +150,108 @@ def _chunk_logits(h, weight, bias, out):
     return torch.addmm(bias, h, weight.t(), out=out)
 
 
-class _MaskedLMCrossEntropy(torch.autograd.Function):
-    """Over rows that are all labelled: (mean loss, num_correct). ``h`` [n, E], ``targets`` [n] in [0, V)."""
+def _mlm_cross_entropy_forward(h, weight, bias, targets, chunk_rows):
+    """Launch the forward over rows that are all labelled: (mean loss fp32, num_correct int64, lse fp32 [n]).
+    ``h`` [n, E], ``targets`` [n] in [0, V); ``chunk_rows`` <= 0 picks the default (``_default_chunk_rows``)."""
+    n, V = h.shape[0], weight.shape[0]
+    if chunk_rows <= 0:
+        chunk_rows = _default_chunk_rows(n, V, h.element_size())
+    lse = torch.empty(n, dtype=torch.float32, device=h.device)
+    row_loss = torch.empty_like(lse)
+    correct = torch.empty(n, dtype=torch.int32, device=h.device)
+    block, num_warps = _launch_config(V)
+    if n:
+        buf = torch.empty(min(chunk_rows, n), _row_stride(V), dtype=h.dtype, device=h.device)[:, :V]
+        for start in range(0, n, chunk_rows):
+            stop = min(start + chunk_rows, n)
+            z = _chunk_logits(h[start:stop], weight, bias, buf[:stop - start])
+            _lse_forward_kernel[(stop - start,)](
+                z, targets[start:stop], lse[start:stop], row_loss[start:stop], correct[start:stop],
+                z.stride(0), V, BLOCK_V=block, num_warps=num_warps)
+        del buf
+        loss = row_loss.sum() / n
+    else:
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    return loss, correct.sum(dtype=torch.int64), lse
 
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_rows):
-        n, V = h.shape[0], weight.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=h.device)
-        row_loss = torch.empty_like(lse)
-        correct = torch.empty(n, dtype=torch.int32, device=h.device)
+
+def _mlm_cross_entropy_backward(grad_loss, h, weight, bias, targets, lse, chunk_rows, need_h, need_w, need_b):
+    """Launch the backward: (grad_h, grad_w, grad_b in fp32), None for each one not needed."""
+    n, V = h.shape[0], weight.shape[0]
+    if chunk_rows <= 0:
+        chunk_rows = _default_chunk_rows(n, V, h.element_size())
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+    grad_b32 = torch.zeros(V, dtype=torch.float32, device=h.device) if need_b else None
+    if n and (need_h or need_w or need_b):
+        # A device tensor, not a Python float: reading grad_output on the host would sync every step.
+        scale = (grad_loss.to(torch.float32) / n).reshape(1)
         block, num_warps = _launch_config(V)
-        if n:
-            buf = torch.empty(min(chunk_rows, n), _row_stride(V), dtype=h.dtype, device=h.device)[:, :V]
-            for start in range(0, n, chunk_rows):
-                stop = min(start + chunk_rows, n)
-                z = _chunk_logits(h[start:stop], weight, bias, buf[:stop - start])
-                _lse_forward_kernel[(stop - start,)](
-                    z, targets[start:stop], lse[start:stop], row_loss[start:stop], correct[start:stop],
-                    z.stride(0), V, BLOCK_V=block, num_warps=num_warps)
-            del buf
-            loss = row_loss.sum() / n
-        else:
-            loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        num_correct = correct.sum(dtype=torch.int64)
+        buf = torch.empty(min(chunk_rows, n), _row_stride(V), dtype=h.dtype, device=h.device)[:, :V]
+        for start in range(0, n, chunk_rows):
+            stop = min(start + chunk_rows, n)
+            h_chunk = h[start:stop]
+            dz = _chunk_logits(h_chunk, weight, bias, buf[:stop - start])
+            _logits_grad_kernel[(stop - start,)](
+                dz, targets[start:stop], lse[start:stop], scale,
+                dz.stride(0), V, BLOCK_V=block, num_warps=num_warps)
+            if need_h:
+                torch.mm(dz, weight, out=grad_h[start:stop])
+            if need_w:
+                grad_w.addmm_(dz.t(), h_chunk)
+            if need_b:
+                grad_b32 += dz.sum(dim=0, dtype=torch.float32)
+    return grad_h, grad_w, grad_b32
 
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        ctx.chunk_rows = chunk_rows
-        ctx.mark_non_differentiable(num_correct)
-        return loss, num_correct
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_num_correct):
-        h, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, V = h.shape[0], weight.shape[0]
-        chunk_rows = ctx.chunk_rows
-        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
-        grad_b32 = torch.zeros(V, dtype=torch.float32, device=h.device) if need_b else None
-        if n and (need_h or need_w or need_b):
-            # A device tensor, not a Python float: reading grad_output on the host would sync every step.
-            scale = (grad_loss.to(torch.float32) / n).reshape(1)
-            block, num_warps = _launch_config(V)
-            buf = torch.empty(min(chunk_rows, n), _row_stride(V), dtype=h.dtype, device=h.device)[:, :V]
-            for start in range(0, n, chunk_rows):
-                stop = min(start + chunk_rows, n)
-                h_chunk = h[start:stop]
-                dz = _chunk_logits(h_chunk, weight, bias, buf[:stop - start])
-                _logits_grad_kernel[(stop - start,)](
-                    dz, targets[start:stop], lse[start:stop], scale,
-                    dz.stride(0), V, BLOCK_V=block, num_warps=num_warps)
-                if need_h:
-                    torch.mm(dz, weight, out=grad_h[start:stop])
-                if need_w:
-                    grad_w.addmm_(dz.t(), h_chunk)
-                if need_b:
-                    grad_b32 += dz.sum(dim=0, dtype=torch.float32)
-        grad_b = grad_b32.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None
+# The custom ops (see _library.py). The forward also returns lse (fp32 [n]) for backward; num_correct is an
+# integer output, so autograd never differentiates it.
+@custom_op("mlm_cross_entropy")
+def _mlm_cross_entropy_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          targets: torch.Tensor, chunk_rows: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mlm_cross_entropy_forward(h, weight, bias, targets, chunk_rows)
+
+
+@_mlm_cross_entropy_op.register_fake
+def _(h, weight, bias, targets, chunk_rows):
+    return (h.new_empty((), dtype=torch.float32), h.new_empty((), dtype=torch.int64),
+            h.new_empty(h.shape[:1], dtype=torch.float32))
+
+
+@custom_op("mlm_cross_entropy_backward")
+def _mlm_cross_entropy_backward_op(grad_loss: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                                   bias: Optional[torch.Tensor], targets: torch.Tensor, lse: torch.Tensor,
+                                   chunk_rows: int, need_h: bool, need_w: bool, need_b: bool
+                                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _mlm_cross_entropy_backward(grad_loss, h, weight, bias, targets, lse, chunk_rows, need_h, need_w,
+                                        need_b)
+    # Custom ops return tensors: a gradient not asked for is an empty one (the autograd formula drops it).
+    return tuple(h.new_empty(0) if g is None else g for g in grads)
+
+
+@_mlm_cross_entropy_backward_op.register_fake
+def _(grad_loss, h, weight, bias, targets, lse, chunk_rows, need_h, need_w, need_b):
+    return (h.new_empty(h.shape if need_h else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
+            h.new_empty(weight.shape[:1] if need_b else (0,), dtype=torch.float32 if need_b else h.dtype))
+
+
+def _mlm_cross_entropy_setup(ctx, inputs, output):
+    h, weight, bias, targets, chunk_rows = inputs
+    ctx.save_for_backward(h, weight, bias, targets, output[2])
+    ctx.chunk_rows = chunk_rows
+
+
+def _mlm_cross_entropy_grad(ctx, grad_loss, _grad_num_correct, _grad_lse):
+    h, weight, bias, targets, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and bias is not None
+    grad_h, grad_w, grad_b = torch.ops.fastroberta.mlm_cross_entropy_backward(
+        grad_loss, h, weight, bias, targets, lse, ctx.chunk_rows, need_h, need_w, need_b)
+    return (grad_h if need_h else None, grad_w if need_w else None, grad_b.to(bias.dtype) if need_b else None,
+            None, None)
+
+
+_mlm_cross_entropy_op.register_autograd(_mlm_cross_entropy_grad, setup_context=_mlm_cross_entropy_setup)
 
 
 def _default_chunk_rows(n, V, itemsize):
@@ -228,7 +274,10 @@ def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_nu
 
     Host syncs: ``validate=True`` checks the label range on the host (one sync on CUDA); selecting the
     labelled rows costs another. A caller that has checked the labels (``validate=False``) and already kept
-    only labelled rows (``labelled_rows_only=True``: every label is in [0, V)) makes none.
+    only labelled rows (``labelled_rows_only=True``: every label is in [0, V)) makes none. Under
+    ``torch.compile`` the label-range check is skipped (a host read would break the graph; type, dtype, shape
+    and device checks always run), and selecting the labelled rows needs
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops`` (``fastroberta.compile_model`` sets it).
     """
     check_tensor("hidden", hidden, ndim=2)
     dev = hidden.device
@@ -258,7 +307,7 @@ def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_nu
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
 
-    if validate:
+    if validate and not compiling():  # a host read: it would break a torch.compile graph
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
         if bad.any():
             raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {V}) and is not "
@@ -274,11 +323,11 @@ def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_nu
     else:
         rows = (labels != ignore_index).nonzero().squeeze(1)
         n = rows.numel()
-    if n == hidden.shape[0]:
+    if known_true(n == hidden.shape[0]):
         h, targets = hidden, labels.contiguous()  # the kernels index labels with stride 1
     else:
         h, targets = hidden.index_select(0, rows), labels.index_select(0, rows)
-    if chunk_rows is None:
-        chunk_rows = _default_chunk_rows(n, V, hidden.element_size())
-    loss, num_correct = _MaskedLMCrossEntropy.apply(h, weight, bias, targets, chunk_rows)
+    # chunk_rows 0: the op picks the default from the row count (which under torch.compile may be known only
+    # when the op runs).
+    loss, num_correct, _ = _mlm_cross_entropy_op(h, weight, bias, targets, chunk_rows or 0)
     return (loss, num_correct) if return_num_correct else loss

@@ -23,18 +23,20 @@ The reference is ``reference.layer_norm``: ``F.layer_norm(dropout(x.float()) + r
 What forward keeps for backward: x, residual, weight and two fp32 numbers per row (mean, rstd), plus the
 Philox seed of the dropout draw. The keep mask is never stored: backward regenerates it from (seed, row,
 column). The pre-norm sum h is not stored either; backward recomputes it from x and residual (see
-``_LayerNormFunction.forward`` for why).
+``_layer_norm_op`` for why).
 """
 import contextlib
 import functools
 import numbers
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_tensor, dropout_seed, triton_usable
+from ._checks import check_tensor, new_dropout_seed, seed_value, triton_usable
+from ._library import custom_op
 from .backend import KernelSwitch
 
 # A row lives in the registers of one program. The backward's per-thread state (weight, two gradient
@@ -201,92 +203,136 @@ def _as_rows(t, n):
     return t2
 
 
-class _LayerNormFunction(torch.autograd.Function):
+def _layer_norm_forward(x, weight, bias, residual, eps, dropout_p, seed):
+    """Launch the forward kernel: (y with x's shape and dtype, mean, rstd: fp32 of shape x.shape[:-1]).
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, dropout_p):
-        n = x.shape[-1]
-        x2 = _as_rows(x, n)
-        r2 = _as_rows(residual, n) if residual is not None else None
-        weight = weight.contiguous() if weight is not None else None  # kernels index them densely
-        bias = bias.contiguous() if bias is not None else None
-        m = x2.shape[0]
-        has_dropout = dropout_p > 0.0
-        seed = dropout_seed() if has_dropout else 0
-        scale = 1.0 / (1.0 - dropout_p) if has_dropout else 1.0
+    ``seed``: the dropout seed tensor (``_checks.new_dropout_seed``), None without dropout."""
+    n = x.shape[-1]
+    x2 = _as_rows(x, n)
+    r2 = _as_rows(residual, n) if residual is not None else None
+    weight = weight.contiguous() if weight is not None else None  # kernels index them densely
+    bias = bias.contiguous() if bias is not None else None
+    m = x2.shape[0]
+    has_dropout = dropout_p > 0.0
+    scale = 1.0 / (1.0 - dropout_p) if has_dropout else 1.0
 
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        mean = torch.empty(m, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        block, num_warps = _launch_config(n)
-        if m > 0:
-            with _on_device(x):
-                _layer_norm_fwd_kernel[(m,)](
-                    x2, r2, weight, bias, y, mean, rstd,
-                    x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
-                    n, eps, dropout_p, scale, seed,
-                    HAS_RESIDUAL=r2 is not None, HAS_DROPOUT=has_dropout,
-                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                    BLOCK=block, num_warps=num_warps,
-                )
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    block, num_warps = _launch_config(n)
+    if m > 0:
+        with _on_device(x):
+            _layer_norm_fwd_kernel[(m,)](
+                x2, r2, weight, bias, y, mean, rstd,
+                x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
+                n, eps, dropout_p, scale, seed_value(seed) if has_dropout else 0,
+                HAS_RESIDUAL=r2 is not None, HAS_DROPOUT=has_dropout,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                BLOCK=block, num_warps=num_warps,
+            )
+    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
-        # Backward needs h = dropout(x) + residual. It is recomputed from x and residual rather than stored:
-        # storing it costs one extra [rows, n] write in forward and saves one read in backward (x and
-        # residual instead of h), the same bytes over a training step, but it slows the forward, which also
-        # runs alone (eval), and costs a tensor's memory when there is no residual (then h is x itself).
-        # The residual is usually held by autograd anyway (it is the previous sublayer's output, the input
-        # of a Linear). The dropout mask is recomputed from the seed at no memory cost.
-        ctx.save_for_backward(x2, r2, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.dropout_p, ctx.scale, ctx.seed = dropout_p, scale, seed
-        ctx.x_shape = x.shape
-        ctx.block, ctx.num_warps = block, num_warps
-        return y.view(x.shape)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x2, r2, weight, mean, rstd = ctx.saved_tensors
-        m, n = x2.shape
-        has_residual = r2 is not None
-        has_dropout = ctx.dropout_p > 0.0
-        dy2 = _as_rows(dy, n)  # an expanded gradient (stride-0 rows, e.g. from .sum()) needs no copy
+def _layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, has_bias):
+    """Launch the backward kernel: (dx, dresidual, dweight, dbias). dresidual is None without a residual and
+    also when it equals dx (no dropout: the caller passes dx for both, as autograd's own add does); dweight
+    is in weight's dtype (None without weight), dbias in fp32 (None without bias)."""
+    n = x.shape[-1]
+    x2 = _as_rows(x, n)
+    r2 = _as_rows(residual, n) if residual is not None else None
+    weight = weight.contiguous() if weight is not None else None
+    mean, rstd = mean.reshape(-1), rstd.reshape(-1)
+    m = x2.shape[0]
+    has_residual = r2 is not None
+    has_dropout = dropout_p > 0.0
+    scale = 1.0 / (1.0 - dropout_p) if has_dropout else 1.0
+    block, num_warps = _launch_config(n)
+    dy2 = _as_rows(dy, n)  # an expanded gradient (stride-0 rows, e.g. from .sum()) needs no copy
 
-        dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-        # Without dropout dresidual equals dx: return the same tensor for both, as autograd's own add does.
-        store_dresidual = has_residual and has_dropout
-        dr = torch.empty((m, n), dtype=r2.dtype, device=r2.device) if store_dresidual else None
+    dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    store_dresidual = has_residual and has_dropout
+    dr = torch.empty((m, n), dtype=r2.dtype, device=r2.device) if store_dresidual else None
 
-        programs = _backward_programs(m, x2.device)
-        rows_per_program = triton.cdiv(m, programs) if m > 0 else 0
-        programs = triton.cdiv(m, rows_per_program) if m > 0 else 0  # no program left without rows
-        dw_partial = (torch.empty((programs, n), dtype=torch.float32, device=x2.device)
-                      if weight is not None else None)
-        db_partial = (torch.empty((programs, n), dtype=torch.float32, device=x2.device)
-                      if ctx.has_bias else None)
-        if m > 0:
-            with _on_device(x2):
-                _layer_norm_bwd_kernel[(programs,)](
-                    x2, r2, weight, dy2, dx, dr, dw_partial, db_partial, mean, rstd,
-                    x2.stride(0), r2.stride(0) if has_residual else 0, dy2.stride(0), dx.stride(0),
-                    dr.stride(0) if store_dresidual else 0,
-                    m, n, ctx.dropout_p, ctx.scale, ctx.seed, rows_per_program,
-                    HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
-                    HAS_WEIGHT=weight is not None, HAS_BIAS=ctx.has_bias,
-                    STORE_DRESIDUAL=store_dresidual, BLOCK=ctx.block, num_warps=ctx.num_warps,
-                )
+    programs = _backward_programs(m, x2.device)
+    rows_per_program = triton.cdiv(m, programs) if m > 0 else 0
+    programs = triton.cdiv(m, rows_per_program) if m > 0 else 0  # no program left without rows
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if weight is not None else None
+    db_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if has_bias else None
+    if m > 0:
+        with _on_device(x2):
+            _layer_norm_bwd_kernel[(programs,)](
+                x2, r2, weight, dy2, dx, dr, dw_partial, db_partial, mean, rstd,
+                x2.stride(0), r2.stride(0) if has_residual else 0, dy2.stride(0), dx.stride(0),
+                dr.stride(0) if store_dresidual else 0,
+                m, n, dropout_p, scale, seed_value(seed) if has_dropout else 0, rows_per_program,
+                HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
+                STORE_DRESIDUAL=store_dresidual, BLOCK=block, num_warps=num_warps,
+            )
+    dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
+    dbias = db_partial.sum(0) if has_bias else None
+    return dx.view(x.shape), dr.view(x.shape) if store_dresidual else None, dweight, dbias
 
-        dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
-        dbias = db_partial.sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
-        dx = dx.view(ctx.x_shape)
-        if not has_residual:
-            dresidual = None
-        elif store_dresidual:
-            dresidual = dr.view(ctx.x_shape)
-        else:
-            dresidual = dx
-        return dx, dweight, dbias, dresidual, None, None
+
+# The custom ops (see _library.py). What forward keeps for backward: x, residual, weight, the per-row mean and
+# rstd, and the seed tensor. h = dropout(x) + residual is recomputed in backward rather than stored: storing it
+# costs one extra [rows, n] write in forward and saves one read in backward (x and residual instead of h), the
+# same bytes over a training step, but it slows the forward, which also runs alone (eval), and costs a tensor's
+# memory when there is no residual (then h is x itself). The residual is usually held by autograd anyway (it is
+# the previous sublayer's output, the input of a Linear). The dropout mask is recomputed from the seed.
+@custom_op("layer_norm")
+def _layer_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor], eps: float, dropout_p: float,
+                   seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _layer_norm_forward(x, weight, bias, residual, eps, dropout_p, seed)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, residual, eps, dropout_p, seed):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+@custom_op("layer_norm_backward")
+def _layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor],
+                            weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                            dropout_p: float, seed: Optional[torch.Tensor], has_bias: bool
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Custom ops return tensors: an absent gradient is an empty one (the autograd formula turns it into None).
+    dx, dr, dw, db = _layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, has_bias)
+    none = x.new_empty(0)
+    return dx, none if dr is None else dr, none.clone() if dw is None else dw, none.clone() if db is None else db
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, x, residual, weight, mean, rstd, dropout_p, seed, has_bias):
+    store_dr = residual is not None and dropout_p > 0.0
+    return (x.new_empty(x.shape), x.new_empty(x.shape if store_dr else (0,)),
+            x.new_empty(weight.shape if weight is not None else (0,), dtype=weight.dtype if weight is not None
+                        else x.dtype),
+            x.new_empty(x.shape[-1:] if has_bias else (0,), dtype=torch.float32 if has_bias else x.dtype))
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, residual, eps, dropout_p, seed = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
+    ctx.has_bias, ctx.bias_dtype, ctx.dropout_p = bias is not None, getattr(bias, "dtype", None), dropout_p
+
+
+def _layer_norm_grad(ctx, dy, _dmean, _drstd):
+    x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+    dx, dr, dw, db = torch.ops.fastroberta.layer_norm_backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p,
+                                                               seed, ctx.has_bias)
+    if residual is None:
+        dr = None
+    elif ctx.dropout_p == 0.0:
+        dr = dx  # without dropout dresidual equals dx: one tensor for both
+    return (dx, dw if weight is not None else None, db.to(ctx.bias_dtype) if ctx.has_bias else None, dr,
+            None, None, None)
+
+
+_layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
 
 
 def _check_inputs(x, weight, bias, eps, residual, dropout_p):
@@ -332,7 +378,9 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
     _check_inputs(x, weight, bias, eps, residual, dropout_p)
     if not triton_usable(x):
         return reference.layer_norm(x, weight, bias, eps=eps, residual=residual, dropout_p=dropout_p)
-    return _LayerNormFunction.apply(x, weight, bias, residual, float(eps), float(dropout_p))
+    dropout_p = float(dropout_p)
+    seed = new_dropout_seed() if dropout_p > 0.0 else None
+    return _layer_norm_op(x, weight, bias, residual, float(eps), dropout_p, seed)[0]
 
 
 class FusedLayerNorm(KernelSwitch, torch.nn.LayerNorm):

@@ -93,13 +93,10 @@ def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_nu
     h = hidden.index_select(0, rows).float()
     logits = F.linear(h, weight.float(), bias.float() if bias is not None else None)
     tgt = labels.index_select(0, rows).long()
-    if rows.numel() == 0:
-        # Keep the graph connected so every input still receives a (zero) gradient.
-        loss = logits.sum() * 0.0 + hidden.sum() * 0.0 + weight.sum() * 0.0
-        if bias is not None:
-            loss = loss + bias.sum() * 0.0
-    else:
-        loss = F.cross_entropy(logits, tgt, reduction="mean")
+    # The sum over the labelled rows over their count (at least 1): no branch on the count, so the definition
+    # traces under torch.compile; with no labelled row the sum of nothing is 0 and every input, still in the
+    # graph through the (empty) logits, gets a zero gradient.
+    loss = F.cross_entropy(logits, tgt, reduction="sum") / valid.sum().clamp(min=1)
     if return_num_correct:
         num_correct = (logits.argmax(dim=-1) == tgt).sum()
         return loss, num_correct

@@ -71,13 +71,21 @@ def test_smoke_output_is_refused_among_committed_results():
         harness.results_dir(harness.RESULTS_ROOT, env)
 
 
+def _child_env():
+    """This process's environment for a benchmark child, without the MASTER_PORT that an in-process DeepSpeed
+    run of an earlier test (the trainer's, test_compile's) left behind with its port still bound: the child
+    picks a free port of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    return {**env, "PYTHONPATH": str(REPO)}
+
+
 def test_e2e_smoke_step_through_deepspeed(tmp_path):
     """The end-to-end harness on a micro model (fp32, CPU, DeepSpeed ZeRO-2), in its own process as on a GPU:
     the pretraining step on packed text and the fine-tuning step on padded classification batches."""
     cmd = [sys.executable, "-m", "benchmarks", "e2e", "--smoke", "--competitors", "fastroberta-torch,hf-sdpa",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=_child_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / harness.device_slug() / "e2e.json").read_text())
     assert result["label"] == harness.SMOKE_LABEL and result["complete"]

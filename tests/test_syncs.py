@@ -7,6 +7,8 @@ indexing and every ``torch.tensor(..., device=)``. Budget (kernels="triton", val
 runs it): padded 1 (the labelled-row count), varlen 2 (the real-token count, the labelled-row count).
 """
 import collections
+import contextlib
+import importlib
 import os
 import sys
 
@@ -15,6 +17,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from fastroberta import RobertaConfig, RobertaForMaskedLM
+from fastroberta.kernels._library import observe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH = os.path.dirname(torch.__file__)
@@ -23,8 +26,9 @@ _TORCH = os.path.dirname(torch.__file__)
 # to the device (torch.tensor with a device, blocking).
 _READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "argwhere",
           "masked_select", "unique", "cpu", "numpy", "repeat_interleave"}
-# Host-only by design: the dropout seed is drawn from torch's CPU generator (no device involved on a GPU).
-_HOST_ONLY = {"dropout_seed"}
+# Host-only by design: the dropout seed is drawn from torch's CPU generator and read from CPU memory when a kernel
+# launches (no device involved on a GPU).
+_HOST_ONLY = {"dropout_seed", "seed_value"}
 
 
 def _syncs(func, args, kwargs):
@@ -45,6 +49,7 @@ class SyncCounter(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.by_line = collections.Counter()
+        self.ops_entered = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -57,11 +62,23 @@ class SyncCounter(TorchFunctionMode):
                     and frame.f_code.co_name not in _HOST_ONLY:
                 where = os.path.relpath(frame.f_code.co_filename, REPO)
                 self.by_line[f"{where}:{frame.f_lineno} ({frame.f_code.co_name})"] += 1
+        if isinstance(func, torch._ops.OpOverload) and func.namespace == "fastroberta":
+            self.ops_entered += 1
         return func(*args, **kwargs)
+
 
     @property
     def total(self):
         return sum(self.by_line.values())
+
+
+@contextlib.contextmanager
+def sync_counter():
+    """A SyncCounter that also sees inside the custom ops: their implementations (the kernels' launch code) run
+    while the mode is off for the op call it handles; ``observe`` switches it on again inside them."""
+    counter = SyncCounter()
+    with counter, observe(counter):
+        yield counter
 
 
 def training_batch(varlen, seed=0):
@@ -85,7 +102,7 @@ def count(layers, varlen, checkpointing=False, validate=False):
     torch.manual_seed(0)
     model = RobertaForMaskedLM(cfg, kernels="triton").train()  # dropout on, as in training
     model.gradient_checkpointing = checkpointing
-    with SyncCounter() as counter:
+    with sync_counter() as counter:
         out = model(**training_batch(varlen), validate=validate)
         out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -110,10 +127,35 @@ def test_validation_reads_once_per_forward_not_per_layer():
     assert count(1, True, validate=True).by_line == count(2, True, validate=True).by_line
 
 
+def test_counter_sees_inside_the_custom_ops(monkeypatch):
+    # The kernels' launch code runs inside torch.library custom ops (forward, and backward under autograd's
+    # engine); a sync there must count too.
+    ln_mod = importlib.import_module("fastroberta.kernels.layer_norm")
+    forward, backward = ln_mod._layer_norm_forward, ln_mod._layer_norm_backward
+
+    def syncing_forward(x, *args):
+        int(x[0, 0] > 0)  # a read, as a careless launch function might make
+        return forward(x, *args)
+
+    def syncing_backward(dy, *args):
+        int(dy[0, 0] > 0)
+        return backward(dy, *args)
+    monkeypatch.setattr(ln_mod, "_layer_norm_forward", syncing_forward)
+    monkeypatch.setattr(ln_mod, "_layer_norm_backward", syncing_backward)
+    x = torch.randn(2, 16, requires_grad=True)
+    with sync_counter() as counter:
+        ln_mod.layer_norm(x, None, None, dropout_p=0.1).sum().backward()
+    assert counter.ops_entered >= 1  # the forward op's call reached the mode, its inside did too:
+    # Reads made from this file are charged to the nearest repository caller: the op implementations.
+    assert sorted(k.split(" ")[1] for k in counter.by_line) == ["(_layer_norm_backward_op)", "(_layer_norm_op)"], \
+        dict(counter.by_line)
+    assert counter.total == 2
+
+
 def test_counter_sees_the_syncs_it_is_meant_to():
     # The counter itself: each of these calls from repository code is one sync.
     t = torch.tensor([1, 0, 2])
-    with SyncCounter() as counter:
+    with sync_counter() as counter:
         int(t[0]), t.tolist(), t.nonzero(), t[t > 0], bool(t[1]), torch.tensor([1], device=t.device)
     assert counter.total == 6, dict(counter.by_line)
 
