@@ -70,16 +70,26 @@ def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
-    """attention() applied to each sequence of a packed batch; q, k, v: [total_tokens, H, D]."""
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        seq = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # [1, H, l, D]
-        o = attention(*seq, dropout_p=dropout_p, softmax_scale=softmax_scale)
-        out[start:end] = o.squeeze(0).transpose(0, 1)
-    return out
+    """attention() applied to each sequence of a packed batch; q, k, v: [total_tokens, H, D].
+
+    The sequences are gathered into a right-padded [B, H, max_seqlen, D] batch with a key mask and scattered
+    back, with index arithmetic on the device only (no host read of ``cu_seqlens``, so it traces under
+    torch.compile without a graph break). ``max_seqlen`` must be at least the longest sequence (the public
+    ``attention_varlen`` checks it)."""
+    total = q.shape[0]
+    cu = cu_seqlens.to(device=q.device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]                                               # [B]
+    pos = torch.arange(int(max_seqlen), device=q.device)
+    mask = pos[None, :] < lengths[:, None]                                   # [B, L]
+    # Padding positions read an appended zero row (index total), so an empty batch needs no branch either.
+    gather = (cu[:-1, None] + pos[None, :]).clamp(max=total)
+    padded = [torch.cat([t, t.new_zeros(1, *t.shape[1:])])[gather].transpose(1, 2) for t in (q, k, v)]
+    o = attention(*padded, attention_mask=mask, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    # Token t of sequence b sits at row b * L + (t - cu[b]) of the padded output.
+    tokens = torch.arange(total, device=q.device)
+    seq = torch.searchsorted(cu[1:], tokens, right=True)
+    rows = seq * int(max_seqlen) + (tokens - cu[seq])
+    return o.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, rows)
 
 
 def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_num_correct=False):

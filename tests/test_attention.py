@@ -161,6 +161,31 @@ def test_varlen_matches_padded_and_reference(dtype, extra_len):
         torch.testing.assert_close(t.grad.float(), r.grad, **GRAD_TOL[dtype])
 
 
+def test_reference_varlen_is_attention_per_sequence():
+    """The eager varlen definition (a gather into a padded batch, so it traces under torch.compile) equals
+    reference.attention run on each sequence alone: empty sequences, a max_seqlen above the longest, an
+    empty batch; outputs and gradients."""
+    g = torch.Generator().manual_seed(3)
+    for lengths, max_seqlen in (([5, 0, 9, 1, 0], 9), ([4, 7], 12), ([0, 0], 3)):
+        cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        q, k, v = (torch.randn(int(cu[-1]), 2, 16, generator=g).requires_grad_() for _ in range(3))
+        out = reference.attention_varlen(q, k, v, cu, max_seqlen)
+        assert out.shape == q.shape
+        parts = []
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            if end > start:
+                seq = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+                parts.append(reference.attention(*seq).squeeze(0).transpose(0, 1))
+        expected = torch.cat(parts) if parts else torch.empty_like(q)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+        if q.shape[0]:
+            w = torch.randn(q.shape, generator=g)
+            grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+            expected_grads = torch.autograd.grad((expected * w).sum(), (q, k, v))
+            for a, b in zip(grads, expected_grads):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Dropout
 # ---------------------------------------------------------------------------------------------------------

@@ -79,8 +79,9 @@ def test_models_trace_without_graph_breaks(kind, kernels):
     assert graph_breaks(model, **call) == (0, [])
 
 
-def test_unpadded_and_varlen_forward_trace_without_graph_breaks():
-    model, call = model_and_call("mlm", "triton", train=True)
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_unpadded_and_varlen_forward_trace_without_graph_breaks(kernels):
+    model, call = model_and_call("mlm", kernels, train=True)
     assert graph_breaks(model, **call, unpad=True) == (0, [])
     cu = torch.tensor([0, 7, 16, 26], dtype=torch.int32, device=DEVICE)
     assert graph_breaks(model, **call, cu_seqlens=cu, max_seqlen=10) == (0, [])
