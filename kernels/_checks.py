@@ -33,23 +33,13 @@ def check_tensor(name, t, *, dtypes=FLOAT_DTYPES, ndim=None, device=None):
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
 
 
-def new_dropout_seed():
-    """A Philox seed for one dropout call, as a CPU int64 tensor of one element drawn from torch's default
-    (CPU) generator: no device involved, and ``torch.manual_seed`` or a restored RNG state (activation
-    checkpointing, resume) reproduces it. The public entry points draw it and pass it to their custom op, so
-    no ``.item()`` sits in a ``torch.compile`` region (``torch.randint`` traces as a graph op); the op reads
-    it on the host (``seed_value``) when it launches the kernel."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
-
-
-def seed_value(seed):
-    """The int in a seed tensor from ``new_dropout_seed`` (0 for None). A read of CPU memory: no device sync."""
-    return 0 if seed is None else int(seed.item())
-
-
-def dropout_seed():
-    """``new_dropout_seed()`` as a Python int."""
-    return seed_value(new_dropout_seed())
+def new_dropout_seed(device=None):
+    """A Philox seed for one dropout call: a one-element int64 tensor drawn by ``torch.randint`` from torch's
+    generator of ``device`` (default: CPU). The kernels read it from memory, so nothing reads it on the host:
+    no device sync, inside a ``torch.compile`` region a graph op, and in a captured CUDA graph a draw that
+    each replay repeats (torch's CUDA generator supports capture). ``torch.manual_seed`` or a restored RNG
+    state (activation checkpointing, resume) reproduces it."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def known_true(condition):

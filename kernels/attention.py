@@ -46,7 +46,8 @@ has the exact mapping); the dK/dV kernel's transposed tiles split a call's pairs
 without scaling; the factor 1 / (1 - p) is applied once per output row (forward, dQ) or key (dK, dV).
 Backward regenerates the forward's mask, and the padded and varlen forms drop the same entries of
 right-padded data. Sequences are limited to 32768 tokens with dropout. The seed is drawn per
-call from torch's CPU generator (``_checks.new_dropout_seed``) as a tensor, passed to the custom op.
+call from torch's generator of the inputs' device (``_checks.new_dropout_seed``) into a one-element tensor
+that the custom op passes to the kernels, which read it from memory: nothing reads it on the host.
 """
 import contextlib
 import math
@@ -59,7 +60,7 @@ import triton.language as tl
 
 from . import reference
 from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
-                      seed_value, triton_usable)
+                      triton_usable)
 from ._library import custom_op
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -301,16 +302,22 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, KeyMask, stride_kn, stride_vn, hi, seqle
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_mb,
-              num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
+              num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, Seed, seqlen_bucket,
               HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEQLENS: tl.constexpr,
               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (query block, sequence, head); query blocks of one head are neighbours so that they
     # share K/V in L2. A 1-D grid has no 65535 limit on sequences x heads.
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
+    # The dropout seed is read from memory (a one-element int64 tensor on the device), not passed by value: a
+    # captured CUDA graph replays with the seed its caller draws into that tensor each step.
+    if DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
@@ -446,19 +453,25 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    stride_lb, stride_lh, stride_mb,
-                   num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
+                   num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, Seed, seqlen_bucket,
                    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
                    HAS_SEQLENS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block, looping over the query blocks of its sequence. The loop never reads the key
     mask: padded queries have LSE = +inf (zero probabilities), and padded keys are zeroed once at the end."""
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
+    # The dropout seed is read from memory (a one-element int64 tensor on the device), not passed by value: a
+    # captured CUDA graph replays with the seed its caller draws into that tensor each step.
+    if DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
     num_n_blocks = tl.cdiv(max_seqlen, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
@@ -561,17 +574,23 @@ def _bwd_dq_blocks(dq, q, do, lse2, delta, K, V, KeyMask, stride_kn, stride_vn, 
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_mb,
-                 num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, seed, seqlen_bucket,
+                 num_heads, seq_len, max_seqlen, softmax_scale, dropout_p, Seed, seqlen_bucket,
                  HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEQLENS: tl.constexpr,
                  DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, looping over the key blocks of its sequence (no atomics: each program owns
     its rows)."""
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
+    # The dropout seed is read from memory (a one-element int64 tensor on the device), not passed by value: a
+    # captured CUDA graph replays with the seed its caller draws into that tensor each step.
+    if DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
@@ -675,7 +694,7 @@ def _launch_meta(q, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softma
                 HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
                 HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
                 PRECISION="tf32")
-    return dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, seed=seed_value(seed) if dropout_p > 0.0 else 0,
+    return dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, Seed=seed if dropout_p > 0.0 else None,
                 dropout_p=dropout_p, softmax_scale=softmax_scale)
 
 
@@ -936,7 +955,7 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     if not triton_usable(q) or known_empty(q):
         return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _mask_and_lengths(attention_mask, l, q.device)
-    seed = new_dropout_seed() if dropout_p > 0.0 else None
+    seed = new_dropout_seed(q.device) if dropout_p > 0.0 else None
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     return _attention_op(q, k, v, key_mask, seqlens, None, l, dropout_p, scale, seed)[0]
 
@@ -960,7 +979,7 @@ def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None
     if not triton_usable(qkv) or known_empty(qkv):
         return reference.attention_packed(qkv, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _mask_and_lengths(attention_mask, l, qkv.device)
-    seed = new_dropout_seed() if dropout_p > 0.0 else None
+    seed = new_dropout_seed(qkv.device) if dropout_p > 0.0 else None
     return _attention_packed_op(_unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale, seed)[0]
 
 
@@ -1006,6 +1025,6 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     if not triton_usable(q) or known_empty(q):
         return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                           softmax_scale=scale)
-    seed = new_dropout_seed() if dropout_p > 0.0 else None
+    seed = new_dropout_seed(q.device) if dropout_p > 0.0 else None
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     return _attention_op(q, k, v, None, None, cu_seqlens, max_seqlen, dropout_p, scale, seed)[0]

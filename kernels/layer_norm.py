@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_tensor, new_dropout_seed, seed_value, triton_usable
+from ._checks import check_tensor, new_dropout_seed, triton_usable
 from ._library import custom_op
 from .backend import KernelSwitch
 
@@ -65,12 +65,13 @@ def _dropout_keep(seed, row, p, BLOCK: tl.constexpr):
     return tl.where(cols % 2 == 1, word, word << 16) >= threshold
 
 
-# The seed changes every call: specializing on its value (divisible by 16, equal to 1) would recompile.
-@triton.jit(do_not_specialize=["seed"])
+# The dropout seed is read from memory (Seed: a one-element int64 tensor on the device), not passed by value, so
+# nothing reads it on the host and a captured CUDA graph replays with the seed drawn into that tensor each step.
+@triton.jit
 def _layer_norm_fwd_kernel(
     X, R, W, B, Y, Mean, Rstd,
     stride_x, stride_r, stride_y,
-    N, eps, dropout_p, dropout_scale, seed,
+    N, eps, dropout_p, dropout_scale, Seed,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -82,7 +83,7 @@ def _layer_norm_fwd_kernel(
 
     h = tl.load(X + row64 * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, row, dropout_p, BLOCK)
+        keep = _dropout_keep(tl.load(Seed), row, dropout_p, BLOCK)
         h = tl.where(keep, h * dropout_scale, 0.0)
     if HAS_RESIDUAL:
         h += tl.load(R + row64 * stride_r + cols, mask=in_row, other=0.0).to(tl.float32)
@@ -102,11 +103,11 @@ def _layer_norm_fwd_kernel(
     tl.store(Rstd + row, rstd)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _layer_norm_bwd_kernel(
     X, R, W, DY, DX, DR, DW_partial, DB_partial, Mean, Rstd,
     stride_x, stride_r, stride_dy, stride_dx, stride_dr,
-    M, N, dropout_p, dropout_scale, seed, rows_per_program,
+    M, N, dropout_p, dropout_scale, Seed, rows_per_program,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_DRESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -125,6 +126,8 @@ def _layer_norm_bwd_kernel(
         dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     if HAS_BIAS:
         db_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
 
     for row in range(row_start, row_end):
         row64 = tl.cast(row, tl.int64)  # a Python int under the interpreter, a tensor when compiled
@@ -225,7 +228,7 @@ def _layer_norm_forward(x, weight, bias, residual, eps, dropout_p, seed):
             _layer_norm_fwd_kernel[(m,)](
                 x2, r2, weight, bias, y, mean, rstd,
                 x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
-                n, eps, dropout_p, scale, seed_value(seed) if has_dropout else 0,
+                n, eps, dropout_p, scale, seed if has_dropout else None,
                 HAS_RESIDUAL=r2 is not None, HAS_DROPOUT=has_dropout,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 BLOCK=block, num_warps=num_warps,
@@ -264,7 +267,7 @@ def _layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, h
                 x2, r2, weight, dy2, dx, dr, dw_partial, db_partial, mean, rstd,
                 x2.stride(0), r2.stride(0) if has_residual else 0, dy2.stride(0), dx.stride(0),
                 dr.stride(0) if store_dresidual else 0,
-                m, n, dropout_p, scale, seed_value(seed) if has_dropout else 0, rows_per_program,
+                m, n, dropout_p, scale, seed if has_dropout else None, rows_per_program,
                 HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
                 STORE_DRESIDUAL=store_dresidual, BLOCK=block, num_warps=num_warps,
@@ -371,7 +374,7 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
     x: [..., N] fp32/fp16/bf16, any leading shape, N <= MAX_HIDDEN; the output has x's shape and dtype.
     weight, bias: [N] in x's dtype or fp32, or None (no affine). residual: x's shape and dtype, or None.
     dropout_p: the caller passes 0 in eval; 0 runs no dropout code at all. The Philox seed comes from torch's
-    default generator, so ``torch.manual_seed`` reproduces the mask. Inputs whose rows are not evenly strided
+    generator of x's device, so ``torch.manual_seed`` reproduces the mask. Inputs whose rows are not evenly strided
     are copied once to contiguous memory. Runs the Triton kernel on CUDA (or on CPU under
     ``TRITON_INTERPRET=1``), ``reference.layer_norm`` elsewhere.
     """
@@ -379,7 +382,7 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
     if not triton_usable(x):
         return reference.layer_norm(x, weight, bias, eps=eps, residual=residual, dropout_p=dropout_p)
     dropout_p = float(dropout_p)
-    seed = new_dropout_seed() if dropout_p > 0.0 else None
+    seed = new_dropout_seed(x.device) if dropout_p > 0.0 else None
     return _layer_norm_op(x, weight, bias, residual, float(eps), dropout_p, seed)[0]
 
 

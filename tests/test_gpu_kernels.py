@@ -198,3 +198,33 @@ def test_mlm_cross_entropy_keeps_the_fp16_loss_scale():
         assert rel_err(g, rg) < TOL[torch.float16], name
         flushed = ((g == 0) & (rg.abs() > 1e-6)).sum().item()
         assert flushed == 0, f"{flushed} entries of grad {name} flushed to zero"
+
+
+def test_dropout_in_a_captured_cuda_graph_draws_a_new_mask_each_replay():
+    """The dropout seed is drawn on the device and read by the kernels from memory, so a CUDA graph captured
+    around attention and LayerNorm with dropout replays with a fresh seed each time (a seed passed by value
+    would be frozen into the graph and every replay would drop the same entries)."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 128, 64, device=DEV, generator=g, dtype=torch.float16) for _ in range(3))
+    x = torch.randn(256, 768, device=DEV, generator=g, dtype=torch.float16)
+    w, b = torch.ones(768, device=DEV, dtype=torch.float16), torch.zeros(768, device=DEV, dtype=torch.float16)
+
+    def step():
+        return attention(q, k, v, dropout_p=0.5), layer_norm(x, w, b, dropout_p=0.5)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: autotuning and compilation
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append([o.clone() for o in outs])
+    torch.cuda.synchronize()
+    for first, second in zip(*replays):
+        assert torch.isfinite(first).all() and torch.isfinite(second).all()
+        assert not torch.equal(first, second)

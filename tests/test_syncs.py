@@ -26,9 +26,9 @@ _TORCH = os.path.dirname(torch.__file__)
 # to the device (torch.tensor with a device, blocking).
 _READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "argwhere",
           "masked_select", "unique", "cpu", "numpy", "repeat_interleave"}
-# Host-only by design: the dropout seed is drawn from torch's CPU generator and read from CPU memory when a kernel
-# launches (no device involved on a GPU).
-_HOST_ONLY = {"dropout_seed", "seed_value"}
+# Functions whose reads are host-only by design (none today: the dropout seed is drawn on the device and read
+# by the kernels from memory).
+_HOST_ONLY = set()
 
 
 def _syncs(func, args, kwargs):
