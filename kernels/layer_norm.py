@@ -83,7 +83,7 @@ def _layer_norm_fwd_kernel(
 
     h = tl.load(X + row64 * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _dropout_keep(tl.load(Seed), row, dropout_p, BLOCK)
+        keep = _dropout_keep(tl.load(Seed).to(tl.uint32), row, dropout_p, BLOCK)  # < 2**31: high key word 0
         h = tl.where(keep, h * dropout_scale, 0.0)
     if HAS_RESIDUAL:
         h += tl.load(R + row64 * stride_r + cols, mask=in_row, other=0.0).to(tl.float32)
@@ -127,7 +127,7 @@ def _layer_norm_bwd_kernel(
     if HAS_BIAS:
         db_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     if HAS_DROPOUT:
-        seed = tl.load(Seed)
+        seed = tl.load(Seed).to(tl.uint32)  # drawn below 2**31: Philox's high key word is a known 0
 
     for row in range(row_start, row_end):
         row64 = tl.cast(row, tl.int64)  # a Python int under the interpreter, a tensor when compiled
