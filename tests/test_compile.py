@@ -5,7 +5,7 @@ compiled model gives eager's outputs and gradients. The trainer's --compile give
 Compiles are slow on 2 CPU cores (~20-60 s each), so the compiled-vs-eager cases are few and marked slow; the
 graph-break checks (Dynamo tracing only, no Inductor) and the op checks are quick.
 
-Dropout: the ops' Philox seeds are drawn in the graph (``torch.randint`` on the CPU generator). Inductor's own
+Dropout: the ops' Philox seeds are drawn in the graph (``torch.randint`` on the inputs' device). Inductor's own
 RNG differs from eager's, so the comparisons with dropout on set ``torch._inductor.config.fallback_random``,
 which makes the compiled graph draw from torch's generator in eager's order: then even the dropout masks match.
 """
@@ -21,6 +21,7 @@ from fastroberta.compile import compile_model, enable_dynamo_options
 from fastroberta.kernels import attention, attention_packed, attention_varlen, layer_norm, mlm_cross_entropy
 from fastroberta.kernels._checks import interpreter_active
 from fastroberta.model import RobertaForSequenceClassification, RobertaModel
+from test_syncs import training_batch
 from test_train import losses, run, small  # noqa: F401  (shared session fixture)
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_active()),
@@ -36,15 +37,9 @@ def tiny_config(**kw):
 
 
 def batch(seed=1):
-    """Two rows of 16, the second right-padded after 10 tokens, ~30% of the real tokens labelled."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 120, (2, 16), generator=g)
-    mask = torch.ones(2, 16, dtype=torch.long)
-    ids[1, 10:], mask[1, 10:] = 1, 0
-    labels = torch.where(torch.rand(2, 16, generator=g) < 0.3, ids, torch.full_like(ids, -100))
-    labels[1, 10:] = -100
-    labels[0, 2] = ids[0, 2]
-    return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
+    """Two rows of 16, the second right-padded after 10 tokens, ~30% of the real tokens labelled (test_syncs')."""
+    b = training_batch(varlen=False, seed=seed)
+    return b["input_ids"].to(DEVICE), b["attention_mask"].to(DEVICE), b["labels"].to(DEVICE)
 
 
 def model_and_call(kind, kernels, train):
