@@ -1,4 +1,5 @@
 """fastroberta: RoBERTa masked-LM pretraining with Triton kernels under DeepSpeed."""
+from fastroberta.compile import compile_model
 from fastroberta.config import RobertaConfig
 from fastroberta.model import (BaseModelOutput, ClassifierOutput, MaskedLMOutput, RobertaForMaskedLM,
                                RobertaForSequenceClassification, RobertaForTokenClassification, RobertaModel)
@@ -6,7 +7,7 @@ from fastroberta.model import (BaseModelOutput, ClassifierOutput, MaskedLMOutput
 __version__ = "0.1.0"
 __all__ = ["RobertaConfig", "RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
            "RobertaForTokenClassification", "BaseModelOutput", "MaskedLMOutput", "ClassifierOutput",
-           "apply_kernels", "remove_kernels", "kernels_applied", "__version__"]
+           "compile_model", "apply_kernels", "remove_kernels", "kernels_applied", "__version__"]
 
 # The Hugging Face drop-in imports transformers (an optional extra): loaded on first use only.
 _HF_KERNELS = ("apply_kernels", "remove_kernels", "kernels_applied")
