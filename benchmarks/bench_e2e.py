@@ -206,10 +206,7 @@ def task_batch(task, batch, seq_len, vocab_size, device):
 
 
 def train_step(engine, batch):
-    import torch
     module = getattr(engine, "module", engine)
-    if isinstance(module, torch.nn.Module) and hasattr(module, "_orig_mod"):
-        module = module._orig_mod
     # As the trainers do: the batch is known good, so fastroberta skips its host reads of ids and labels.
     extra = {"validate": False} if type(module).__module__.startswith("fastroberta") else {}
     loss = engine(**batch, **extra).loss

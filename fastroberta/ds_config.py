@@ -185,9 +185,10 @@ class MergedConfig:
 
 
 def merge_with_user_config(generated, user_path, *, micro_batch_size, global_batch_size, world_size, precision,
-                           on_cuda):
+                           on_cuda, compile=False):
     """Merge ``generated`` with the JSON at ``user_path`` (None: none) and resolve the merged config's batch,
-    precision and ZeRO stage; ConfigError for a combination that cannot run (fp16 without CUDA)."""
+    precision and ZeRO stage; ConfigError for a combination that cannot run (fp16 without CUDA, ``compile``
+    with ZeRO-3)."""
     user = load_user_config(user_path)
     ds, conflicts = merge_configs(generated, user)
     micro, accum, global_batch = resolve_batch(ds, user, micro_batch_size=micro_batch_size,
@@ -195,9 +196,13 @@ def merge_with_user_config(generated, user_path, *, micro_batch_size, global_bat
     precision = resolve_precision(ds, user, precision)
     if precision == "fp16" and not on_cuda:
         raise ConfigError("fp16 (enabled in --deepspeed_config) needs a CUDA GPU; use bf16 or fp32 on CPU")
+    zero_stage = zero_stage_of(ds)
+    if compile and zero_stage == 3:
+        raise ConfigError("--compile supports ZeRO stages 0-2: ZeRO-3 gathers parameters in hooks inside the "
+                          "model's forward, which a single compiled graph cannot hold")
     return MergedConfig(ds=ds, user=user, warnings=[format_conflict(*c) for c in conflicts],
                         micro_batch_size=micro, grad_accum_steps=accum, global_batch_size=global_batch,
-                        precision=precision, zero_stage=zero_stage_of(ds))
+                        precision=precision, zero_stage=zero_stage)
 
 
 def write_config(cfg, path):

@@ -269,13 +269,10 @@ def resolve_settings(args):
                              clip_grad=args.clip_grad, optimizer=optimizer, on_cuda=on_cuda)
     merged = merge_with_user_config(generated, args.deepspeed_config, micro_batch_size=micro,
                                     global_batch_size=global_batch, world_size=world_size, precision=precision,
-                                    on_cuda=on_cuda)
+                                    on_cuda=on_cuda, compile=args.compile)
     ds, user, s.warnings = merged.ds, merged.user, merged.warnings
     s.micro_batch_size, s.grad_accum_steps = merged.micro_batch_size, merged.grad_accum_steps
     s.global_batch_size, s.precision, s.zero_stage = merged.global_batch_size, merged.precision, merged.zero_stage
-    if args.compile and s.zero_stage == 3:
-        raise ConfigError("--compile supports ZeRO stages 0-2: ZeRO-3 gathers parameters in hooks inside the "
-                          "model's forward, which a single compiled graph cannot hold")
     if "scheduler" in user:
         raise ConfigError("--deepspeed_config defines a scheduler; fine-tuning uses its own linear warmup/decay "
                           "(--warmup-ratio)")

@@ -311,13 +311,10 @@ def resolve_settings(args):
                              optimizer=opt_spec, on_cuda=on_cuda)
     merged = merge_with_user_config(generated, args.deepspeed_config, micro_batch_size=micro,
                                     global_batch_size=global_batch, world_size=world_size, precision=precision,
-                                    on_cuda=on_cuda)
+                                    on_cuda=on_cuda, compile=getattr(args, "compile", False))
     ds, user, s.warnings = merged.ds, merged.user, merged.warnings
     s.micro_batch_size, s.grad_accum_steps = merged.micro_batch_size, merged.grad_accum_steps
     s.global_batch_size, s.precision, s.zero_stage = merged.global_batch_size, merged.precision, merged.zero_stage
-    if getattr(args, "compile", False) and s.zero_stage == 3:
-        raise ConfigError("--compile supports ZeRO stages 0-2: ZeRO-3 gathers parameters in hooks inside the "
-                          "model's forward, which a single compiled graph cannot hold")
     if "optimizer" in user and optimizer == "apex_adam":
         raise ConfigError("--deepspeed_config defines an optimizer; it cannot be combined with --optimizer "
                           "apex_adam")
@@ -392,11 +389,8 @@ def compile_engine(engine):
     ``forward`` is compiled, not the module: DeepSpeed's forward hooks (timers, ZeRO bookkeeping) run around it
     in eager mode, where they cannot break the graph. Compilation itself happens at the first forward (and once
     more for eval mode); parameters and state_dict keys do not change."""
-    import torch
-    from fastroberta.compile import enable_dynamo_options
-    enable_dynamo_options()
-    module = engine.module
-    module.forward = torch.compile(module.forward, fullgraph=True)
+    from fastroberta.compile import compile_model
+    engine.module.forward = compile_model(engine.module.forward)
 
 
 def build_model(s, args, prepared):

@@ -26,9 +26,6 @@ _TORCH = os.path.dirname(torch.__file__)
 # to the device (torch.tensor with a device, blocking).
 _READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "argwhere",
           "masked_select", "unique", "cpu", "numpy", "repeat_interleave"}
-# Functions whose reads are host-only by design (none today: the dropout seed is drawn on the device and read
-# by the kernels from memory).
-_HOST_ONLY = set()
 
 
 def _syncs(func, args, kwargs):
@@ -58,8 +55,7 @@ class SyncCounter(TorchFunctionMode):
             while frame is not None and (frame.f_code.co_filename.startswith(_TORCH)
                                          or frame.f_code.co_filename == __file__):
                 frame = frame.f_back
-            if frame is not None and frame.f_code.co_filename.startswith(REPO) \
-                    and frame.f_code.co_name not in _HOST_ONLY:
+            if frame is not None and frame.f_code.co_filename.startswith(REPO):
                 where = os.path.relpath(frame.f_code.co_filename, REPO)
                 self.by_line[f"{where}:{frame.f_lineno} ({frame.f_code.co_name})"] += 1
         if isinstance(func, torch._ops.OpOverload) and func.namespace == "fastroberta":
