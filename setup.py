@@ -21,9 +21,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    # kernels/ is a stand-alone folder in the repo, installed as the subpackage fastroberta.kernels.
+    # fastroberta/kernels/ imports nothing else of fastroberta: usable on its own as fastroberta.kernels.
     packages=["fastroberta", "fastroberta.kernels"],
-    package_dir={"fastroberta": "fastroberta", "fastroberta.kernels": "kernels"},
     package_data={"fastroberta": ["corpus/*.txt"]},
     install_requires=requires,
     extras_require={

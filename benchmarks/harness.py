@@ -133,10 +133,10 @@ def git_commit():
 
 
 def source_digest():
-    """A short hash of the measured code (kernels/, fastroberta/, benchmarks/ sources): ties a result to the code
+    """A short hash of the measured code (fastroberta/, fastroberta/kernels/, benchmarks/ sources): ties a result to the code
     even where no git commit is known."""
     h = hashlib.sha256()
-    for folder in ("kernels", "fastroberta", "benchmarks"):
+    for folder in ("fastroberta", "fastroberta/kernels", "benchmarks"):
         for path in sorted((REPO / folder).glob("*.py")):
             h.update(path.name.encode())
             h.update(path.read_bytes())

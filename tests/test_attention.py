@@ -1,4 +1,4 @@
-"""Flash attention (kernels/attention.py) against the eager reference: outputs and q/k/v gradients for padded,
+"""Flash attention (fastroberta/kernels/attention.py) against the eager reference: outputs and q/k/v gradients for padded,
 holed and absent masks, strided inputs, the varlen form, dropout (replayed through the reference), input
 errors, and the model wired to it. On CPU the kernels run under Triton's interpreter, so shapes stay small."""
 import importlib
@@ -18,7 +18,7 @@ OUT_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2
 GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float16: dict(atol=1e-2, rtol=1e-2),
             torch.bfloat16: dict(atol=6e-2, rtol=5e-2)}
 if DEVICE == "cuda":
-    # On a GPU fp32 attention runs its dots in TF32 (10-bit mantissa; kernels/attention.py, _prune): about
+    # On a GPU fp32 attention runs its dots in TF32 (10-bit mantissa; fastroberta/kernels/attention.py, _prune): about
     # fp16's precision. The interpreter's dots are exact fp32.
     OUT_TOL[torch.float32] = dict(atol=2e-3, rtol=5e-3)
     GRAD_TOL[torch.float32] = dict(atol=1e-2, rtol=1e-2)
