@@ -169,7 +169,8 @@ def attention_launches(attn, dtype_name, head_dim, layout, dropout):
            (q, k, v, o, lse, key_mask, seqlens, cu_seqlens, *st(q), *st(k), *st(v), *st(o), *lse_strides,
             mask_stride), run)
     yield ("attn_bwd_preprocess", attn._bwd_preprocess,
-           (o, do, delta, seqlens, cu_seqlens, *st(o), *st(do), *lse_strides, heads, seq_len, max_seqlen),
+           (o, do, delta, seqlens, cu_seqlens, *st(o), *st(do), *lse_strides, heads, seq_len, max_seqlen,
+            0.9 if dropout else 1.0),
            dict(HEAD_DIM=head_dim, VARLEN=varlen, BLOCK_M=64,
                 **(dict(HAS_SEQLENS=has_mask) if fast_path else dict(HAS_MASK=has_mask))))
     yield ("attn_bwd_dkdv", attn._attn_bwd_dkdv,

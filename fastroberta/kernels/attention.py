@@ -386,10 +386,13 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
 @triton.jit
 def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
                     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
-                    num_heads, seq_len, max_seqlen,
+                    num_heads, seq_len, max_seqlen, delta_scale,
                     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
                     BLOCK_M: tl.constexpr):
-    """Delta_i = dO_i . O_i in fp32, for every stored row (zero rows of O give 0)."""
+    """Delta_i = delta_scale * (dO_i . O_i) in fp32, for every stored row (zero rows of O give 0).
+
+    delta_scale is 1 - p with dropout (the backward loops compute (1 - p) times dS, see ``_bwd_dkdv_tile``),
+    1 without: scaled here once per row, not in every tile of the two loops that read it."""
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
@@ -407,7 +410,7 @@ def _bwd_preprocess(O, DO, Delta, SeqLens, CuSeqlens,
                 + offs_m[:, None] * stride_om + offs_d[None, :], mask=stored[:, None], other=0.0)
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + t64 * stride_dom
                  + offs_m[:, None] * stride_dom + offs_d[None, :], mask=stored[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * delta_scale
     tl.store(Delta + b64 * stride_lb + h64 * stride_lh + t64 + offs_m, delta, mask=stored)
 
 
@@ -434,7 +437,8 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start
     # LSE = +inf marks a row that attends to nothing: its probabilities come out exactly 0.
     pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - (lse * LOG2E)[None, :])
     # With dropout the loop leaves out the factor 1 / (1 - p) of kept entries: dV and dK accumulate
-    # (1 - p) times their value (Delta enters as (1 - p) Delta), and the kernel scales both once at the end.
+    # (1 - p) times their value (Delta comes in as (1 - p) Delta, from _bwd_preprocess), and the kernel
+    # scales both once at the end.
     if DROPOUT:
         keep = _dropout_keep_t(seed, bh, start_m, col0, dropout_p, BLOCK_M, BLOCK_N)
         pT_used = tl.where(keep, pT, dropout_p * 0.0)  # an opaque 0, as in _fwd_tile
@@ -445,7 +449,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, start
     if DROPOUT:
         # P (Z dP - (1 - p) Delta) = (Z P) dP - P (1 - p) Delta: Z P is pT_used, so the keep mask need not
         # stay live (in predicate registers) across the dV product.
-        dsT = pT_used * dpT - pT * (delta * (1.0 - dropout_p))[None, :]
+        dsT = pT_used * dpT - pT * delta[None, :]
     else:
         dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
@@ -623,10 +627,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = softmax_scale * LOG2E
     keep_scale = 1.0 / (1.0 - dropout_p)
-    if DROPOUT:
-        # dS = P (dP - Delta) with dP = Z / (1 - p) dO . v is 1 / (1 - p) times P (Z dO . v - (1 - p) Delta):
-        # the loop computes the latter, and dQ takes the factor at the end.
-        delta = delta * (1.0 - dropout_p)
+    # With dropout, dS = P (dP - Delta) with dP = Z / (1 - p) dO . v is 1 / (1 - p) times
+    # P (Z dO . v - (1 - p) Delta): the loop computes the latter (Delta comes in as (1 - p) Delta, from
+    # _bwd_preprocess), and dQ takes the factor at the end.
     hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
     if HAS_MASK:
         if holes:  # as in the forward: only rows with holes read the mask key by key
@@ -747,7 +750,7 @@ def _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_
     with _on_device(q):
         _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
             o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
-            heads, run["seq_len"], max_seqlen,
+            heads, run["seq_len"], max_seqlen, 1.0 - dropout_p,
             HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block)
         _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
                                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
