@@ -78,8 +78,8 @@ def threshold16(p):
 def attention_keep_documented(seed, bh, p, i, j):
     """The mapping attention.py documents, for arrays of query rows i and key columns j."""
     words = philox4x32(0, 4 * (j // 16) + (j // 2) % 4, 0, i - (i & 8), seed, bh, rounds=7)
-    word = np.choose((2 * ((j // 8) % 2) + (i // 8) % 2).astype(np.int64), words)
-    half = np.where(j % 2 == 1, word >> np.uint64(16), word & np.uint64(0xFFFF))
+    word = np.choose((2 * ((j // 8) % 2) + j % 2).astype(np.int64), words)
+    half = np.where((i // 8) % 2 == 1, word >> np.uint64(16), word & np.uint64(0xFFFF))
     return half >= threshold16(p)
 
 

@@ -41,9 +41,11 @@ gives four 32-bit words, eight 16-bit halves that decide eight (query, key) pair
 with round(p * 65536) (so the keep probability is 1 - p to within 2**-17). The eight pairs are ones a thread
 of the sm_90 tensor-core accumulator holds in the forward and dQ kernels' [queries, keys] tiles, so the
 compiler evaluates each call once per eight elements and no mask moves between threads (``_dropout_keep``
-has the exact mapping); the dK/dV kernel's transposed tiles split a call's pairs between two threads, so
-``_dropout_keep_t`` evaluates each call once and moves its halves through shared memory. The loops mask
-without scaling; the factor 1 / (1 - p) is applied once per output row (forward, dQ) or key (dK, dV).
+has the exact mapping); the dK/dV kernel's transposed tiles split a call's pairs between two threads (keys
+j and j + 1), so the mapping gives the pairs of one key parity whole words, and ``_dropout_keep_t``
+evaluates each call once and sends each word, unchanged, through shared memory to the thread that needs it.
+The loops mask without scaling; the factor 1 / (1 - p) is applied once per output row (forward, dQ) or key
+(dK, dV).
 Backward regenerates the forward's mask, and the padded and varlen forms drop the same entries of
 right-padded data. Sequences are limited to 32768 tokens with dropout. The seed is drawn per
 call from torch's generator of the inputs' device (``_checks.new_dropout_seed``) into a one-element tensor
@@ -180,11 +182,12 @@ def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p):
 
     For query i and key j, one Philox4x32-7 call (``DROPOUT_PHILOX_ROUNDS``) keyed by (seed, sequence * H +
     head) with the counter (0, 4 * (j // 16) + (j // 2) % 4, 0, i - (i & 8)) gives four 32-bit words, eight
-    16-bit halves, for the eight (query, key) pairs that share the counter: pair (i, j) takes the half j % 2
-    of word 2 * ((j // 8) % 2) + (i // 8) % 2 and is kept when that half is >= round(p * 65536). Those eight
-    pairs are ones that one thread of an sm_90 tensor-core accumulator holds in registers (all eight in the
-    [queries, keys] tiles, four in the transposed ones), so the Philox calls of a thread's tile elements
-    coincide and the compiler computes each once; no keep mask moves between threads.
+    16-bit halves, for the eight (query, key) pairs that share the counter: pair (i, j) takes the half
+    (i // 8) % 2 of word 2 * ((j // 8) % 2) + j % 2 and is kept when that half is >= round(p * 65536) (so
+    in the dK/dV kernel's tiles, whose threads hold keys j or j + 1, each thread needs whole words). Those
+    eight pairs are ones that one thread of an sm_90 tensor-core accumulator holds in registers (all eight
+    in the [queries, keys] tiles, four in the transposed ones), so the Philox calls of a thread's tile
+    elements coincide and the compiler computes each once; no keep mask moves between threads.
 
     The key group and the query pair sit in the counter words that Philox's first round only XORs with the
     key (c1 and c3, the multiplied words c0 and c2 being 0): its second round then multiplies a value of
@@ -196,17 +199,20 @@ def _dropout_keep(seed, bh, row0, offs_m, col0, offs_n, dropout_p):
     # of the compiler costing about 20 instructions more per Philox call (measured with the static report).
     group = ((col0 // 4) | ((offs_n // 16) * 4 + (offs_n // 2) % 4)).to(tl.uint32)
     row = (row0 | (offs_m - (offs_m & 8))).to(tl.uint32)
-    key_word = ((offs_n // 8) % 2) * 2
-    row_word = (offs_m // 8) % 2
-    high_half = (offs_n % 2) == 1
+    key_word = ((offs_n // 8) % 2) * 2 + offs_n % 2
+    high_half = (offs_m // 8) % 2 == 1
     c1 = group[None, :] + (row * 0)[:, None]
     c3 = row[:, None] + (group * 0)[None, :]
-    word_of = key_word[None, :] + row_word[:, None]
-    high_half = high_half[None, :]
+    word_of = key_word[None, :] + (row * 0)[:, None]
+    high_half = high_half[:, None]
     zero = c1 * 0
     w0, w1, w2, w3 = _philox(zero, c1, zero, c3, seed.to(tl.uint32), bh.to(tl.uint32), DROPOUT_PHILOX_ROUNDS)
     word = tl.where(word_of < 2, tl.where(word_of == 0, w0, w1), tl.where(word_of == 2, w2, w3))
-    return tl.where(high_half, word, word << 16) >= threshold
+    # The low half is compared rotated up, not shifted: w1 and w3 are low halves of Philox products, and a
+    # shift (or a mask) needs only the product's low 16 bits, so the compiler computes those with a second,
+    # narrower multiply instead of reusing the widening one: 16 instructions more per loop iteration of the
+    # forward and dQ kernels (static report). A rotation needs every bit and is one SHF.L.W.
+    return tl.where(high_half, word, (word << 16) | (word >> 16)) >= threshold
 
 
 @triton.jit
@@ -216,33 +222,30 @@ def _dropout_keep_t(seed, bh, row0, col0, dropout_p, BLOCK_M: tl.constexpr, BLOC
 
     In those tiles a thread of the sm_90 accumulator holds keys j or j + 1, not both, so only four of a
     Philox call's eight pairs: evaluated per element, as ``_dropout_keep`` does, each call would be
-    computed by two threads. Here each call is evaluated once, on a compact [BLOCK_N / 4 key groups,
-    BLOCK_M / 2 query pairs] grid; its 16-bit halves are regrouped into the two 32-bit words each of the
-    two threads needs (the halves j % 2 of words 2e and 2e + 1, e = (j // 8) % 2), and reshapes spread
-    them over the tile, which the compiler does with one pass through shared memory."""
+    computed by two threads. Here each call is evaluated once, on a compact [BLOCK_M / 2 query pairs,
+    BLOCK_N / 4 key groups] grid, and reshapes send its words 2 e + j % 2 (e = (j // 8) % 2) to the thread
+    of key j, whole (the mapping gives keys of one parity whole words), which the compiler does with one
+    pass through shared memory in 128-bit stores and loads. (With the key groups first on the compact grid
+    each thread would compute one query pair's part of Philox's second and third rounds instead of four,
+    but the stores and loads go word by word: more instructions in all, per the static report.)"""
     threshold = tl.minimum(dropout_p * 65536.0 + 0.5, 65535.0).to(tl.uint32) << 16
-    g = tl.arange(0, BLOCK_N // 4)  # 4 * (j // 16) + (j // 2) % 4 of key j
     r = tl.arange(0, BLOCK_M // 2)  # 8 * (i // 16) + i % 8 of query i
+    g = tl.arange(0, BLOCK_N // 4)  # 4 * (j // 16) + (j // 2) % 4 of key j
     group = ((col0 // 4) | g).to(tl.uint32)
     row = (row0 | ((r // 8) * 16 + r % 8)).to(tl.uint32)
-    c1 = group[:, None] + (row * 0)[None, :]
-    c3 = row[None, :] + (group * 0)[:, None]
+    c1 = group[None, :] + (row * 0)[:, None]
+    c3 = row[:, None] + (group * 0)[None, :]
     zero = c1 * 0
     w0, w1, w2, w3 = _philox(zero, c1, zero, c3, seed.to(tl.uint32), bh.to(tl.uint32), DROPOUT_PHILOX_ROUNDS)
-    # The half j % 2 of words 2 e and 2 e + 1 (e = (j // 8) % 2), packed as the low and high half of one
-    # word: [g, r, j % 2, e]
-    lo0 = (w0 & 0xFFFF) | (w1 << 16)
-    lo1 = (w2 & 0xFFFF) | (w3 << 16)
-    hi0 = (w0 >> 16) | (w1 & 0xFFFF0000)
-    hi1 = (w2 >> 16) | (w3 & 0xFFFF0000)
-    x = tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1))
-    # [j // 16, (j // 2) % 4, i // 16, i % 8, j % 2, e]
-    x = tl.reshape(x, (BLOCK_N // 16, 4, BLOCK_M // 16, 8, 2, 2))
-    x = tl.permute(x, (0, 5, 1, 4, 2, 3))  # [j // 16, e, (j // 2) % 4, j % 2, i // 16, i % 8]
+    x = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # word 2 e + j % 2: [r, g, j % 2, e]
+    # [i // 16, i % 8, j // 16, (j // 2) % 4, j % 2, e]
+    x = tl.reshape(x, (BLOCK_M // 16, 8, BLOCK_N // 16, 4, 2, 2))
+    x = tl.permute(x, (2, 5, 3, 4, 0, 1))  # [j // 16, e, (j // 2) % 4, j % 2, i // 16, i % 8]
+    # One word decides queries i and i + 8, with its low and its high half.
     x = tl.broadcast_to(x[:, :, :, :, :, None, :], (BLOCK_N // 16, 2, 4, 2, BLOCK_M // 16, 2, 8))
     x = tl.reshape(x, (BLOCK_N, BLOCK_M))
-    b = ((tl.arange(0, BLOCK_M) // 8) % 2 == 1)[None, :]
-    return tl.where(b, x, x << 16) >= threshold
+    high_half = ((tl.arange(0, BLOCK_M) // 8) % 2 == 1)[None, :]
+    return tl.where(high_half, x, x << 16) >= threshold
 
 
 # ---------------------------------------------------------------------------------------------------------
