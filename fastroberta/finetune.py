@@ -80,7 +80,8 @@ def build_parser():
                    help="auto: Triton on CUDA, the PyTorch reference on CPU")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (fullgraph) inside the DeepSpeed engine, as fastroberta-train "
-                        "--compile; batches of new lengths recompile until Dynamo marks the length dynamic")
+                        "--compile; batches of new lengths recompile until Dynamo marks the length dynamic "
+                        "(batch lengths are rounded to multiples of 64 by default to keep them few)")
     g.add_argument("--dropout", type=float, default=None,
                    help="hidden, attention and classifier dropout (default: the model's config)")
     g = p.add_argument_group("task and data")
@@ -102,8 +103,12 @@ def build_parser():
                    help="metric choosing the best model: accuracy, f1, mcc, pearson or spearman (default: the "
                         "task's: MCC for CoLA, F1 for MRPC/QQP, Pearson for STS-B and regression, else accuracy)")
     g.add_argument("--max-seq-len", type=int, default=None,
-                   help="longer inputs are truncated (pairs: longest first); batches pad to their longest row "
-                        "(default: 128, or the model's limit if lower)")
+                   help="longer inputs are truncated (pairs: longest first); batches pad to their longest row, "
+                        "rounded up by --pad-to-multiple-of (default: 128, or the model's limit if lower)")
+    g.add_argument("--pad-to-multiple-of", type=int, default=None,
+                   help="round each batch's length up to a multiple of this many tokens, never past "
+                        "--max-seq-len (default: 8, or 64 with --compile, so that a compiled model meets few "
+                        "distinct lengths; 1 pads to the longest row exactly)")
     g.add_argument("--group-by-length", action="store_true",
                    help="batch examples of similar length together (less padding, less randomness)")
     g = p.add_argument_group("batch and schedule")
@@ -203,7 +208,7 @@ def resolve_settings(args):
     s = argparse.Namespace(on_cuda=on_cuda, rank=rank, world_size=world_size, local_rank=local_rank,
                            seed=args.seed)
     for name in ("micro_batch_size", "max_seq_len", "global_batch_size", "steps", "stop_at_step",
-                 "eval_batch_size", "log_every"):
+                 "eval_batch_size", "log_every", "pad_to_multiple_of"):
         tr._check_positive("--" + name.replace("_", "-"), getattr(args, name))
     for name in ("eval_every", "save_every", "keep_last", "weight_decay", "clip_grad", "max_nonfinite"):
         tr._check_positive("--" + name.replace("_", "-"), getattr(args, name), allow_zero=True)
@@ -245,6 +250,8 @@ def resolve_settings(args):
     if args.max_seq_len > s.config.max_seq_len:
         raise ConfigError(f"--max-seq-len {args.max_seq_len} exceeds the model's position table "
                           f"({s.config.max_seq_len} tokens)")
+    if args.pad_to_multiple_of is None:
+        args.pad_to_multiple_of = 64 if args.compile else 8
 
     if args.kernels == "triton" and not on_cuda:
         from fastroberta.kernels._checks import interpreter_active
@@ -368,14 +375,14 @@ def model_inputs(batch, device):
     return inputs
 
 
-def predict(module_call, ids, batch_size, pad_id, device, rank, world_size):
+def predict(module_call, ids, batch_size, pad_id, device, rank, world_size, pad_multiple=1, pad_limit=None):
     """Logits (float32 numpy, one row per example, in order) of the whole split, every rank evaluating its
-    share and the shares gathered on all ranks."""
+    share and the shares gathered on all ranks; batches padded as ``tasks.collate`` says."""
     import torch.distributed as dist
     from fastroberta.tasks import eval_batches
     idx, rows = [], []
     with torch.no_grad(), preserved_rng():
-        for real, batch in eval_batches(ids, batch_size, pad_id, rank, world_size):
+        for real, batch in eval_batches(ids, batch_size, pad_id, rank, world_size, pad_multiple, pad_limit):
             logits = module_call(**model_inputs(batch, device)).logits.float().cpu()
             for i, row in zip(real, logits):
                 if i >= 0:
@@ -517,7 +524,7 @@ def _run(args, s):
             f"{total_steps} steps ({steps_per_epoch}/epoch), peak lr {s.lr:.2e}, warmup {warmup}")
 
     loader = TaskLoader(train_ids, train_labels, special["pad"], s.micro_batch_size, s.global_batch_size, s.rank,
-                        s.world_size, args.seed, args.group_by_length)
+                        s.world_size, args.seed, args.group_by_length, args.pad_to_multiple_of, args.max_seq_len)
     run_info = {"task": args.task, "total_steps": total_steps, "global_batch_size": s.global_batch_size,
                 "seed": args.seed, "precision": s.precision, "zero_stage": s.zero_stage, "lr": s.lr,
                 "max_seq_len": args.max_seq_len}
@@ -548,7 +555,8 @@ def _run(args, s):
     def evaluate():
         was_training = engine.module.training
         engine.eval()
-        logits = predict(engine, val[0], s.eval_batch_size, special["pad"], device, s.rank, s.world_size)
+        logits = predict(engine, val[0], s.eval_batch_size, special["pad"], device, s.rank, s.world_size,
+                         args.pad_to_multiple_of, args.max_seq_len)
         if was_training:
             engine.train()
         return scores(s.task, logits, val[1])[1]
@@ -671,7 +679,8 @@ def write_predictions(args, s, test, names, hf_dir, device, special):
         ids, labels, split = test
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.precision) if s.on_cuda else None
         with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-            logits = predict(model, ids, s.eval_batch_size, special["pad"], device, 0, 1)
+            logits = predict(model, ids, s.eval_batch_size, special["pad"], device, 0, 1,
+                             args.pad_to_multiple_of, args.max_seq_len)
         preds, metrics = scores(s.task, logits, labels if labels is not None else np.zeros(len(ids)))
         tmp = os.path.join(s.output, "predictions.jsonl.tmp")
         with open(tmp, "w") as f:

@@ -363,9 +363,20 @@ def tokenize(split, tokenizer, max_seq_len, special):
     return out
 
 
-def collate(ids_list, pad_id, labels=None):
-    """Right-pad to the longest row of the batch (dynamic padding)."""
-    length = max(len(x) for x in ids_list)
+def padded_length(longest, multiple=1, limit=None):
+    """The batch length for a longest row of ``longest`` tokens: rounded up to a multiple of ``multiple``, but
+    never past ``limit`` (the run's --max-seq-len) unless the row itself is longer."""
+    length = -(-longest // multiple) * multiple
+    if limit is not None:
+        length = min(length, max(limit, longest))
+    return length
+
+
+def collate(ids_list, pad_id, labels=None, multiple=1, limit=None):
+    """Right-pad to the longest row of the batch (dynamic padding), rounded up to a multiple of ``multiple``
+    tokens (at most ``limit``): fewer distinct shapes for torch.compile and the kernels' autotuner, and
+    tensor-core friendly sizes on a GPU. Padding never changes a real token's output."""
+    length = padded_length(max(len(x) for x in ids_list), multiple, limit)
     input_ids = torch.full((len(ids_list), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids_list), length), dtype=torch.long)
     for i, x in enumerate(ids_list):
@@ -383,8 +394,9 @@ class TaskLoader:
     one dropped), each split into micro-batches per rank. Its position (epoch, step in epoch) is its state."""
 
     def __init__(self, ids, labels, pad_id, micro_batch_size, global_batch_size, rank=0, world_size=1, seed=0,
-                 group_by_length=False):
+                 group_by_length=False, pad_multiple=1, pad_limit=None):
         self.ids, self.labels, self.pad_id = ids, labels, pad_id
+        self.pad_multiple, self.pad_limit = pad_multiple, pad_limit
         self.micro, self.global_batch = micro_batch_size, global_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.group_by_length = group_by_length
@@ -416,7 +428,8 @@ class TaskLoader:
                 per_micro = self.micro * self.world_size
                 for m in range(self.global_batch // per_micro):
                     part = batch[m * per_micro + self.rank * self.micro:m * per_micro + (self.rank + 1) * self.micro]
-                    yield collate([self.ids[i] for i in part], self.pad_id, self.labels[part])
+                    yield collate([self.ids[i] for i in part], self.pad_id, self.labels[part],
+                                  self.pad_multiple, self.pad_limit)
             self.epoch += 1
             self.position = 0
 
@@ -430,7 +443,7 @@ class TaskLoader:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
-def eval_batches(ids, batch_size, pad_id, rank=0, world_size=1):
+def eval_batches(ids, batch_size, pad_id, rank=0, world_size=1, pad_multiple=1, pad_limit=None):
     """(example indices, batch) for this rank's share of an evaluation split; every rank yields the same
     number of batches (a rank short of examples repeats its last ones, flagged by index -1)."""
     per_rank = -(-len(ids) // world_size)
@@ -438,9 +451,9 @@ def eval_batches(ids, batch_size, pad_id, rank=0, world_size=1):
     for s in range(-(-per_rank // batch_size)):
         idx = mine[s * batch_size:(s + 1) * batch_size]
         if not idx:
-            yield [-1], collate([ids[0]], pad_id)
+            yield [-1], collate([ids[0]], pad_id, None, pad_multiple, pad_limit)
         else:
-            yield idx, collate([ids[i] for i in idx], pad_id)
+            yield idx, collate([ids[i] for i in idx], pad_id, None, pad_multiple, pad_limit)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -128,6 +128,38 @@ def test_batches_pad_to_their_longest_row_and_cover_each_epoch():
     assert b["attention_mask"].sum(1).max() - b["attention_mask"].sum(1).min() <= 8
 
 
+def test_batches_round_their_length_up_to_a_multiple_within_the_limit():
+    assert [tasks.padded_length(n, 8) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 24]
+    assert tasks.padded_length(121, 64, limit=128) == 128 and tasks.padded_length(100, 64, limit=100) == 100
+    assert tasks.padded_length(130, 64, limit=128) == 130  # a row past the limit is never cut here
+    ids = [[0] + [5] * n + [2] for n in range(1, 41)]
+    loader = tasks.TaskLoader(ids, np.arange(40) % 2, pad_id=1, micro_batch_size=4, global_batch_size=8, seed=3,
+                              pad_multiple=16, pad_limit=40)
+    it = iter(loader)
+    for _ in range(10):
+        b = next(it)
+        longest = int(b["attention_mask"].sum(1).max())
+        assert b["input_ids"].shape[1] == min(-(-longest // 16) * 16, max(40, longest))
+        assert (b["input_ids"][b["attention_mask"] == 0] == 1).all()
+    batches = list(tasks.eval_batches(ids[:5], 4, 1, pad_multiple=8))
+    assert [b["input_ids"].shape[1] for _, b in batches] == [8, 8]
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_padding_to_a_multiple_leaves_the_logits_unchanged(kernels):
+    torch.manual_seed(0)
+    config = RobertaConfig.preset("tiny", vocab_size=60, num_labels=3)
+    model = RobertaForSequenceClassification(config, kernels=kernels).eval()
+    ids = [[0] + list(range(5, 5 + n)) + [2] for n in (3, 9, 17)]
+    exact = tasks.collate(ids, config.pad_token_id)
+    rounded = tasks.collate(ids, config.pad_token_id, multiple=16)
+    assert exact["input_ids"].shape[1] == 19 and rounded["input_ids"].shape[1] == 32
+    with torch.no_grad():
+        a = model(**ft.model_inputs(exact, torch.device("cpu"))).logits
+        b = model(**ft.model_inputs(rounded, torch.device("cpu"))).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_word_order_task_is_deterministic_and_balanced():
     a, b = tasks.word_order_task(), tasks.word_order_task()
     assert a == b
@@ -281,6 +313,7 @@ def test_flag_errors_are_one_line(model_dir, tmp_path, capsys):
     assert "needs --tokenizer" in _error(capsys, ["--model", "tiny", "--task", "word-order"])
     assert "neither hf/config.json nor config.json" in _error(capsys, base[:0] + ["--model", str(tmp_path)])
     assert "unknown --metric" in _error(capsys, base + ["--metric", "bleu"])
+    assert "--pad-to-multiple-of must be positive, got 0" in _error(capsys, base + ["--pad-to-multiple-of", "0"])
 
 
 def test_a_second_run_on_the_same_output_is_refused(model_dir, tmp_path, capsys):
