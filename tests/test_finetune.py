@@ -241,6 +241,22 @@ def test_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_compile_gives_eager_losses(model_dir, tmp_path):
+    """--compile through DeepSpeed, evaluation and the checkpoint, against eager (dropout off: the classifier
+    head's nn.Dropout draws from a different generator once compiled)."""
+    extra = ["--steps", "4", "--eval-every", "4", "--dropout", "0", "--kernels", "torch"]
+    run(model_dir, tmp_path / "eager", *extra)
+    run(model_dir, tmp_path / "compiled", *extra, "--compile")
+    eager, compiled = (read_metrics(str(tmp_path / d / "metrics.jsonl")) for d in ("eager", "compiled"))
+    losses = [[r["loss"] for r in recs if "loss" in r] for recs in (eager, compiled)]
+    assert len(losses[0]) == 4 and len(set(losses[0])) > 1
+    np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=1e-5)
+    accuracy = [[r["eval_accuracy"] for r in recs if "eval_accuracy" in r] for recs in (eager, compiled)]
+    assert accuracy[0] == accuracy[1] and len(accuracy[0]) == 1
+    assert (tmp_path / "compiled" / "hf" / "config.json").exists()
+
+
 def test_regression_task(model_dir, tmp_path):
     d = tmp_path / "reg"
     d.mkdir()
