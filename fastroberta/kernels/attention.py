@@ -157,6 +157,17 @@ def _sequence(CuSeqlens, SeqLens, b, seq_len, VARLEN: tl.constexpr, HAS_SEQLENS:
 
 
 @triton.jit
+def _dropout_seed(Seed, DROPOUT: tl.constexpr):
+    """The kernel's dropout seed, 0 without dropout. It is read from memory (Seed: a one-element int64 tensor
+    on the device), not passed by value: a captured CUDA graph replays with the seed its caller draws into
+    that tensor each step."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    return seed
+
+
+@triton.jit
 def _philox(c0, c1, c2, c3, k0, k1, N_ROUNDS: tl.constexpr):
     """Philox4x32 (Salmon et al. 2011) on uint32 counter words c0..c3 and uint32 scalar key words k0, k1:
     bit for bit ``tl.philox``, but each round's two 32 x 32 -> 64-bit products are taken as one widening
@@ -331,12 +342,7 @@ def _attn_fwd(Q, K, V, O, LSE, KeyMask, SeqLens, CuSeqlens,
     # One program per (query block, sequence, head); query blocks of one head are neighbours so that they
     # share K/V in L2. A 1-D grid has no 65535 limit on sequences x heads.
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
-    # The dropout seed is read from memory (a one-element int64 tensor on the device), not passed by value: a
-    # captured CUDA graph replays with the seed its caller draws into that tensor each step.
-    if DROPOUT:
-        seed = tl.load(Seed)
-    else:
-        seed = 0
+    seed = _dropout_seed(Seed, DROPOUT)
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
@@ -489,12 +495,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     """dK, dV of one key block, looping over the query blocks of its sequence. The loop never reads the key
     mask: padded queries have LSE = +inf (zero probabilities), and padded keys are zeroed once at the end."""
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
-    # The dropout seed is read from memory (a one-element int64 tensor on the device), not passed by value: a
-    # captured CUDA graph replays with the seed its caller draws into that tensor each step.
-    if DROPOUT:
-        seed = tl.load(Seed)
-    else:
-        seed = 0
+    seed = _dropout_seed(Seed, DROPOUT)
     num_n_blocks = tl.cdiv(max_seqlen, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
@@ -608,12 +609,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KeyMask, SeqLens, CuSeqlens,
     """dQ of one query block, looping over the key blocks of its sequence (no atomics: each program owns
     its rows)."""
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "_dropout_keep needs blocks of 16")
-    # The dropout seed is read from memory (a one-element int64 tensor on the device), not passed by value: a
-    # captured CUDA graph replays with the seed its caller draws into that tensor each step.
-    if DROPOUT:
-        seed = tl.load(Seed)
-    else:
-        seed = 0
+    seed = _dropout_seed(Seed, DROPOUT)
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
