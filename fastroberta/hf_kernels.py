@@ -9,21 +9,26 @@
         ...
 
 What is swapped (everything else stays transformers' code, parameters and state_dict keys are untouched):
-- attention: the model's ``config._attn_implementation`` becomes ``"fastroberta"``, a function registered in
+- attention: when the model runs transformers' default attention (an implementation the user named, by argument
+  or on the config, is kept: see ``_attention_is_default``), its ``config._attn_implementation`` becomes
+  ``"fastroberta"``, a function registered in
   transformers' ``AttentionInterface`` (and a mask builder in ``AttentionMaskInterface``, which hands it the
   [B, L] key-padding mask instead of a [B, 1, L, L] bias) that runs ``fastroberta.kernels.attention``.
   ``attn_implementation="fastroberta"`` in ``from_pretrained`` works once this module is imported. It falls back
   to transformers' own functions when its kernel does not apply: eager when attention weights must be returned
   (``output_attentions``) or a ``head_mask`` reaches it, SDPA for masks that are not key-padding (causal decoders,
   cross-attention, a caller's own 4-D mask, a KV cache) and for head dims other than 16/32/64/128.
+  ``config.output_attentions = True`` works on a patched model (transformers' config refuses it for anything but
+  eager; the patched config's class accepts it for "fastroberta", whose function then hands over to eager).
 - LayerNorm: the ``dense -> dropout -> + residual -> LayerNorm`` of every SelfOutput and Output block runs as one
   ``fastroberta.kernels.layer_norm`` call (dropout, residual add and LayerNorm fused), and the embeddings'
   LayerNorm runs through the same kernel.
-- masked-LM loss (``*ForMaskedLM`` called with ``labels``): the head transform runs on the labelled rows only and
-  ``fastroberta.kernels.mlm_cross_entropy`` computes the loss without [B, L, V] logits. The output's ``loss`` is
-  the mean cross-entropy over labels != -100 (0.0 with zero gradients when no token is labelled, where
-  transformers gives NaN); ``logits`` is None; ``hidden_states``/``attentions`` are as transformers returns them.
-  Without labels the model's own forward runs and returns logits.
+- masked-LM loss (``*ForMaskedLM`` called with ``labels`` in train() mode): the head transform runs on the
+  labelled rows only and ``fastroberta.kernels.mlm_cross_entropy`` computes the loss without [B, L, V] logits.
+  The output's ``loss`` is the mean cross-entropy over labels != -100 (0.0 with zero gradients when no token is
+  labelled, where transformers gives NaN); ``logits`` is None; ``hidden_states``/``attentions`` are as
+  transformers returns them. In eval() mode or without labels the model's own forward runs and returns logits
+  (with the loss when labels are given): evaluation needs them. ``cross_entropy=False`` keeps logits in train().
 
 Numerics: with dropout off, patched and unpatched models agree at every real token (loss, logits, gradients) to
 rounding. Padded query positions differ: our attention returns zeros there, transformers lets padded queries

@@ -487,7 +487,8 @@ def tester_inputs(seed=0, batch=13, length=7):
     ids = torch.randint(0, 99, (batch, length), generator=g)
     mask = torch.randint(0, 2, (batch, length), generator=g)
     mask[:, 0] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.randint(0, 16, (batch, length), generator=g)}
+    token_types = torch.randint(0, 16, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": token_types}
 
 
 @pytest.fixture

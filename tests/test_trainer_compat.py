@@ -226,7 +226,8 @@ def test_accelerate_trains_under_bf16_autocast(head):
     accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     autocast_seen = []
-    model.roberta.embeddings.register_forward_pre_hook(lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu")))
+    model.roberta.embeddings.register_forward_pre_hook(
+        lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu")))
     model, optimizer = accelerator.prepare(model, optimizer)
     losses = []
     for _ in range(6):
