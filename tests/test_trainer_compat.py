@@ -196,6 +196,40 @@ def test_trainer_resumes_from_its_checkpoint(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def word_tokenizer():
+    """A transformers tokenizer over V - 3 words plus RoBERTa's <s>, <pad>, </s> ids (0, 1, 2), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, V)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+
+
+def test_trainer_with_a_tokenizer_and_bf16(tmp_path):
+    """Trainer(processing_class=tokenizer, bf16=True): it aligns the config's special ids with the tokenizer's,
+    trains under bf16 autocast, and saves the tokenizer next to the weights; text in, loss out."""
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(tiny_config(), kernels="torch")
+    tokenizer = word_tokenizer()
+    texts = [" ".join(f"w{int(i)}" for i in e["input_ids"]) for e in rows("cls")]
+    data = [{**tokenizer(t), "labels": int(e["labels"])} for t, e in zip(texts, rows("cls"))]
+    assert data[0]["input_ids"] == rows("cls")[0]["input_ids"].tolist()
+    autocast_seen = []
+    model.roberta.embeddings.register_forward_pre_hook(
+        lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu")))
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path, bf16=True), train_dataset=data,
+                                   eval_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    assert autocast_seen and all(autocast_seen)
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert np.isfinite(trainer.evaluate()["eval_loss"])
+    trainer.save_model(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert model.config.pad_token_id == tokenizer.pad_token_id == 1
+
+
 def test_checkpointing_switches():
     model = RobertaForMaskedLM(tiny_config(), kernels="torch")
     assert model.supports_gradient_checkpointing and model.main_input_name == "input_ids"
