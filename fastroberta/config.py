@@ -122,6 +122,11 @@ class RobertaConfig:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return getattr(cls, name)(**overrides)
 
+    def get_text_config(self, *args, **kwargs):
+        """This config: transformers.Trainer asks a model's config for its text part (to align the special token
+        ids with the tokenizer it is given)."""
+        return self
+
     # Serialisation in Hugging Face's config.json format ------------------------------------------------
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -139,7 +139,11 @@ def read_config(path):
     """RobertaConfig from a HF checkpoint folder's config.json; rejects non-RoBERTa models."""
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint folder {path}")
+        hint = ""
+        if os.path.isfile(os.path.join(path, SAFETENSORS_NAME)):  # transformers.Trainer.save_model's folder
+            hint = (" (a folder written by transformers.Trainer holds only the state dict: load it with "
+                    "model.load_state_dict(safetensors.torch.load_file(...)), or write one with save_pretrained)")
+        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint folder {path}{hint}")
     d = read_json(cfg_path)
     if not isinstance(d, dict) or d.get("model_type") != "roberta":
         got = d.get("model_type") if isinstance(d, dict) else None

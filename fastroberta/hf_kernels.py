@@ -9,21 +9,26 @@
         ...
 
 What is swapped (everything else stays transformers' code, parameters and state_dict keys are untouched):
-- attention: the model's ``config._attn_implementation`` becomes ``"fastroberta"``, a function registered in
+- attention: when the model runs transformers' default attention (an implementation the user named, by argument
+  or on the config, is kept: see ``_attention_is_default``), its ``config._attn_implementation`` becomes
+  ``"fastroberta"``, a function registered in
   transformers' ``AttentionInterface`` (and a mask builder in ``AttentionMaskInterface``, which hands it the
   [B, L] key-padding mask instead of a [B, 1, L, L] bias) that runs ``fastroberta.kernels.attention``.
   ``attn_implementation="fastroberta"`` in ``from_pretrained`` works once this module is imported. It falls back
   to transformers' own functions when its kernel does not apply: eager when attention weights must be returned
   (``output_attentions``) or a ``head_mask`` reaches it, SDPA for masks that are not key-padding (causal decoders,
   cross-attention, a caller's own 4-D mask, a KV cache) and for head dims other than 16/32/64/128.
+  ``config.output_attentions = True`` works on a patched model (transformers' config refuses it for anything but
+  eager; the patched config's class accepts it for "fastroberta", whose function then hands over to eager).
 - LayerNorm: the ``dense -> dropout -> + residual -> LayerNorm`` of every SelfOutput and Output block runs as one
   ``fastroberta.kernels.layer_norm`` call (dropout, residual add and LayerNorm fused), and the embeddings'
   LayerNorm runs through the same kernel.
-- masked-LM loss (``*ForMaskedLM`` called with ``labels``): the head transform runs on the labelled rows only and
-  ``fastroberta.kernels.mlm_cross_entropy`` computes the loss without [B, L, V] logits. The output's ``loss`` is
-  the mean cross-entropy over labels != -100 (0.0 with zero gradients when no token is labelled, where
-  transformers gives NaN); ``logits`` is None; ``hidden_states``/``attentions`` are as transformers returns them.
-  Without labels the model's own forward runs and returns logits.
+- masked-LM loss (``*ForMaskedLM`` called with ``labels`` in train() mode): the head transform runs on the
+  labelled rows only and ``fastroberta.kernels.mlm_cross_entropy`` computes the loss without [B, L, V] logits.
+  The output's ``loss`` is the mean cross-entropy over labels != -100 (0.0 with zero gradients when no token is
+  labelled, where transformers gives NaN); ``logits`` is None; ``hidden_states``/``attentions`` are as
+  transformers returns them. In eval() mode or without labels the model's own forward runs and returns logits
+  (with the loss when labels are given): evaluation needs them. ``cross_entropy=False`` keeps logits in train().
 
 Numerics: with dropout off, patched and unpatched models agree at every real token (loss, logits, gradients) to
 rounding. Padded query positions differ: our attention returns zeros there, transformers lets padded queries
@@ -298,7 +303,8 @@ def _unpatched_forward(module):
 
 @functools.lru_cache(maxsize=None)
 def _mlm_forward_for(cls):
-    """A *ForMaskedLM forward that, given labels, runs the head on the labelled rows and the fused loss. It
+    """A *ForMaskedLM forward that, given labels in train() mode, runs the head on the labelled rows and the
+    fused loss (no logits); in eval() mode, or without labels, transformers' own forward runs. It
     carries ``cls.forward``'s signature (Trainer reads it to pick dataset columns) and is bound to each model,
     so deep copies of a patched model stay self-contained."""
     signature = inspect.signature(cls.forward)
@@ -310,14 +316,14 @@ def _mlm_forward_for(cls):
         arguments = dict(bound.arguments)
         arguments.pop("self", None)
         labels = arguments.pop("labels", None)
-        if labels is None:
+        if labels is None or not self.training:  # evaluation gets transformers' [B, L, V] logits with the loss
             return original(*args, **kwargs)
         for name, param in signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 arguments.update(arguments.pop(name, {}))
         return_dict = arguments.pop("return_dict", None)
-        if return_dict is None:
-            return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+        if return_dict is None:  # as transformers' can_return_tuple decides (use_return_dict is deprecated)
+            return_dict = getattr(self.config, "return_dict", True)
         outputs = self.base_model(**arguments, return_dict=True)
         hidden = outputs[0]
         labels = labels.to(hidden.device).reshape(-1)
@@ -357,6 +363,49 @@ def _restore_forward(module):
         module.forward = saved
 
 
+def _attention_is_default(model):
+    """Whether ``model`` runs transformers' default attention, the only one apply_kernels takes over: an
+    implementation the user named (``attn_implementation=`` in from_pretrained / _from_config, or on the config)
+    is kept. Models built in class mode remember what was requested before transformers resolved it; for others,
+    transformers' default ("sdpa") stands for "nothing was requested"."""
+    current = model.config._attn_implementation
+    if current == ATTN_NAME:  # a config shared with a model patched before
+        return True
+    requested = model.__dict__.get("_fastroberta_requested_attn", _MISSING)
+    if requested is not _MISSING:
+        return requested in (None, ATTN_NAME)
+    return current in (None, "sdpa")
+
+
+@functools.lru_cache(maxsize=None)
+def _config_class_for(base):
+    """``base`` (a transformers config class) whose ``output_attentions`` may be switched on while the
+    attention is "fastroberta": our attention function hands such calls to transformers' eager one, as it does
+    for the ``output_attentions`` argument. transformers' own setter refuses anything but "eager". The class
+    keeps ``base``'s name (transformers' Auto classes look configs up by class name) and is a module global
+    (models holding its configs still pickle)."""
+    if "_fastroberta_base" in base.__dict__:  # a copy of a config patched before
+        return base
+
+    def set_output_attentions(self, value):
+        if value and self._attn_implementation == ATTN_NAME:
+            self._output_attentions = value
+        else:
+            base.output_attentions.fset(self, value)
+
+    def validate_output_attentions(self):
+        if self._attn_implementation != ATTN_NAME and hasattr(base, "validate_output_attentions"):
+            base.validate_output_attentions(self)
+
+    qualname = f"_FastRoberta{base.__name__}"
+    cls = type(base.__name__, (base,), {
+        "output_attentions": property(base.output_attentions.fget, set_output_attentions),
+        "validate_output_attentions": validate_output_attentions,
+        "_fastroberta_base": base, "__module__": __name__, "__qualname__": qualname})
+    globals()[qualname] = cls
+    return cls
+
+
 def _check_options(attention, layer_norm, cross_entropy, kernels):
     for name, value in (("attention", attention), ("layer_norm", layer_norm), ("cross_entropy", cross_entropy)):
         if not isinstance(value, bool):
@@ -377,12 +426,14 @@ def _patch_instance(model, arch, options):
                 isinstance(getattr(module, "LayerNorm", None), torch.nn.LayerNorm):
             module.LayerNorm._fastroberta_kernels = kernels
             _set_forward(module.LayerNorm, _fused_layer_norm_forward)
-    if options["attention"]:
+    if options["attention"] and _attention_is_default(model):
         # Nested models share one config: remember the implementation from before any of them was patched.
         original = next((m._fastroberta_original_attn for m in model.modules()
                          if "_fastroberta_original_attn" in m.__dict__), model.config._attn_implementation)
-        model._fastroberta_original_attn = original
+        # A config copied from a patched model names us: what removing the kernels restores is the default.
+        model._fastroberta_original_attn = "sdpa" if original == ATTN_NAME else original
         model.config._attn_implementation = ATTN_NAME
+        model.config.__class__ = _config_class_for(type(model.config))
     if options["cross_entropy"] and isinstance(model, arch.masked_lm):
         model._fastroberta_kernels = kernels
         _set_forward(model, _mlm_forward_for(type(model)))
@@ -430,8 +481,12 @@ def remove_kernels(model=None):
         _restore_forward(module)
         for name in ("_fastroberta_kernels", "_fastroberta_options", "_fastroberta_original_attn"):
             module.__dict__.pop(name, None)
-    if original_attn is not None and model.config._attn_implementation == ATTN_NAME:
-        model.config._attn_implementation = original_attn
+    if original_attn is not None:
+        if model.config._attn_implementation == ATTN_NAME:
+            model.config._attn_implementation = original_attn
+        base = type(model.config).__dict__.get("_fastroberta_base")
+        if base is not None:
+            model.config.__class__ = base
     return model
 
 
@@ -449,6 +504,18 @@ def kernels_applied(model=None, **options):
 _CLASS_OPTIONS = None
 _SAVED_POST_INIT = {}
 _MISSING = object()
+
+
+def _init_recording_attention(original):
+    """PreTrainedModel.__init__ that remembers the attention implementation the config asked for before
+    transformers resolved it (None: nothing asked, the default), so that class mode takes over only the default."""
+    @functools.wraps(original)
+    def __init__(self, config, *args, **kwargs):
+        requested = getattr(config, "_attn_implementation_internal", None)
+        original(self, config, *args, **kwargs)
+        self._fastroberta_requested_attn = requested
+    __init__._fastroberta = True
+    return __init__
 
 
 def _post_init_with_kernels(original):
@@ -469,18 +536,20 @@ def _patch_classes(options):
         cls = arch.pretrained
         if cls in _SAVED_POST_INIT:
             continue
-        _SAVED_POST_INIT[cls] = cls.__dict__.get("post_init", _MISSING)
+        _SAVED_POST_INIT[cls] = (cls.__dict__.get("post_init", _MISSING), cls.__dict__.get("__init__", _MISSING))
         cls.post_init = _post_init_with_kernels(cls.post_init)
+        cls.__init__ = _init_recording_attention(cls.__init__)
 
 
 def _unpatch_classes():
     global _CLASS_OPTIONS
     _CLASS_OPTIONS = None
     for cls, saved in list(_SAVED_POST_INIT.items()):
-        if saved is _MISSING:
-            del cls.post_init
-        else:
-            cls.post_init = saved
+        for name, method in zip(("post_init", "__init__"), saved):
+            if method is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, method)
         del _SAVED_POST_INIT[cls]
 
 

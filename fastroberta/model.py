@@ -27,9 +27,6 @@ traces, ``validate=True`` checks shapes, dtypes and devices only: the value chec
 would break the graph, so a compiled model behaves as ``validate=False`` (check the data before, as the
 trainer's loader does). A varlen batch should then come with ``max_seqlen``.
 """
-from dataclasses import dataclass
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,32 +36,11 @@ from fastroberta.config import IGNORE_INDEX, RobertaConfig
 from fastroberta.kernels._checks import compiling
 from fastroberta.kernels.backend import KERNEL_CHOICES, KernelSwitch
 from fastroberta.kernels.layer_norm import FusedLayerNorm
+from fastroberta.outputs import BaseModelOutput, ClassifierOutput, MaskedLMOutput, ModelOutput
 
 __all__ = ["RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
            "RobertaForTokenClassification", "EncoderLayer", "Embeddings", "MLMHead", "FusedLayerNorm",
-           "BaseModelOutput", "MaskedLMOutput", "ClassifierOutput", "KERNEL_CHOICES", "IGNORE_INDEX"]
-
-
-@dataclass
-class BaseModelOutput:
-    last_hidden_state: torch.Tensor                        # [B, L, E]; zeros at padding when unpadded
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None  # embeddings + each layer, [B, L, E] each
-
-
-@dataclass
-class MaskedLMOutput:
-    loss: Optional[torch.Tensor] = None         # mean CE over labelled tokens (fp32), None without labels
-    logits: Optional[torch.Tensor] = None       # [B, L, V], only when no labels are given
-    num_correct: Optional[torch.Tensor] = None  # labelled tokens whose argmax is the label
-    num_labels: Optional[torch.Tensor] = None   # labelled tokens in the batch (a device tensor)
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-
-
-@dataclass
-class ClassifierOutput:
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None       # [B, num_labels] (sequence) or [B, L, num_labels] (token)
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+           "ModelOutput", "BaseModelOutput", "MaskedLMOutput", "ClassifierOutput", "KERNEL_CHOICES", "IGNORE_INDEX"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,8 +138,12 @@ class MLMHead(KernelSwitch, nn.Module):
             _check_labels(labels, decoder_weight.shape[0])
         rows = labelled.nonzero().squeeze(-1)
         h = self.transform(hidden.index_select(0, rows))
+        bias = self.bias
+        if torch.is_autocast_enabled(h.device.type):  # the decoder in the autocast dtype, as F.linear would run
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, decoder_weight, bias = h.to(dtype), decoder_weight.to(dtype), bias.to(dtype)
         loss, num_correct = self.ops(hidden.device).mlm_cross_entropy(
-            h, decoder_weight, self.bias, labels.index_select(0, rows), ignore_index=IGNORE_INDEX,
+            h, decoder_weight, bias, labels.index_select(0, rows), ignore_index=IGNORE_INDEX,
             return_num_correct=True, validate=False, labelled_rows_only=True)
         return loss, num_correct, labelled.sum()
 
@@ -189,6 +169,11 @@ def _check_labels(labels, vocab_size):
     if bad.any():
         raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {vocab_size}) "
                          f"and is not the ignore index {IGNORE_INDEX}")
+
+
+def _returned(output, return_dict):
+    """The output dataclass, or (``return_dict=False``, transformers' habit) its tuple of the fields set."""
+    return output if return_dict is None or return_dict else output.to_tuple()
 
 
 def _check_same_shape(input_ids, **tensors):
@@ -228,8 +213,49 @@ class _PreTrained(KernelSwitch, nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def num_parameters(self):
-        return sum(p.numel() for p in self.parameters())
+    # What transformers.Trainer and accelerate read from a model besides forward: the input it counts tokens
+    # and FLOPs by, the checkpointing switches, and the keys a saved state may leave out (none: the decoder
+    # shares the word embeddings' tensor, so every key is saved).
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _keys_to_ignore_on_save = None
+
+    def num_parameters(self, only_trainable=False, exclude_embeddings=False):
+        """Parameter count (transformers' signature); ``exclude_embeddings`` leaves out the embedding tables."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1,
+                                        offload=False):
+        """Recompute each encoder layer in backward (transformers' switch, which Trainer calls for
+        ``gradient_checkpointing=True``). Only non-reentrant checkpointing of every layer, kept on the device."""
+        extra = dict(activation_checkpointing_kwargs or {})
+        if extra.pop("use_reentrant", False) or extra or every_n_layers != 1 or offload:
+            raise ValueError("fastroberta checkpoints every encoder layer, non-reentrant, on the device: "
+                             f"got kwargs={activation_checkpointing_kwargs!r}, every_n_layers={every_n_layers!r}, "
+                             f"offload={offload!r}")
+        self.gradient_checkpointing = True
+
+    def activation_checkpointing_disable(self):
+        self.gradient_checkpointing = False
+
+    @property
+    def is_activation_checkpointing(self):
+        return self.gradient_checkpointing
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """transformers' older name for ``activation_checkpointing_enable``."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self):
+        return self.gradient_checkpointing
 
     # Checkpoint I/O lives in fastroberta.hf; these are the HF-style entry points.
     @classmethod
@@ -315,11 +341,12 @@ class RobertaModel(_PreTrained):
             self.apply(self._init_weights)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, cu_seqlens=None, max_seqlen=None,
-                unpad=None, output_hidden_states=False, validate=True):
+                unpad=None, output_hidden_states=False, validate=True, return_dict=None):
         enc = self.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, unpad,
                           output_hidden_states, validate)
         states = enc.all_hidden_states() if output_hidden_states else None
-        return BaseModelOutput(last_hidden_state=enc.padded(enc.hidden), hidden_states=states)
+        out = BaseModelOutput(last_hidden_state=enc.padded(enc.hidden), hidden_states=states)
+        return _returned(out, return_dict)
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, cu_seqlens=None, max_seqlen=None,
                unpad=None, output_hidden_states=False, validate=True, labels=None):
@@ -455,7 +482,7 @@ class RobertaForMaskedLM(_WithEncoder):
         return self.roberta.embeddings.word_embeddings.weight
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
-                max_seqlen=None, unpad=None, output_hidden_states=False, validate=True):
+                max_seqlen=None, unpad=None, output_hidden_states=False, validate=True, return_dict=None):
         """MLM forward. With ``labels`` (-100 = not a target) returns the mean CE over labelled tokens and runs
         the head on those rows only (no [B, L, V] tensor); without, returns ``logits`` [B, L, V].
         The other arguments are ``RobertaModel.encode``'s."""
@@ -476,12 +503,13 @@ class RobertaForMaskedLM(_WithEncoder):
                                   output_hidden_states, validate, labels)
         states = enc.all_hidden_states() if output_hidden_states else None
         if labels is None:
-            return MaskedLMOutput(logits=enc.padded(self.lm_head(enc.hidden, self.decoder_weight)),
-                                  hidden_states=states)
+            return _returned(MaskedLMOutput(logits=enc.padded(self.lm_head(enc.hidden, self.decoder_weight)),
+                                            hidden_states=states), return_dict)
         hidden = enc.hidden.reshape(-1, enc.hidden.shape[-1])
         loss, num_correct, num_labels = self.lm_head.loss(hidden, self.decoder_weight, enc.flat(labels),
                                                           validate=False)
-        return MaskedLMOutput(loss=loss, num_correct=num_correct, num_labels=num_labels, hidden_states=states)
+        return _returned(MaskedLMOutput(loss=loss, num_correct=num_correct, num_labels=num_labels,
+                                        hidden_states=states), return_dict)
 
     def flops_per_token(self, seq_len, mask_prob=0.15):
         """Training FLOPs per real token (forward + backward = 3x forward), counting matmuls only: 6 x the
@@ -507,7 +535,7 @@ class RobertaForSequenceClassification(_WithEncoder):
         self.apply(self._init_weights)
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
-                max_seqlen=None, unpad=None, output_hidden_states=False, validate=True):
+                max_seqlen=None, unpad=None, output_hidden_states=False, validate=True, return_dict=None):
         validate = validate and not compiling()  # see the module docstring
         if cu_seqlens is not None:
             raise ValueError("sequence classification takes one sequence per row: cu_seqlens is not supported")
@@ -516,7 +544,7 @@ class RobertaForSequenceClassification(_WithEncoder):
         hidden, states = self._padded_output(enc, output_hidden_states)
         logits = self.classifier(hidden)
         loss = None if labels is None else self._loss(logits, labels, validate)
-        return ClassifierOutput(loss=loss, logits=logits, hidden_states=states)
+        return _returned(ClassifierOutput(loss=loss, logits=logits, hidden_states=states), return_dict)
 
     def problem_type_for(self, labels):
         if self.config.problem_type is not None:
@@ -566,7 +594,7 @@ class RobertaForTokenClassification(_WithEncoder):
         self.apply(self._init_weights)
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
-                max_seqlen=None, unpad=None, output_hidden_states=False, validate=True):
+                max_seqlen=None, unpad=None, output_hidden_states=False, validate=True, return_dict=None):
         validate = validate and not compiling()  # see the module docstring
         if labels is not None:
             _check_same_shape(input_ids, labels=labels)
@@ -581,7 +609,7 @@ class RobertaForTokenClassification(_WithEncoder):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-        return ClassifierOutput(loss=loss, logits=logits, hidden_states=states)
+        return _returned(ClassifierOutput(loss=loss, logits=logits, hidden_states=states), return_dict)
 
 
 def _check_class_ids(labels, num_labels, allow_ignore=False):

@@ -82,6 +82,19 @@ def test_unpadded_and_varlen_forward_trace_without_graph_breaks(kernels):
     assert graph_breaks(model, **call, cu_seqlens=cu, max_seqlen=10) == (0, [])
 
 
+@pytest.mark.parametrize("kind", ["mlm", "cls"])
+def test_tuple_outputs_and_autocast_trace_without_graph_breaks(kind):
+    """return_dict=False (the outputs' to_tuple) and the autocast branches (fp32 LayerNorm, the MLM decoder in
+    the autocast dtype) trace as one graph too."""
+    model, call = model_and_call(kind, "torch", train=True)
+    assert graph_breaks(model, **call, return_dict=False) == (0, [])
+
+    def under_autocast():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return model(**call)[0]
+    assert graph_breaks(under_autocast) == (0, [])
+
+
 def test_ops_trace_without_graph_breaks():
     x = torch.randn(4, 32, device=DEVICE, requires_grad=True)
     w, b = torch.ones(32, device=DEVICE), torch.zeros(32, device=DEVICE)

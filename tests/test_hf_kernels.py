@@ -329,7 +329,10 @@ def test_fallbacks_to_transformers_attention(monkeypatch):
     transformers' own attention and still give the right answer."""
     torch.manual_seed(0)
     reference = transformers.RobertaModel._from_config(make_config("roberta"), attn_implementation="eager").eval()
-    patched = fastroberta.apply_kernels(copy.deepcopy(reference), kernels="torch")
+    patched = copy.deepcopy(reference)
+    patched.set_attn_implementation("sdpa")  # transformers' default, which apply_kernels takes over (not eager)
+    fastroberta.apply_kernels(patched, kernels="torch")
+    assert patched.config._attn_implementation == hf_kernels.ATTN_NAME
     spy = spies(monkeypatch, "torch")
     batch = make_batch("roberta", "ForTokenClassification")
     batch.pop("labels")
@@ -464,3 +467,187 @@ def test_hf_benchmark_smoke(tmp_path):
     written = json.loads((tmp_path / harness.device_slug() / "hf.json").read_text())
     assert written["label"] == harness.SMOKE_LABEL
     assert "| hf+fastroberta |" in (tmp_path / harness.device_slug() / "hf.md").read_text()
+
+
+# transformers' contract where a caller can see it. The cases follow transformers' own model tests
+# (tests/models/roberta/test_modeling_roberta.py and tests/test_modeling_common.py: test_for_masked_lm,
+# test_attention_outputs, test_can_set_attention_dynamically, test_sdpa_can_dispatch_non_composite_models),
+# on tiny configs shaped as its RobertaModelTester builds them (vocab 99, hidden 32, 2 layers, 4 heads of 8
+# would leave our kernel out: 2 heads of 16 here, so our attention really runs).
+def tester_config(**overrides):
+    kwargs = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                  hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                  max_position_embeddings=512, type_vocab_size=16, initializer_range=0.02, pad_token_id=1)
+    kwargs.update(overrides)
+    return transformers.RobertaConfig(**kwargs)
+
+
+def tester_inputs(seed=0, batch=13, length=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 99, (batch, length), generator=g)
+    mask = torch.randint(0, 2, (batch, length), generator=g)
+    mask[:, 0] = 1
+    token_types = torch.randint(0, 16, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": token_types}
+
+
+@pytest.fixture
+def class_mode():
+    fastroberta.apply_kernels(kernels="torch")
+    try:
+        yield
+    finally:
+        fastroberta.remove_kernels()
+
+
+def test_masked_lm_eval_returns_logits_with_the_loss(class_mode):
+    """test_for_masked_lm: eval() with labels gives [B, L, V] logits and transformers' loss; train() keeps the
+    fused labelled-rows loss and logits=None (dropout off to compare)."""
+    torch.manual_seed(0)
+    config = tester_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.RobertaForMaskedLM(config).eval()
+    assert model.config._attn_implementation == hf_kernels.ATTN_NAME
+    plain = fastroberta.remove_kernels(copy.deepcopy(model))
+    inputs = tester_inputs()
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        result, expected = model(**inputs, labels=labels), plain(**inputs, labels=labels)
+    assert result.logits.shape == (13, 7, 99)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(result.logits[real], expected.logits[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    loss, logits = model(**inputs, labels=labels, return_dict=False)[:2]
+    assert logits.shape == (13, 7, 99)
+    model.train()
+    trained = model(**inputs, labels=labels)
+    assert trained.logits is None
+    torch.testing.assert_close(trained.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert model(**inputs, labels=labels, return_dict=False)[0].shape == ()
+
+
+def test_explicit_attention_is_kept_in_class_mode(class_mode, tmp_path):
+    """test_sdpa_can_dispatch_non_composite_models / test_can_set_attention_dynamically: an implementation the
+    user names (from_pretrained, _from_config, on the config) is kept; only the default becomes ours."""
+    config = tester_config()
+    transformers.RobertaModel(config).save_pretrained(tmp_path)
+    assert transformers.RobertaModel.from_pretrained(tmp_path).config._attn_implementation == hf_kernels.ATTN_NAME
+    for name in ("sdpa", "eager"):
+        loaded = transformers.RobertaModel.from_pretrained(tmp_path, attn_implementation=name)
+        assert loaded.config._attn_implementation == name
+        built = transformers.RobertaForMaskedLM._from_config(tester_config(), attn_implementation=name)
+        assert built.config._attn_implementation == name
+        named = tester_config()
+        named._attn_implementation = name
+        assert transformers.RobertaForSequenceClassification(named).config._attn_implementation == name
+    eager = transformers.RobertaModel._from_config(tester_config(), attn_implementation="eager").eval()
+    inputs = tester_inputs()
+    with torch.no_grad():
+        before = eager(**inputs).last_hidden_state
+        eager.set_attn_implementation("sdpa")
+        assert eager.config._attn_implementation == "sdpa"
+        after = eager(**inputs).last_hidden_state
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(after[real], before[real], rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_attention_is_kept_in_instance_mode(monkeypatch):
+    spy = spies(monkeypatch, "torch")
+    for name in ("flex_attention", "eager"):
+        model = transformers.RobertaModel._from_config(tester_config(), attn_implementation=name)
+        fastroberta.apply_kernels(model, kernels="torch")
+        assert model.config._attn_implementation == name
+    with torch.no_grad():
+        model.eval()(**tester_inputs())
+    assert spy["attention"].calls == 0 and spy["layer_norm"].calls > 0  # the other kernels still run
+    default = fastroberta.apply_kernels(transformers.RobertaModel(tester_config()), kernels="torch")
+    assert default.config._attn_implementation == hf_kernels.ATTN_NAME
+    fastroberta.remove_kernels(default)
+    assert default.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("mode", ["class", "instance"])
+def test_output_attentions_on_the_config(mode, monkeypatch):
+    """test_attention_outputs sets config.output_attentions on a built model: the patched model hands those
+    calls to transformers' eager attention (as for the argument), and uses its kernel again when it is off."""
+    torch.manual_seed(0)
+    config = tester_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    eager = transformers.RobertaModel._from_config(config, attn_implementation="eager").eval()
+    patched = copy.deepcopy(eager)
+    patched.set_attn_implementation("sdpa")
+    if mode == "class":
+        fastroberta.apply_kernels(kernels="torch")
+        try:
+            built = transformers.RobertaModel(tester_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        finally:
+            fastroberta.remove_kernels()
+        built.load_state_dict(eager.state_dict())
+        patched = built.eval()
+    else:
+        fastroberta.apply_kernels(patched, kernels="torch")
+    assert patched.config._attn_implementation == hf_kernels.ATTN_NAME
+    spy = spies(monkeypatch, "torch")
+    inputs = tester_inputs()
+    eager.config.output_attentions = True
+    patched.config.output_attentions = True
+    with torch.no_grad():
+        got, want = patched(**inputs), eager(**inputs)
+    assert spy["attention"].calls == 0 and len(got.attentions) == 2
+    for a, b in zip(got.attentions, want.attentions):
+        assert a.shape == (13, 2, 7, 7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    patched.config.output_attentions = False
+    with torch.no_grad():
+        assert patched(**inputs).attentions is None
+    assert spy["attention"].calls == 2
+    copied = copy.deepcopy(patched.config)  # the config stays a transformers config: copies, pickles, Auto
+    import pickle
+    assert pickle.loads(pickle.dumps(copied)).output_attentions is False
+    assert type(transformers.AutoModel.from_config(copied)).__name__ == "RobertaModel"
+    fastroberta.remove_kernels(patched)
+    assert type(patched.config) is transformers.RobertaConfig
+    with pytest.raises(ValueError, match="output_attentions"):
+        patched.config.output_attentions = True  # transformers' own rule is back with its own attention
+
+
+def test_no_warnings_plain_transformers_would_not_print(monkeypatch):
+    """The patched masked-LM reads config.return_dict, not the deprecated use_return_dict, and prints nothing
+    (Python warnings, transformers' log) that the same calls on the plain model do not."""
+    import logging
+    import warnings
+
+    def deprecated(self):
+        raise AssertionError("use_return_dict read")
+
+    monkeypatch.setattr(transformers.PreTrainedConfig, "use_return_dict", property(deprecated), raising=False)
+    records = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    def messages(model):
+        inputs = tester_inputs()
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        records.clear()
+        transformers.utils.logging.warning_once.cache_clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for train in (True, False):
+                model.train(train)
+                model(**inputs, labels=labels)
+                model(**inputs, labels=labels, return_dict=False)
+                model(**inputs)
+        return {str(w.message) for w in caught} | set(records)
+
+    handler = Recorder(level=logging.INFO)
+    hf_logger = transformers.utils.logging.get_logger("transformers")
+    hf_logger.addHandler(handler)
+    transformers.logging.set_verbosity_info()
+    try:
+        plain = transformers.RobertaForMaskedLM(tester_config())
+        patched = fastroberta.apply_kernels(copy.deepcopy(plain), kernels="torch")
+        from_plain, from_patched = messages(plain), messages(patched)
+    finally:
+        transformers.logging.set_verbosity_error()
+        hf_logger.removeHandler(handler)
+    assert from_patched <= from_plain, from_patched - from_plain

@@ -7,7 +7,10 @@ variable names a choice. A module that calls the ops (``KernelSwitch``) keeps it
 resolves it once, the first time its forward sees a device; moving the module (``.to()``, ``.cuda()``, any
 ``_apply``) forgets the resolution, so the next forward resolves it again for the new device.
 """
+import functools
 import os
+
+import torch
 
 from . import reference
 from ._checks import compiling, interpreter_active
@@ -48,6 +51,18 @@ class OpSet:
         self.mlm_cross_entropy = mlm_cross_entropy
 
 
+def _outside_autocast(fn):
+    """The eager twin ``fn`` run as the Triton kernels run (custom ops, which autocast never recasts): in its
+    inputs' dtypes with fp32 statistics, even inside a ``torch.autocast`` region."""
+    @functools.wraps(fn)
+    def run(x, *args, **kwargs):
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+    return run
+
+
 def _torch_ops():
     # The eager twins, with the keyword arguments of the Triton entry points that only concern host-side
     # checks accepted and ignored (the reference reads its inputs on the host anyway).
@@ -64,8 +79,9 @@ def _torch_ops():
         _check_inputs(x, weight, bias, eps, residual, dropout_p)  # the same clear errors as the kernel's
         return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
 
-    return OpSet("torch", layer_norm, reference.attention, reference.attention_packed, attention_varlen,
-                 mlm_cross_entropy)
+    return OpSet("torch", *(_outside_autocast(op) for op in (layer_norm, reference.attention,
+                                                              reference.attention_packed, attention_varlen,
+                                                              mlm_cross_entropy)))
 
 
 def _triton_ops():

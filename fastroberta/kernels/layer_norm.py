@@ -392,7 +392,8 @@ class FusedLayerNorm(KernelSwitch, torch.nn.LayerNorm):
     residual add and dropout: ``forward(x, residual=None, dropout_p=0.0)`` = LN(dropout(x) + residual).
     Like ``F.dropout`` called with explicit p, it does not look at ``self.training``: pass 0 in eval.
     ``kernels`` ("auto" | "triton" | "torch", see ``backend``) picks the Triton kernel or the eager reference;
-    the model builds every LayerNorm from this class."""
+    the model builds every LayerNorm from this class. Under ``torch.autocast`` it computes and returns fp32, as
+    autocast makes ``nn.LayerNorm`` do (x and residual may then differ in dtype); otherwise x's dtype."""
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None,
                  kernels="auto"):
@@ -404,5 +405,15 @@ class FusedLayerNorm(KernelSwitch, torch.nn.LayerNorm):
         self._init_kernels(kernels)
 
     def forward(self, x, residual=None, dropout_p=0.0):
-        return self.ops(x.device).layer_norm(x, self.weight, self.bias, self.eps, residual=residual,
-                                             dropout_p=dropout_p)
+        ops = self.ops(x.device)
+        if torch.is_autocast_enabled(x.device.type):
+            # As autocast runs nn.LayerNorm: in fp32, returning fp32. The residual stream then stays fp32 while
+            # the linear layers return the autocast dtype, so both inputs are brought to fp32 here.
+            with torch.autocast(x.device.type, enabled=False):
+                return ops.layer_norm(x.float(), _fp32(self.weight), _fp32(self.bias), self.eps,
+                                      residual=None if residual is None else residual.float(), dropout_p=dropout_p)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, dropout_p=dropout_p)
+
+
+def _fp32(p):
+    return p if p is None else p.float()
