@@ -49,8 +49,8 @@ def _rate(amount, wall, cpu):
 def bench_pretokenize(tokenizer, corpus_path, workdir, repeats=3):
     """MB/s of the whole pretokenization (read, split, encode, write shards) on one process, plus the encoder
     alone and the Rust tokenizer for comparison."""
-    from fastroberta import shards
-    from fastroberta.tokenizer import DocumentEncoder
+    from fastroberta.data import shards
+    from fastroberta.data.tokenizer import DocumentEncoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     with open(corpus_path, encoding="utf-8") as f:
         text = f.read()

@@ -419,7 +419,7 @@ def gathered_state(engine, s):
 def export_model(state, config, tokenizer, max_seq_len, out_dir):
     """Write ``state`` as a Hugging Face folder with the tokenizer, replacing ``out_dir`` only once complete."""
     from fastroberta.model import RobertaForSequenceClassification
-    from fastroberta.tokenizer import save_tokenizer
+    from fastroberta.data.tokenizer import save_tokenizer
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     for d in (tmp, old):
         if os.path.isdir(d):
@@ -459,7 +459,7 @@ def finetune(argv=None):
 
 
 def _run(args, s):
-    from fastroberta.tokenizer import load_tokenizer, special_ids
+    from fastroberta.data.tokenizer import load_tokenizer, special_ids
     t0 = time.perf_counter()
     try:
         tokenizer = load_tokenizer(s.tokenizer_path)

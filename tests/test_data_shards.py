@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from fastroberta import documents, shards
+from fastroberta.data import documents, shards
 from fastroberta.config import RobertaConfig
 from fastroberta.data import PreparedDataset, default_corpus_path, prepare_dataset
-from fastroberta.documents import iter_documents, resolve_sources
+from fastroberta.data.documents import iter_documents, resolve_sources
 
 DOCS = list(iter_documents(resolve_sources(None)))[:300]
 

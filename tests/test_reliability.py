@@ -351,7 +351,7 @@ def test_gzip_and_folder_inputs_still_train(small, tmp_path):  # noqa: F811
     """The error handling around the data pipeline lets every valid form through."""
     folder = tmp_path / "corpus"
     folder.mkdir()
-    from fastroberta.documents import default_corpus_path
+    from fastroberta.data.documents import default_corpus_path
     text = open(default_corpus_path()).read()
     with gzip.open(folder / "a.txt.gz", "wt") as f:
         f.write(text[:200000])

@@ -13,7 +13,7 @@ The folder is built under a temporary name and renamed into place, so an interru
 that is reused; a lock file keeps concurrent processes (the ranks of one job) from building it twice.
 The validation split takes each document with probability ``val_fraction`` from a hash of (seed, document
 index), at least one document when there are two or more, and never all of them. (What a document is:
-``fastroberta.documents``.)
+``fastroberta.data.documents``.)
 """
 import contextlib
 import hashlib
@@ -26,8 +26,8 @@ from collections import deque
 
 import numpy as np
 
-from fastroberta import tokenizer as tok
-from fastroberta.documents import corpus_bytes, corpus_fingerprint, iter_documents, resolve_sources
+from fastroberta.data import tokenizer as tok
+from fastroberta.data.documents import corpus_bytes, corpus_fingerprint, iter_documents, resolve_sources
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
