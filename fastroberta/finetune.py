@@ -30,14 +30,17 @@ import torch
 
 from fastroberta import train as tr
 from fastroberta.config import PRESETS, RobertaConfig
-from fastroberta.ds_config import ConfigError, build_config, merge_with_user_config, write_config
+from fastroberta.training.ds_config import ConfigError, build_config, merge_with_user_config, write_config
 from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
-from fastroberta.metrics import MetricsLog, peak_memory_mib
+from fastroberta.training.metrics import MetricsLog, peak_memory_mib
 from fastroberta.tasks import TASKS, DataError, Task, get_task  # noqa: F401  (Task: for callers)
 
-from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, OutputLock, StopRequest, TrainingError, atomic_write,
-                                 find_checkpoint, init_distributed, preserved_rng, rng_state, run_command,
-                                 save_checkpoint, seed_everything, world)
+from fastroberta.training.checkpoints import CHECKPOINT_DIR, LATEST, find_checkpoint, save_checkpoint
+from fastroberta.training.distributed import init_distributed, world
+from fastroberta.training.errors import TrainingError, run_command
+from fastroberta.training.output import OutputLock, atomic_write
+from fastroberta.training.rng import preserved_rng, rng_state, seed_everything
+from fastroberta.training.stop import StopRequest
 
 # Shared with the pretraining trainer.
 load_checkpoint, param_groups, warmup_linear_decay = tr.load_checkpoint, tr.param_groups, tr.warmup_linear_decay
@@ -701,7 +704,7 @@ def write_predictions(args, s, test, names, hf_dir, device, special):
 
 def main(argv=None):
     """Console entry point: 0 on success (also after a signal-requested stop), 2 for bad input (a flag, a file,
-    the output folder), 1 when the run itself failed; either error is one line on stderr (runtime.run_command)."""
+    the output folder), 1 when the run itself failed; either error is one line on stderr (training.errors.run_command)."""
     return run_command(PROG, finetune, argv)
 
 

@@ -16,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from fastroberta.ds_config import ConfigError
+from fastroberta.training.ds_config import ConfigError
 
 
 class DataError(ConfigError):

@@ -29,16 +29,20 @@ import torch
 
 from fastroberta.config import PRESETS, RobertaConfig
 from fastroberta.data import PACKING_MODES
-from fastroberta.ds_config import ConfigError, build_config, merge_with_user_config, write_config
+from fastroberta.training.ds_config import ConfigError, build_config, merge_with_user_config, write_config
 from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
-from fastroberta.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
-from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, NonFiniteGuard, OutputLock, StopRequest, TrainingError,
-                                 all_ranks_true, atomic_write, check_output_folder, find_checkpoint, init_distributed,
-                                 intact_hint, latest_pointer, parameters_finite, preserved_rng, rng_state, run_command,
-                                 save_checkpoint, seed_everything, set_rng_state, world)
+from fastroberta.training.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
+from fastroberta.training.checkpoints import (CHECKPOINT_DIR, LATEST, find_checkpoint, intact_hint, latest_pointer,
+                                              save_checkpoint)
+from fastroberta.training.distributed import all_ranks_true, init_distributed, world
+from fastroberta.training.errors import TrainingError, run_command
+from fastroberta.training.nonfinite import NonFiniteGuard, parameters_finite
+from fastroberta.training.output import OutputLock, atomic_write, check_output_folder
+from fastroberta.training.rng import preserved_rng, rng_state, seed_everything, set_rng_state
+from fastroberta.training.stop import StopRequest
 
 from fastroberta import run_report  # baselines and the end-of-run report (issue 12)
-from fastroberta.progress import progress_bar
+from fastroberta.training.progress import progress_bar
 from fastroberta.run_defaults import DEFAULT_PRESET, apply_run_defaults, help_for
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
@@ -869,7 +873,7 @@ def _train(args, s):
 
 def main(argv=None):
     """Console entry point: 0 on success (also after a signal-requested stop), 2 for bad input (a flag, a file,
-    the output folder), 1 when the run itself failed; either error is one line on stderr (runtime.run_command)."""
+    the output folder), 1 when the run itself failed; either error is one line on stderr (training.errors.run_command)."""
     return run_command("fastroberta-train", train, argv)
 
 

@@ -12,7 +12,7 @@ import torch
 from fastroberta import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
 from fastroberta import finetune as ft
 from fastroberta import tasks
-from fastroberta.metrics import read_metrics
+from fastroberta.training.metrics import read_metrics
 from fastroberta.data.tokenizer import save_tokenizer, train_tokenizer
 
 

@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from fastroberta import host, run_report
+from fastroberta import run_report
+from fastroberta.training import host
 from fastroberta.data import prepare_dataset
-from fastroberta.progress import PlainProgress, progress_bar
+from fastroberta.training.progress import PlainProgress, progress_bar
 
 
 @pytest.fixture(scope="module")

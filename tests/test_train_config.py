@@ -9,9 +9,9 @@ import torch
 
 from fastroberta import RobertaConfig, RobertaForMaskedLM
 from fastroberta import train as tr
-from fastroberta.ds_config import (ConfigError, build_config, format_conflict, load_user_config, merge_configs,
+from fastroberta.training.ds_config import (ConfigError, build_config, format_conflict, load_user_config, merge_configs,
                                    resolve_batch, resolve_precision, zero_stage_of)
-from fastroberta.metrics import MetricsLog, Throughput, peak_tflops, perplexity, read_metrics
+from fastroberta.training.metrics import MetricsLog, Throughput, peak_tflops, perplexity, read_metrics
 
 
 # --- DeepSpeed config ----------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_triton_kernels_on_cpu_need_the_interpreter(tmp_path, capsys, monkeypatc
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
-    from fastroberta.runtime import write_manifest
+    from fastroberta.training.manifest import write_manifest
     ckpt = tmp_path / "run" / "checkpoints"
     (ckpt / "global_step5").mkdir(parents=True)
     (ckpt / "global_step5" / "model.pt").write_bytes(b"weights")
@@ -253,7 +253,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
 def test_throughput_counts_real_tokens_and_mfu(monkeypatch):
     meter = Throughput(flops_per_token=1e9, peak_tflops_per_device=100.0, world_size=2)
     clock = iter([0.0, 2.0])
-    monkeypatch.setattr("fastroberta.metrics._clock", lambda: next(clock))
+    monkeypatch.setattr("fastroberta.training.metrics._clock", lambda: next(clock))
     meter.resume()
     meter.add(tokens=4000, samples=10)
     rates = meter.read()
