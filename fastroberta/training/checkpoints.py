@@ -15,7 +15,9 @@ import torch
 from fastroberta.training.distributed import all_ranks_true
 from fastroberta.training.errors import ConfigError, TrainingError, is_disk_full, no_space_text, os_error_text
 from fastroberta.training.manifest import verify_checkpoint, write_manifest
+from fastroberta.training.nonfinite import parameters_finite
 from fastroberta.training.output import atomic_write
+from fastroberta.training.rng import seed_everything, set_rng_state
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"  # DeepSpeed's own pointer file name, so engine.load_checkpoint(dir) and its tools agree
@@ -185,3 +187,48 @@ def _save_failure(exc, ckpt_dir, step):
         what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return TrainingError(f"could not save the checkpoint of step {step}: {what}; the partial checkpoint was "
                          f"removed and {kept}")
+
+
+def last_good_checkpoint(ckpt_dir):
+    """Words naming the checkpoint ``latest`` points to, for error messages."""
+    tag = latest_pointer(ckpt_dir)
+    if not tag:
+        return "no checkpoint was saved"
+    return f"the last good checkpoint is {os.path.join(ckpt_dir, tag)}"
+
+
+def load_checkpoint(engine, s, loader):
+    """Restore engine (model, optimizer, scheduler, loss scaler), data position and RNG from ``s.resume_from``;
+    returns the client state saved with the checkpoint."""
+    load_dir, tag = s.resume_from
+    where = os.path.join(load_dir, tag)
+    try:
+        path, client = engine.load_checkpoint(load_dir, tag=tag)
+    except Exception as e:  # DeepSpeed and torch.load raise anything from AssertionError to zip errors
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrainingError(f"checkpoint {where} cannot be loaded ({type(e).__name__}: {first}); "
+                            f"{intact_hint(load_dir, tag)}") from None
+    if path is None:
+        raise TrainingError(f"DeepSpeed could not load checkpoint {where}; {intact_hint(load_dir, tag)}")
+    if not all_ranks_true(parameters_finite(engine.module), engine.device):
+        raise TrainingError(f"checkpoint {where} holds non-finite weights; {intact_hint(load_dir, tag)}")
+    own = os.path.join(load_dir, tag, f"trainer_state_rank{s.rank}.pt")
+    if os.path.isfile(own):
+        trainer = torch.load(own, map_location="cpu", weights_only=False)
+        loader.load_state_dict(trainer["loader"])
+        set_rng_state(trainer["rng"])
+    else:
+        # A different world size: no saved state for this rank. The data position is global; reseed dropout.
+        loader.load_state_dict(client["loader"])
+        seed_everything(s.seed + s.rank + 1000003 * client["step"])
+    if s.rank == 0 and os.path.abspath(load_dir) == os.path.abspath(s.ckpt_dir) and latest_pointer(s.ckpt_dir) != tag:
+        atomic_write(os.path.join(s.ckpt_dir, LATEST), tag)  # repair the pointer: it names what we run from
+    return client
+
+
+def warn_changed_settings(say, prog, saved_run, run_info):
+    """Tell the user which of the run's settings differ from the checkpoint's."""
+    for k, v in run_info.items():
+        if saved_run.get(k) != v:
+            say(f"{prog}: warning: resuming with {k}={v} (checkpoint had {saved_run.get(k)}); the run will not "
+                "match an uninterrupted one")
