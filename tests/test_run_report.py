@@ -1,5 +1,5 @@
 """What a finished run shows (fastroberta.run_report), the progress display off a terminal, the CPU thread
-choice on a shared machine and DeepSpeed's stdout line (fastroberta.progress, fastroberta.host)."""
+choice on a shared machine and DeepSpeed's stdout line (fastroberta.training.progress, fastroberta.training.host)."""
 import io
 import math
 import os

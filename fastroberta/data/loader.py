@@ -16,7 +16,7 @@ import torch
 from fastroberta.config import IGNORE_INDEX
 from fastroberta.data.masking import sample_keys, mask_tokens
 from fastroberta.data.packing import Packer, checked_int
-from fastroberta.data.shards import PreparedDataset
+from fastroberta.data.prepared import PreparedDataset
 
 
 def check_batch(batch, vocab_size):
@@ -184,7 +184,6 @@ class MLMDataLoader:
                 if ahead is not None:
                     ahead[1].cancel()
 
-    # --- resume ---
 
     def _identity(self):
         return {"split": self.split, "seed": self.seed, "packing": self.packing, "seq_len": self.seq_len,
