@@ -193,27 +193,28 @@ def _data_error(args, e):
     return f"--data {args.data or '(the bundled corpus)'}: {text}"
 
 
+def _prepare_dataset(args, s):
+    from fastroberta.data import prepare_dataset
+    kw = dict(data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+              seed=args.seed,
+              show_progress=s.rank == 0 and not args.no_progress and sys.stderr.isatty())  # bars: terminals only
+    if args.cache_dir is not None:
+        kw["cache_dir"] = args.cache_dir
+    try:
+        return prepare_dataset(**kw)
+    except (ValueError, FileNotFoundError, ImportError, UnicodeError) as e:
+        raise ConfigError(_data_error(args, e)) from None
+
+
 def prepare_data(args, s):
     """Tokenizer and token shards (cached); one process per node prepares them, the others then read its cache.
     Returns the PreparedDataset and the held-out baselines (what context-blind guessing scores)."""
     import torch.distributed as dist
-    from fastroberta.data import prepare_dataset
-
-    def prepare():
-        kw = dict(data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                  val_fraction=args.val_fraction, seed=args.seed,
-                  show_progress=s.rank == 0 and not args.no_progress and sys.stderr.isatty())  # bars: terminals only
-        if args.cache_dir is not None:
-            kw["cache_dir"] = args.cache_dir
-        try:
-            return prepare_dataset(**kw)
-        except (ValueError, FileNotFoundError, ImportError, UnicodeError) as e:
-            raise ConfigError(_data_error(args, e)) from None
     if s.local_rank == 0:
-        prepared = prepare()
+        prepared = _prepare_dataset(args, s)
     dist.barrier()
     if s.local_rank != 0:
-        prepared = prepare()
+        prepared = _prepare_dataset(args, s)
     return prepared, run_report.baselines(prepared)
 
 
