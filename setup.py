@@ -22,7 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # fastroberta/kernels/ imports nothing else of fastroberta: usable on its own as fastroberta.kernels.
-    packages=["fastroberta", "fastroberta.kernels"],
+    packages=["fastroberta", "fastroberta.kernels", "fastroberta.data", "fastroberta.training", "fastroberta.tasks"],
     package_data={"fastroberta": ["corpus/*.txt"]},
     install_requires=requires,
     extras_require={

@@ -49,8 +49,8 @@ def _rate(amount, wall, cpu):
 def bench_pretokenize(tokenizer, corpus_path, workdir, repeats=3):
     """MB/s of the whole pretokenization (read, split, encode, write shards) on one process, plus the encoder
     alone and the Rust tokenizer for comparison."""
-    from fastroberta import shards
-    from fastroberta.tokenizer import DocumentEncoder
+    from fastroberta.data import documents, shards
+    from fastroberta.data.encoding import DocumentEncoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     with open(corpus_path, encoding="utf-8") as f:
         text = f.read()
@@ -60,8 +60,8 @@ def bench_pretokenize(tokenizer, corpus_path, workdir, repeats=3):
     results = {}
     for name, path in (("ascii", corpus_path), ("typographic_apostrophes", curly_path)):
         size = os.path.getsize(path)
-        sources = shards.resolve_sources(path)
-        docs = list(shards.iter_documents(sources))
+        sources = documents.resolve_sources(path)
+        docs = list(documents.iter_documents(sources))
         out = os.path.join(workdir, name)
         os.makedirs(out, exist_ok=True)
 

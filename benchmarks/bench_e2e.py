@@ -13,7 +13,7 @@ Competitors (same config, same synthetic batch, same optimizer, same DeepSpeed s
     hf-sdpa              transformers' class of the same name, attn_implementation="sdpa"
     hf-sdpa-compile      torch.compile of hf-sdpa (full profile or --competitors; compiling costs minutes)
     fastroberta-triton-compile   fastroberta-triton compiled inside the engine, as ``fastroberta-train --compile``
-                         (``train.compile_engine``, fullgraph: the kernels are custom ops, Inductor fuses the rest);
+                         (``compile_engine``, fullgraph: the kernels are custom ops, Inductor fuses the rest);
                          last in the check profile, so it runs when the stage has time left for its compile
 
 A step is forward + ``engine.backward`` + ``engine.step`` (ZeRO-2, fp16 with dynamic loss scaling or bf16,
@@ -167,7 +167,7 @@ def build_engine(competitor, cfg, micro_batch, precision, device, task="mlm"):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=ds_config(micro_batch, precision))
     if competitor.startswith("fastroberta") and competitor.endswith("-compile"):
-        from fastroberta.train import compile_engine
+        from fastroberta.training.engine import compile_engine
         compile_engine(engine)  # what fastroberta-train --compile does
     return engine
 

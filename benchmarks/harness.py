@@ -102,7 +102,7 @@ def peak_tflops(name=None):
     override = os.environ.get("FASTROBERTA_PEAK_TFLOPS")
     if override:
         return float(override)
-    from fastroberta.metrics import GPU_PEAK_TFLOPS  # the one table, shared with the trainer's MFU
+    from fastroberta.training.metrics import GPU_PEAK_TFLOPS  # the one table, shared with the trainer's MFU
     name = name or device_name()
     for key, (half, _tf32, _fp32) in GPU_PEAK_TFLOPS:
         if key in name:

@@ -61,7 +61,7 @@ def trainer_command(args, kernels, output):
 
 def read_metrics(path):
     """The logged training windows (records with a loss) of one metrics.jsonl."""
-    from fastroberta.metrics import read_metrics as read_records
+    from fastroberta.training.metrics import read_metrics as read_records
     return [r for r in read_records(path) if r.get("step") is not None and r.get("loss") is not None]
 
 

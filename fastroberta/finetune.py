@@ -24,23 +24,29 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fastroberta import train as tr
 from fastroberta.config import PRESETS, RobertaConfig
-from fastroberta.ds_config import ConfigError, build_config, merge_with_user_config, write_config
-from fastroberta.kernels.backend import KERNEL_CHOICES as KERNELS
-from fastroberta.metrics import MetricsLog, peak_memory_mib
 from fastroberta.tasks import TASKS, DataError, Task, get_task  # noqa: F401  (Task: for callers)
-
-from fastroberta.runtime import (CHECKPOINT_DIR, LATEST, OutputLock, StopRequest, TrainingError, atomic_write,
-                                 find_checkpoint, init_distributed, preserved_rng, rng_state, run_command,
-                                 save_checkpoint, seed_everything, world)
-
-# Shared with the pretraining trainer.
-load_checkpoint, param_groups, warmup_linear_decay = tr.load_checkpoint, tr.param_groups, tr.warmup_linear_decay
+from fastroberta.training.checkpoints import (CHECKPOINT_DIR, load_checkpoint, save_checkpoint,
+                                              warn_changed_settings)
+from fastroberta.training.cli import HelpFormatter, add_shared_flags, check_positive, check_shared_flags, say
+from fastroberta.training.distributed import init_distributed
+from fastroberta.training.ds_config import write_config
+from fastroberta.training.engine import build_engine, grad_norm_of
+from fastroberta.training.errors import ConfigError, TrainingError, run_command
+from fastroberta.training.metrics import MetricsLog, peak_memory_mib
+from fastroberta.training.nonfinite import NonFiniteGuard
+from fastroberta.training.output import OutputLock, atomic_write
+from fastroberta.training.progress import progress_bar
+from fastroberta.training.rng import preserved_rng, rng_state, seed_everything
+from fastroberta.training.schedule import lr_scheduler
+from fastroberta.training.settings import base_settings, resolve_engine_config, resolve_kernels, resolve_output
+from fastroberta.training.step import nonfinite_stop_message, optimizer_step
+from fastroberta.training.stop import StopRequest
 
 DEFAULT_MODEL = os.path.join("runs", "fastroberta-demo")  # where a plain `fastroberta-train` writes
 PROG = "fastroberta-finetune"
@@ -56,16 +62,14 @@ def default_lr(hidden_size):
     return 1e-4 if hidden_size >= 256 else 1e-3
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Fine-tune a RoBERTa encoder for sequence classification or regression (GLUE or your own "
                     "CSV / TSV / JSONL data) with the Triton kernels under DeepSpeed. With no arguments: the "
                     f"default pretraining run ({DEFAULT_MODEL}) on the bundled word-order task.",
-        formatter_class=tr._HelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="a fastroberta run folder (its hf/ export is used), a Hugging Face RoBERTa folder "
@@ -76,12 +80,6 @@ def build_parser():
                    help="take only the architecture and tokenizer of --model, with freshly initialised weights "
                         "(a baseline of the same size)")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or file (default: the model's)")
-    g.add_argument("--kernels", default="auto", choices=KERNELS,
-                   help="auto: Triton on CUDA, the PyTorch reference on CPU")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (fullgraph) inside the DeepSpeed engine, as fastroberta-train "
-                        "--compile; batches of new lengths recompile until Dynamo marks the length dynamic "
-                        "(batch lengths are rounded to multiples of 64 by default to keep them few)")
     g.add_argument("--dropout", type=float, default=None,
                    help="hidden, attention and classifier dropout (default: the model's config)")
     g = p.add_argument_group("task and data")
@@ -113,58 +111,27 @@ def build_parser():
                    help="batch examples of similar length together (less padding, less randomness)")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=32, help="examples per process per forward pass")
-    g.add_argument("--global-batch-size", type=int, default=None,
-                   help="examples per optimizer step over all processes; accumulation is derived "
-                        "(default: micro-batch size x world size)")
     g.add_argument("--epochs", type=float, default=None,
                    help="passes over the training split (default: 3, and 10 for the small bundled word-order "
                         "task; see --steps)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps, instead of --epochs")
-    g.add_argument("--stop-at-step", type=int, default=None,
-                   help="checkpoint and exit after this step, the schedule still spanning the whole run")
-    g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 2e-5 for base-sized models, 1e-5 for large, 1e-4 down to "
-                        "a width of 256, 1e-3 below)")
     g.add_argument("--warmup-ratio", type=float, default=0.06, help="share of the steps in linear warmup")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay (not on biases/LayerNorm)")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.98), metavar=("BETA1", "BETA2"),
-                   help="AdamW betas (default: 0.9 0.98, RoBERTa's)")
-    g.add_argument("--adam-eps", type=float, default=1e-6, help="AdamW epsilon")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping (0 = off)")
-    g.add_argument("--seed", type=int, default=0, help="head initialisation, dropout and data order")
-    g = p.add_argument_group("DeepSpeed")
-    g.add_argument("--precision", default="auto", choices=tr.PRECISIONS,
-                   help="auto: fp16 with dynamic loss scaling on CUDA; on CPU bf16 when the CPU has native bf16, "
-                        "else fp32")
-    g.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3),
-                   help="ZeRO: 1 partitions optimizer state, 2 also gradients, 3 also parameters")
-    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
-                   help="DeepSpeed JSON merged over the generated config (its values win; conflicts reported)")
-    g.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--debug", action="store_true", help="print the traceback of an error too "
-                   "(also: FASTROBERTA_DEBUG=1)")
-    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    g = p.add_argument_group("output")
-    g.add_argument("--output", default=None, help="run folder (default: runs/finetune-<task>)")
-    g.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="PATH",
-                   help="continue from the latest checkpoint in --output, or from PATH")
-    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output that holds a run")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate every N steps and at the end (default: once per epoch; 0 = only at the end)")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --micro-batch-size")
-    g.add_argument("--save-every", type=int, default=0,
-                   help="checkpoint for --resume every N steps (0 = at the end and when stopped by a signal)")
-    g.add_argument("--keep-last", type=int, default=1, help="checkpoints kept (0 = all)")
-    g.add_argument("--log-every", type=int, default=None,
-                   help="write metrics every N steps (default: 10, or steps/10 for short runs)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many consecutive non-finite losses")
+    add_shared_flags(p, defaults={"weight_decay": 0.1, "save_every": 0, "keep_last": 1, "eval_every": None}, helps={
+        "compile": "torch.compile the model (fullgraph) inside the DeepSpeed engine, as fastroberta-train "
+                   "--compile; batches of new lengths recompile until Dynamo marks the length dynamic (batch "
+                   "lengths are rounded to multiples of 64 by default to keep them few)",
+        "global_batch_size": "examples per optimizer step over all processes; accumulation is derived (default: "
+                             "micro-batch size x world size)",
+        "lr": "peak learning rate (default: 2e-5 for base-sized models, 1e-5 for large, 1e-4 down to a width of "
+              "256, 1e-3 below)",
+        "output": "run folder (default: runs/finetune-<task>)",
+        "eval_every": "evaluate every N steps and at the end (default: once per epoch; 0 = only at the end)",
+        "save_every": "checkpoint for --resume every N steps (0 = at the end and when stopped by a signal)",
+        "seed": "head initialisation, dropout and data order"})
     return p
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Configuration checks
-# ----------------------------------------------------------------------------------------------------------
 def resolve_model_source(model, from_scratch, tokenizer):
     """(kind, folder or preset, tokenizer path): kind is "pretrained", "scratch-folder" or "preset"."""
     if os.path.isdir(model):
@@ -202,20 +169,12 @@ def resolve_model_source(model, from_scratch, tokenizer):
 
 def resolve_settings(args):
     """Check ``args`` and work out every derived setting; ConfigError says what is wrong. No heavy work."""
-    on_cuda = torch.cuda.is_available()
-    rank, world_size = world()
-    local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
-    s = argparse.Namespace(on_cuda=on_cuda, rank=rank, world_size=world_size, local_rank=local_rank,
-                           seed=args.seed)
-    for name in ("micro_batch_size", "max_seq_len", "global_batch_size", "steps", "stop_at_step",
-                 "eval_batch_size", "log_every", "pad_to_multiple_of"):
-        tr._check_positive("--" + name.replace("_", "-"), getattr(args, name))
-    for name in ("eval_every", "save_every", "keep_last", "weight_decay", "clip_grad", "max_nonfinite"):
-        tr._check_positive("--" + name.replace("_", "-"), getattr(args, name), allow_zero=True)
+    s = base_settings(args)
+    for name in ("micro_batch_size", "max_seq_len", "steps", "eval_batch_size", "pad_to_multiple_of"):
+        check_positive("--" + name.replace("_", "-"), getattr(args, name))
+    check_shared_flags(args)
     if args.epochs is not None and not args.epochs > 0:
         raise ConfigError(f"--epochs must be positive, got {args.epochs}")
-    if args.lr is not None and not args.lr > 0:
-        raise ConfigError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.warmup_ratio < 1:
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
@@ -253,60 +212,31 @@ def resolve_settings(args):
     if args.pad_to_multiple_of is None:
         args.pad_to_multiple_of = 64 if args.compile else 8
 
-    if args.kernels == "triton" and not on_cuda:
-        from fastroberta.kernels._checks import interpreter_active
-        if not interpreter_active():
-            raise ConfigError("--kernels triton needs a CUDA GPU; on CPU use --kernels torch")
-    precision = args.precision
-    if precision == "auto":
-        precision = "fp16" if on_cuda else ("bf16" if tr.cpu_has_native_bf16() else "fp32")
-    if precision == "fp16" and not on_cuda:
-        raise ConfigError("--precision fp16 needs a CUDA GPU; use --precision bf16 or fp32")
-
-    micro = args.micro_batch_size
-    global_batch = args.global_batch_size if args.global_batch_size is not None else micro * world_size
-    if global_batch % (micro * world_size):
-        raise ConfigError(f"--global-batch-size {global_batch} is not divisible by --micro-batch-size {micro} x "
-                          f"world size {world_size} (= {micro * world_size})")
-    s.lr = args.lr if args.lr is not None else default_lr(s.config.hidden_size)
-    optimizer = {"lr": s.lr, "betas": tuple(args.adam_betas), "eps": args.adam_eps,
-                 "weight_decay": args.weight_decay, "torch_adam": not on_cuda}
-    generated = build_config(micro_batch_size=micro, grad_accum_steps=global_batch // (micro * world_size),
-                             world_size=world_size, precision=precision, zero_stage=args.zero_stage,
-                             clip_grad=args.clip_grad, optimizer=optimizer, on_cuda=on_cuda)
-    merged = merge_with_user_config(generated, args.deepspeed_config, micro_batch_size=micro,
-                                    global_batch_size=global_batch, world_size=world_size, precision=precision,
-                                    on_cuda=on_cuda, compile=args.compile)
-    ds, user, s.warnings = merged.ds, merged.user, merged.warnings
-    s.micro_batch_size, s.grad_accum_steps = merged.micro_batch_size, merged.grad_accum_steps
-    s.global_batch_size, s.precision, s.zero_stage = merged.global_batch_size, merged.precision, merged.zero_stage
-    if "scheduler" in user:
-        raise ConfigError("--deepspeed_config defines a scheduler; fine-tuning uses its own linear warmup/decay "
-                          "(--warmup-ratio)")
-    params = ds.get("optimizer", {}).get("params", {})
-    s.lr = params.get("lr", s.lr)
-    s.weight_decay = params.get("weight_decay", args.weight_decay)
-    s.ds_config = ds
+    resolve_kernels(args, s.on_cuda)
+    resolve_engine_config(args, s, default_lr=lambda global_batch: default_lr(s.config.hidden_size),
+                          user_scheduler_allowed=False)
     s.eval_batch_size = args.eval_batch_size or 2 * s.micro_batch_size
-
-    s.output = args.output or os.path.join("runs", f"finetune-{args.task}")
-    s.ckpt_dir = os.path.join(s.output, CHECKPOINT_DIR)
-    s.resume_from = None
-    if args.resume is not None:
-        s.resume_from = find_checkpoint(s.ckpt_dir if args.resume == LATEST else args.resume,
-                                        explicit=args.resume != LATEST, warn=s.warnings.append)
-        if s.resume_from is None:
-            s.warnings.append(f"--resume: no checkpoint in {s.ckpt_dir}; starting from scratch")
-    elif not args.overwrite and (os.path.isfile(os.path.join(s.ckpt_dir, LATEST))
-                                 or os.path.isfile(os.path.join(s.output, "metrics.jsonl"))):
-        raise ConfigError(f"{s.output} already holds a run; pass --resume to continue it, --overwrite to start "
-                          "afresh, or choose another --output")
+    resolve_output(args, s, os.path.join("runs", f"finetune-{args.task}"))
     return s
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data and model
-# ----------------------------------------------------------------------------------------------------------
+def load_checked_tokenizer(s):
+    """The run's tokenizer and its special ids, checked against the model's vocabulary and pad id."""
+    from fastroberta.data.tokenizer import load_tokenizer, special_ids
+    try:
+        tokenizer = load_tokenizer(s.tokenizer_path)
+        special = special_ids(tokenizer)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer: {e}") from None
+    if tokenizer.get_vocab_size() > s.config.vocab_size:
+        raise ConfigError(f"the tokenizer ({tokenizer.get_vocab_size()} entries) does not fit the model's "
+                          f"vocabulary ({s.config.vocab_size})")
+    if special["pad"] != s.config.pad_token_id:
+        raise ConfigError(f"the tokenizer's <pad> is {special['pad']} but the model's pad_token_id is "
+                          f"{s.config.pad_token_id}")
+    return tokenizer, special
+
+
 def load_data(args, s, tokenizer, special):
     """{"train" | "validation" | "test": (ids, labels or None, Split)} and the class names (None: regression)."""
     from fastroberta.tasks import (Split, encode_labels, label_names, read_split, tokenize, word_order_task)
@@ -366,6 +296,49 @@ def build_model(args, s, names):
     return RobertaForSequenceClassification(config, kernels=args.kernels), "random initialisation (from scratch)"
 
 
+def plan_schedule(args, s, train_examples):
+    """Steps per epoch, total steps, warmup, evaluation and logging intervals, from the training split's size;
+    set on ``s``."""
+    s.steps_per_epoch = train_examples // s.global_batch_size
+    if s.steps_per_epoch == 0:
+        raise DataError(f"the training split holds {train_examples} examples, fewer than one global batch "
+                        f"({s.global_batch_size}); lower --global-batch-size")
+    s.total_steps = args.steps if args.steps is not None else max(1, round(args.epochs * s.steps_per_epoch))
+    if args.stop_at_step is not None and args.stop_at_step > s.total_steps:
+        raise ConfigError(f"--stop-at-step {args.stop_at_step} is beyond the run's {s.total_steps} steps")
+    s.eval_every = s.steps_per_epoch if args.eval_every is None else args.eval_every
+    s.log_every = args.log_every or max(1, min(10, s.total_steps // 10))
+    s.warmup_steps = min(s.total_steps, round(args.warmup_ratio * s.total_steps))
+
+
+def clear_previous_run(args, s):
+    """--overwrite (not resuming): remove what an earlier run left in the output folder."""
+    if s.rank != 0:
+        return
+    os.makedirs(s.output, exist_ok=True)
+    if args.overwrite and s.resume_from is None:
+        for name in (CHECKPOINT_DIR, "hf", "best.json", "predictions.jsonl"):
+            path = os.path.join(s.output, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.isfile(path):
+                os.remove(path)
+
+
+def build_classifier(args, s, names):
+    """The model with the same initial weights (and head) on every rank, then per-rank RNG streams for dropout;
+    returns (model, where its weights came from, parameter count)."""
+    import deepspeed
+    seed_everything(args.seed)
+    model, origin = build_model(args, s, names)
+    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters
+    seed_everything(args.seed + s.rank)
+    if s.zero_stage == 3:
+        emb = model.roberta.embeddings
+        deepspeed.zero.register_external_parameter(emb, emb.token_type_embeddings.weight)
+    return model, origin, n_params
+
+
 def model_inputs(batch, device):
     """The batch on the device, with validate=False: ids come from the run's tokenizer (checked against the
     model's vocabulary at start) and labels from encode_labels (checked per split on the host), so the model
@@ -419,7 +392,7 @@ def gathered_state(engine, s):
 def export_model(state, config, tokenizer, max_seq_len, out_dir):
     """Write ``state`` as a Hugging Face folder with the tokenizer, replacing ``out_dir`` only once complete."""
     from fastroberta.model import RobertaForSequenceClassification
-    from fastroberta.tokenizer import save_tokenizer
+    from fastroberta.data.tokenizer import save_tokenizer
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     for d in (tmp, old):
         if os.path.isdir(d):
@@ -435,236 +408,162 @@ def export_model(state, config, tokenizer, max_seq_len, out_dir):
         shutil.rmtree(old)
 
 
-def _say(s, msg, bar=None):
-    tr._say(s, msg.replace("fastroberta-train", PROG), bar)
+@dataclass
+class RunState:
+    """Where a run stands; what a checkpoint saves beside the engine (``client_state``)."""
+    run: dict                  # the settings a resumed run must match
+    guard: NonFiniteGuard
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"step": None, "metric": None, "metrics": None})
+    saved_step: int = None     # the step whose state is on disk
+    last: dict = field(default_factory=dict)   # the last logged record
+
+    def client_state(self, loader):
+        return {"step": self.step, "best": self.best, "nonfinite_streak": self.guard.streak, "run": self.run,
+                "loader": loader.state_dict()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------------------
-def finetune(argv=None):
-    """Run fine-tuning; returns a summary dict. Raises ConfigError (DataError) for a configuration or data that
-    cannot work (before training starts) and TrainingError when a run must stop."""
-    args = build_parser().parse_args(argv)
-    s = resolve_settings(args)
-    for w in s.warnings:
-        _say(s, f"{PROG}: warning: {w}")
-    # One run per output folder: rank 0 holds the lock before anything is read or written there.
-    lock = OutputLock(s.output).acquire() if s.rank == 0 else None
-    try:
-        return _run(args, s)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _run(args, s):
-    from fastroberta.tokenizer import load_tokenizer, special_ids
-    t0 = time.perf_counter()
-    try:
-        tokenizer = load_tokenizer(s.tokenizer_path)
-        special = special_ids(tokenizer)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"tokenizer: {e}") from None
-    if tokenizer.get_vocab_size() > s.config.vocab_size:
-        raise ConfigError(f"the tokenizer ({tokenizer.get_vocab_size()} entries) does not fit the model's "
-                          f"vocabulary ({s.config.vocab_size})")
-    if special["pad"] != s.config.pad_token_id:
-        raise ConfigError(f"the tokenizer's <pad> is {special['pad']} but the model's pad_token_id is "
-                          f"{s.config.pad_token_id}")
-    data, names = load_data(args, s, tokenizer, special)
-    train_ids, train_labels, _ = data["train"]
-    steps_per_epoch = len(train_ids) // s.global_batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"the training split holds {len(train_ids)} examples, fewer than one global batch "
-                        f"({s.global_batch_size}); lower --global-batch-size")
-    total_steps = args.steps if args.steps is not None else max(1, round(args.epochs * steps_per_epoch))
-    if args.stop_at_step is not None and args.stop_at_step > total_steps:
-        raise ConfigError(f"--stop-at-step {args.stop_at_step} is beyond the run's {total_steps} steps")
-    eval_every = steps_per_epoch if args.eval_every is None else args.eval_every
-    log_every = args.log_every or max(1, min(10, total_steps // 10))
-    warmup = min(total_steps, round(args.warmup_ratio * total_steps))
-
-    device, s.threads = init_distributed(s.on_cuda, s.local_rank)
-    import deepspeed
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-
-    from fastroberta.tasks import TaskLoader
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if s.rank == 0:
-        os.makedirs(s.output, exist_ok=True)
-        if args.overwrite and s.resume_from is None:
-            for name in (CHECKPOINT_DIR, "hf", "best.json", "predictions.jsonl"):
-                path = os.path.join(s.output, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.isfile(path):
-                    os.remove(path)
-    _say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} examples, "
-            f"{'regression' if names is None else f'{len(names)} classes'} ({time.perf_counter() - t0:.1f}s)")
-
-    seed_everything(args.seed)
-    model, origin = build_model(args, s, names)
-    config = model.config
-    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters
-    seed_everything(args.seed + s.rank)
-    if s.zero_stage == 3:
-        emb = model.roberta.embeddings
-        deepspeed.zero.register_external_parameter(emb, emb.token_type_embeddings.weight)
-    groups = param_groups(model, s.weight_decay)
-    factor = warmup_linear_decay(warmup, total_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=s.ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
-    if args.compile:
-        tr.compile_engine(engine)
-    _say(s, f"engine ready: {n_params / 1e6:.1f}M parameters from {s.model_path} ({origin}), "
-            f"{s.precision}, ZeRO {s.zero_stage}, world {s.world_size}, global batch {s.global_batch_size}, "
-            f"{total_steps} steps ({steps_per_epoch}/epoch), peak lr {s.lr:.2e}, warmup {warmup}")
-
-    loader = TaskLoader(train_ids, train_labels, special["pad"], s.micro_batch_size, s.global_batch_size, s.rank,
-                        s.world_size, args.seed, args.group_by_length, args.pad_to_multiple_of, args.max_seq_len)
-    run_info = {"task": args.task, "total_steps": total_steps, "global_batch_size": s.global_batch_size,
+def start_or_resume(args, s, engine, loader, config, origin, names):
+    """A fresh RunState, or the checkpoint's; then, on rank 0, the run folder's settings files."""
+    run_info = {"task": args.task, "total_steps": s.total_steps, "global_batch_size": s.global_batch_size,
                 "seed": args.seed, "precision": s.precision, "zero_stage": s.zero_stage, "lr": s.lr,
                 "max_seq_len": args.max_seq_len}
-    step, best = 0, {"step": None, "metric": None, "metrics": None}
-    nonfinite = 0
+    state = RunState(run=run_info, guard=NonFiniteGuard(args.max_nonfinite))
     if s.resume_from is not None:
         client = load_checkpoint(engine, s, loader)
-        step, best, nonfinite = client["step"], client["best"], client.get("nonfinite", 0)
-        for k, v in run_info.items():
-            if client["run"].get(k) != v:
-                _say(s, f"{PROG}: warning: resuming with {k}={v} (checkpoint had {client['run'].get(k)}); the run "
-                        "will not match an uninterrupted one")
-        _say(s, f"resumed from {os.path.join(*s.resume_from)} at step {step}")
+        state.step = state.saved_step = client["step"]
+        state.best = client["best"]
+        # "nonfinite": the key checkpoints written before the shared training core used.
+        state.guard.streak = client.get("nonfinite_streak", client.get("nonfinite", 0))
+        warn_changed_settings(lambda msg: say(s, msg), PROG, client["run"], run_info)
+        say(s, f"resumed from {os.path.join(*s.resume_from)} at step {state.step}")
     if s.rank == 0:
         write_config(s.ds_config, os.path.join(s.output, "ds_config.json"))
         with open(os.path.join(s.output, "run.json"), "w") as f:
             json.dump({"args": vars(args), "settings": run_info, "model": config.to_dict(),
                        "model_source": s.model_path, "init": origin, "labels": names}, f, indent=2, default=str)
-    log = MetricsLog(os.path.join(s.output, "metrics.jsonl"), enabled=s.rank == 0,
-                     resume_step=step if s.resume_from is not None else None)
-    end_step = args.stop_at_step or total_steps
-    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", dynamic_ncols=True,
-               disable=s.rank != 0 or args.no_progress, file=sys.stderr)
-    hf_dir = os.path.join(s.output, "hf")
-    val = data.get("validation")
+    return state
+
+
+def save_run(engine, s, args, state, loader, bar):
+    """Checkpoint the run unless this step is on disk already."""
+    if state.step == state.saved_step:
+        return
+    state.saved_step = state.step
+    with preserved_rng():
+        path = save_checkpoint(engine, s.ckpt_dir, state.step, s.rank, s.world_size,
+                               {"rng": rng_state(), "loader": loader.state_dict()}, state.client_state(loader),
+                               args.keep_last)
+    say(s, f"checkpoint saved: {path}", bar)
+
+
+def evaluate(engine, s, args, val, pad_id, device):
+    """The task's metrics on the validation split (every rank predicts its share)."""
+    was_training = engine.module.training
+    engine.eval()
+    logits = predict(engine, val[0], s.eval_batch_size, pad_id, device, s.rank, s.world_size,
+                     args.pad_to_multiple_of, args.max_seq_len)
+    if was_training:
+        engine.train()
+    return scores(s.task, logits, val[1])[1]
+
+
+def keep_if_best(engine, s, args, state, metrics, config, tokenizer, hf_dir):
+    """Export the model to hf/ (and best.json) when ``metrics`` beat the best so far; True when they did."""
+    import torch.distributed as dist
     metric = s.task.metric
+    improved = state.best["metric"] is None or metrics[metric] > state.best["metric"]
+    if improved:
+        state.best = {"step": state.step, "metric": metrics[metric], "metrics": metrics}
+        weights = gathered_state(engine, s)
+        if s.rank == 0:
+            export_model(weights, config, tokenizer, args.max_seq_len, hf_dir)
+            atomic_write(os.path.join(s.output, "best.json"),
+                         json.dumps({"step": state.step, "metric": metric, **metrics}, indent=2))
+        dist.barrier()
+    return improved
 
-    def evaluate():
-        was_training = engine.module.training
-        engine.eval()
-        logits = predict(engine, val[0], s.eval_batch_size, special["pad"], device, s.rank, s.world_size,
-                         args.pad_to_multiple_of, args.max_seq_len)
-        if was_training:
-            engine.train()
-        return scores(s.task, logits, val[1])[1]
 
-    saved_step = step if s.resume_from is not None else None
-
-    def checkpoint():
-        nonlocal saved_step
-        if step == saved_step:
-            return
-        saved_step = step
-        client = {"step": step, "best": best, "nonfinite": nonfinite, "run": run_info,
-                  "loader": loader.state_dict()}
-        with preserved_rng():
-            path = save_checkpoint(engine, s.ckpt_dir, step, s.rank, s.world_size,
-                                   {"rng": rng_state(), "loader": loader.state_dict()}, client, args.keep_last)
-        _say(s, f"checkpoint saved: {path}", bar)
-
+def finetune_loop(args, s, engine, loader, val, special, config, tokenizer, device, state):
+    """Train from ``state.step`` to --stop-at-step or the run's end, logging, evaluating (keeping the best model)
+    and checkpointing; a stop signal checkpoints and ends the loop. Returns True when a signal stopped it."""
+    log = MetricsLog(os.path.join(s.output, "metrics.jsonl"), enabled=s.rank == 0,
+                     resume_step=state.step if s.resume_from is not None else None)
+    end_step = args.stop_at_step or s.total_steps
+    bar = progress_bar(total=s.total_steps, initial=state.step, desc="finetune",
+                       disable=s.rank != 0 or args.no_progress, file=sys.stderr)
+    hf_dir = os.path.join(s.output, "hf")
     batches = iter(loader)
     window = {"loss": 0.0, "n": 0, "tokens": 0, "samples": 0, "t": time.perf_counter()}
-    last, stopped = {}, False
+    stopped = False
     engine.train()
-    with StopRequest() as stop:
-        while step < end_step:
-            lr = engine.get_lr()[0]
-            skipped_before = engine.skipped_steps
-            stats = torch.zeros(4, dtype=torch.float64, device=device)
-            for _ in range(s.grad_accum_steps):
-                batch = next(batches)
-                out = engine(**model_inputs(batch, device))
-                engine.backward(out.loss)
-                engine.step()
-                stats[0] += out.loss.detach().double()
-                stats[1] += batch["attention_mask"].sum().item()
-                stats[2] += batch["input_ids"].shape[0]
-            stats[3] = float(stop.requested)
-            dist.all_reduce(stats)
-            loss_sum, n_tokens, n_samples, stop_votes = stats.tolist()
-            loss = loss_sum / (s.grad_accum_steps * s.world_size)
-            step += 1
-            skipped = engine.skipped_steps > skipped_before  # fp16 overflow: the loss scaler skipped the update
-            if not math.isfinite(loss) and not skipped:
-                nonfinite += 1
-                if nonfinite >= args.max_nonfinite:
-                    bar.close()
-                    log.close()
-                    raise TrainingError(f"the loss was non-finite for {nonfinite} consecutive steps, up to step "
-                                        f"{step} (lr {lr:.3e}); lower --lr or use bf16/fp32")
-            elif math.isfinite(loss):
-                nonfinite = 0
-                window["loss"] += loss
-                window["n"] += 1
-            window["tokens"] += n_tokens
-            window["samples"] += n_samples
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    try:
+        with StopRequest() as stop:
+            while state.step < end_step:
+                lr = engine.get_lr()[0]
+                result = optimizer_step(engine, batches, s, device, model_inputs, stop_requested=stop.requested,
+                                        step=state.step + 1, last_good="resume from the last checkpoint")
+                state.step += 1
+                step = state.step
+                if state.guard.update(result.loss, skipped=result.skipped, loss_scale=result.loss_scale,
+                                      min_loss_scale=s.ds_config.get("fp16", {}).get("min_loss_scale", 1)):
+                    raise TrainingError(nonfinite_stop_message(result, state.guard, step, lr, s.precision) + ".")
+                if math.isfinite(result.loss):
+                    window["loss"] += result.loss
+                    window["n"] += 1
+                window["tokens"] += result.tokens
+                window["samples"] += result.samples
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
 
-            do_eval = val is not None and (step == total_steps or (eval_every and step % eval_every == 0))
-            if do_eval or step % log_every == 0 or step == end_step or stop_votes > 0:
-                elapsed = time.perf_counter() - window["t"]
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                          "loss": window["loss"] / window["n"] if window["n"] else None, "lr": lr,
-                          "grad_norm": tr.grad_norm_of(engine, None),
-                          "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
-                          "peak_mem_mib": peak_memory_mib(device)}
-                if do_eval:
-                    metrics = evaluate()
-                    record.update({f"eval_{k}": v for k, v in metrics.items()})
-                    improved = best["metric"] is None or metrics[metric] > best["metric"]
-                    _say(s, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                            + (" (best so far)" if improved else ""), bar)
-                    if improved:
-                        best = {"step": step, "metric": metrics[metric], "metrics": metrics}
-                        state = gathered_state(engine, s)
-                        if s.rank == 0:
-                            export_model(state, config, tokenizer, args.max_seq_len, hf_dir)
-                            atomic_write(os.path.join(s.output, "best.json"),
-                                             json.dumps({"step": step, "metric": metric, **metrics}, indent=2))
-                        dist.barrier()
-                log.log(record)
-                last = record
-                window = {"loss": 0.0, "n": 0, "tokens": 0, "samples": 0, "t": time.perf_counter()}
-            if stop_votes > 0:
-                stopped = True
-                break
-            if args.save_every and step % args.save_every == 0 and step != end_step:
-                checkpoint()
-        checkpoint()
-    bar.close()
+                do_eval = val is not None and (step == s.total_steps or (s.eval_every and step % s.eval_every == 0))
+                if do_eval or step % s.log_every == 0 or step == end_step or result.stop_requested:
+                    elapsed = time.perf_counter() - window["t"]
+                    record = {"step": step, "epoch": round(step / s.steps_per_epoch, 4),
+                              "loss": window["loss"] / window["n"] if window["n"] else None, "lr": lr,
+                              "grad_norm": grad_norm_of(engine, result.fallback_norm),
+                              "samples_per_s": window["samples"] / elapsed,
+                              "tokens_per_s": window["tokens"] / elapsed, "peak_mem_mib": peak_memory_mib(device)}
+                    if do_eval:
+                        metrics = evaluate(engine, s, args, val, special["pad"], device)
+                        record.update({f"eval_{k}": v for k, v in metrics.items()})
+                        improved = keep_if_best(engine, s, args, state, metrics, config, tokenizer, hf_dir)
+                        say(s, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                               + (" (best so far)" if improved else ""), bar)
+                    log.log(record)
+                    state.last = record
+                    window = {"loss": 0.0, "n": 0, "tokens": 0, "samples": 0, "t": time.perf_counter()}
+                if result.stop_requested:
+                    stopped = True
+                    break
+                if args.save_every and step % args.save_every == 0 and step != end_step:
+                    save_run(engine, s, args, state, loader, bar)
+            save_run(engine, s, args, state, loader, bar)
+    finally:
+        bar.close()
+        log.close()
+    return stopped
 
-    summary = {"step": step, "output": s.output, "best": best, "metrics": last, "stopped_by_signal": stopped,
-               "hf": None, "test": None}
-    if step >= total_steps and not stopped:
-        if val is None:  # nothing to choose by: the final model is the result
-            state = gathered_state(engine, s)
+
+def finish(args, s, engine, data, names, config, tokenizer, special, device, state, stopped, t0):
+    """A finished run: the final model when there was nothing to choose by, the test predictions, the summary."""
+    hf_dir = os.path.join(s.output, "hf")
+    summary = {"step": state.step, "output": s.output, "best": state.best, "metrics": state.last,
+               "stopped_by_signal": stopped, "hf": None, "test": None}
+    best, metric = state.best, s.task.metric
+    if state.step >= s.total_steps and not stopped:
+        if data.get("validation") is None:  # nothing to choose by: the final model is the result
+            weights = gathered_state(engine, s)
             if s.rank == 0:
-                export_model(state, config, tokenizer, args.max_seq_len, hf_dir)
+                export_model(weights, config, tokenizer, args.max_seq_len, hf_dir)
         summary["hf"] = hf_dir
         if "test" in data:
             summary["test"] = write_predictions(args, s, data["test"], names, hf_dir, device, special)
-        _say(s, f"done: step {step}" + (f", best {metric} {best['metric']:.4f} at step {best['step']}"
-                                          if best["metric"] is not None else "")
-             + f" in {time.perf_counter() - t0:.0f}s; the model is in {hf_dir}")
+        say(s, f"done: step {state.step}" + (f", best {metric} {best['metric']:.4f} at step {best['step']}"
+                                              if best["metric"] is not None else "")
+            + f" in {time.perf_counter() - t0:.0f}s; the model is in {hf_dir}")
     elif stopped:
-        _say(s, f"stopped by signal at step {step}; resume with --resume")
-    log.close()
-    dist.barrier()
-    engine.destroy()
+        say(s, f"stopped by signal at step {state.step}; resume with --resume")
     return summary
 
 
@@ -692,16 +591,64 @@ def write_predictions(args, s, test, names, hf_dir, device, special):
         os.replace(tmp, os.path.join(s.output, "predictions.jsonl"))
         if labels is not None:
             result = metrics
-            _say(s, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            say(s, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             with open(os.path.join(s.output, "test_metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
     dist.barrier()
     return result
 
 
+def finetune(argv=None):
+    """Run fine-tuning; returns a summary dict. Raises ConfigError (DataError) for a configuration or data that
+    cannot work (before training starts) and TrainingError when a run must stop."""
+    args = build_parser().parse_args(argv)
+    s = resolve_settings(args)
+    for w in s.warnings:
+        say(s, f"{PROG}: warning: {w}")
+    # One run per output folder: rank 0 holds the lock before anything is read or written there.
+    lock = OutputLock(s.output).acquire() if s.rank == 0 else None
+    try:
+        return run(args, s)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(args, s):
+    """The run as a straight line: tokenizer and data, schedule, process group, model, engine, resume, loop,
+    test predictions."""
+    import torch.distributed as dist
+    from fastroberta.tasks import TaskLoader
+    t0 = time.perf_counter()
+    tokenizer, special = load_checked_tokenizer(s)
+    data, names = load_data(args, s, tokenizer, special)
+    train_ids, train_labels, _ = data["train"]
+    plan_schedule(args, s, len(train_ids))
+    device, s.threads = init_distributed(s.on_cuda, s.local_rank)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    clear_previous_run(args, s)
+    say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} examples, "
+           f"{'regression' if names is None else f'{len(names)} classes'} ({time.perf_counter() - t0:.1f}s)")
+
+    model, origin, n_params = build_classifier(args, s, names)
+    engine = build_engine(model, s, args, lr_scheduler(s.warmup_steps, s.total_steps))
+    say(s, f"engine ready: {n_params / 1e6:.1f}M parameters from {s.model_path} ({origin}), "
+           f"{s.precision}, ZeRO {s.zero_stage}, world {s.world_size}, global batch {s.global_batch_size}, "
+           f"{s.total_steps} steps ({s.steps_per_epoch}/epoch), peak lr {s.lr:.2e}, warmup {s.warmup_steps}")
+    loader = TaskLoader(train_ids, train_labels, special["pad"], s.micro_batch_size, s.global_batch_size, s.rank,
+                        s.world_size, args.seed, args.group_by_length, args.pad_to_multiple_of, args.max_seq_len)
+    state = start_or_resume(args, s, engine, loader, model.config, origin, names)
+    stopped = finetune_loop(args, s, engine, loader, data.get("validation"), special, model.config, tokenizer,
+                            device, state)
+    summary = finish(args, s, engine, data, names, model.config, tokenizer, special, device, state, stopped, t0)
+    dist.barrier()
+    engine.destroy()
+    return summary
+
+
 def main(argv=None):
     """Console entry point: 0 on success (also after a signal-requested stop), 2 for bad input (a flag, a file,
-    the output folder), 1 when the run itself failed; either error is one line on stderr (runtime.run_command)."""
+    the output folder), 1 when the run itself failed; either error is one line on stderr (training/errors.py)."""
     return run_command(PROG, finetune, argv)
 
 

@@ -219,7 +219,7 @@ def test_train_compile_gives_eager_losses(small, tmp_path):  # noqa: F811
 
 def test_compile_flag_is_off_by_default_and_refuses_zero3(tmp_path):
     from fastroberta import finetune as ft
-    from fastroberta.ds_config import ConfigError
+    from fastroberta.training.ds_config import ConfigError
     assert tr.build_parser().parse_args([]).compile is False
     assert ft.build_parser().parse_args([]).compile is False
     s = tr.resolve_settings(tr.build_parser().parse_args(["--compile", "--zero-stage", "2",

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from fastroberta import documents, shards
+from fastroberta.data import cache, documents, shards
 from fastroberta.config import RobertaConfig
 from fastroberta.data import PreparedDataset, default_corpus_path, prepare_dataset
-from fastroberta.documents import iter_documents, resolve_sources
+from fastroberta.data.documents import iter_documents, resolve_sources
 
 DOCS = list(iter_documents(resolve_sources(None)))[:300]
 
@@ -109,7 +109,7 @@ def test_jsonl_folder_and_gzip(tmp_path):
 
 def test_parallel_pretokenization_matches_serial(tmp_path):
     path = write_text(tmp_path / "big.txt", DOCS * 2)   # ~120 KB: several chunks for two workers
-    tokenizer = shards.get_tokenizer(None, resolve_sources(path), [], str(tmp_path / "c"), 400, False)
+    tokenizer = cache.get_tokenizer(None, resolve_sources(path), [], str(tmp_path / "c"), 400, False)
     one = prepare(path, tmp_path / "c1", tokenizer=tokenizer, num_workers=1)
     two = prepare(path, tmp_path / "c2", tokenizer=tokenizer, num_workers=2)
     for split in ("train", "val"):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from fastroberta.documents import iter_documents, resolve_sources
-from fastroberta.tokenizer import (MIN_VOCAB_SIZE, DocumentEncoder, load_tokenizer, save_tokenizer, special_ids,
-                                   train_tokenizer)
+from fastroberta.data.documents import iter_documents, resolve_sources
+from fastroberta.data.encoding import DocumentEncoder
+from fastroberta.data.tokenizer import MIN_VOCAB_SIZE, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 
 SHAKESPEARE_DOCS = list(iter_documents(resolve_sources(None)))
 

@@ -12,8 +12,8 @@ import torch
 from fastroberta import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
 from fastroberta import finetune as ft
 from fastroberta import tasks
-from fastroberta.metrics import read_metrics
-from fastroberta.tokenizer import save_tokenizer, train_tokenizer
+from fastroberta.training.metrics import read_metrics
+from fastroberta.data.tokenizer import save_tokenizer, train_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft_model")
     rows = tasks.word_order_task()
     tok = train_tokenizer([r["text"] for r in rows["train"]], 400)
-    from fastroberta.tokenizer import special_ids
+    from fastroberta.data.tokenizer import special_ids
     sp = special_ids(tok)
     cfg = RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=66, pad_token_id=sp["pad"],

@@ -17,9 +17,11 @@ import torch
 
 from fastroberta import RobertaForMaskedLM
 from fastroberta import train as tr
-from fastroberta.metrics import read_metrics
-from fastroberta.runtime import (LOCK_FILE, MANIFEST, NonFiniteGuard, OutputLock, find_checkpoint,
-                                 verify_checkpoint, write_manifest)
+from fastroberta.training.metrics import read_metrics
+from fastroberta.training.checkpoints import find_checkpoint
+from fastroberta.training.manifest import MANIFEST, verify_checkpoint, write_manifest
+from fastroberta.training.nonfinite import NonFiniteGuard
+from fastroberta.training.output import LOCK_FILE, OutputLock
 from test_train import VOCAB, small  # noqa: F401  (shared session fixture)
 from test_train_cli import child_env
 
@@ -215,7 +217,7 @@ def test_a_second_run_on_a_locked_folder_refuses_at_once(small, tmp_path, capsys
 
 def test_the_lock_dies_with_its_process(tmp_path):
     out = tmp_path / "out"
-    code = ("import sys, time; from fastroberta.runtime import OutputLock; OutputLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from fastroberta.training.output import OutputLock; OutputLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(60)")
     child = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -351,7 +353,7 @@ def test_gzip_and_folder_inputs_still_train(small, tmp_path):  # noqa: F811
     """The error handling around the data pipeline lets every valid form through."""
     folder = tmp_path / "corpus"
     folder.mkdir()
-    from fastroberta.documents import default_corpus_path
+    from fastroberta.data.documents import default_corpus_path
     text = open(default_corpus_path()).read()
     with gzip.open(folder / "a.txt.gz", "wt") as f:
         f.write(text[:200000])

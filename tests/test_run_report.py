@@ -1,5 +1,5 @@
 """What a finished run shows (fastroberta.run_report), the progress display off a terminal, the CPU thread
-choice on a shared machine and DeepSpeed's stdout line (fastroberta.progress, fastroberta.host)."""
+choice on a shared machine and DeepSpeed's stdout line (fastroberta.training.progress, fastroberta.training.host)."""
 import io
 import math
 import os
@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from fastroberta import host, run_report
+from fastroberta import run_report
+from fastroberta.training import host
 from fastroberta.data import prepare_dataset
-from fastroberta.progress import PlainProgress, progress_bar
+from fastroberta.training.progress import PlainProgress, progress_bar
 
 
 @pytest.fixture(scope="module")

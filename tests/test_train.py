@@ -15,7 +15,7 @@ from fastroberta import RobertaConfig, RobertaForMaskedLM
 from fastroberta import train as tr
 from fastroberta.data import prepare_dataset
 from fastroberta.hf import load_state, to_hf_state_dict
-from fastroberta.metrics import read_metrics
+from fastroberta.training.metrics import read_metrics
 
 VOCAB = 512
 

@@ -14,7 +14,7 @@ import torch
 
 from fastroberta import train as tr
 from fastroberta import RobertaForMaskedLM
-from fastroberta.metrics import read_metrics
+from fastroberta.training.metrics import read_metrics
 from test_train import VOCAB, exported_state, losses, small  # noqa: F401  (shared session fixture)
 
 # What a launcher or an earlier in-process run may have left in os.environ must not leak into a child.

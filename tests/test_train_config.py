@@ -9,9 +9,12 @@ import torch
 
 from fastroberta import RobertaConfig, RobertaForMaskedLM
 from fastroberta import train as tr
-from fastroberta.ds_config import (ConfigError, build_config, format_conflict, load_user_config, merge_configs,
+from fastroberta.training.optimizer import param_groups
+from fastroberta.training.precision import cpu_has_native_bf16
+from fastroberta.training.schedule import warmup_linear_decay
+from fastroberta.training.ds_config import (ConfigError, build_config, format_conflict, load_user_config, merge_configs,
                                    resolve_batch, resolve_precision, zero_stage_of)
-from fastroberta.metrics import MetricsLog, Throughput, peak_tflops, perplexity, read_metrics
+from fastroberta.training.metrics import MetricsLog, Throughput, peak_tflops, perplexity, read_metrics
 
 
 # --- DeepSpeed config ----------------------------------------------------------------------------------------
@@ -115,19 +118,19 @@ def test_user_config_file_errors(tmp_path):
 
 # --- schedule, parameter groups, learning-rate rule -------------------------------------------------------------
 def test_warmup_then_linear_decay_to_zero():
-    f = tr.warmup_linear_decay(4, 20)
+    f = warmup_linear_decay(4, 20)
     values = [f(s) for s in range(22)]
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert values[4] == 1.0 and values[19] == pytest.approx(1 / 16) and values[20] == 0.0 and values[21] == 0.0
     assert all(a >= b for a, b in zip(values[3:], values[4:])), "must decay monotonically after warmup"
-    g = tr.warmup_linear_decay(0, 10)
+    g = warmup_linear_decay(0, 10)
     assert g(0) == 1.0 and g(5) == 0.5
 
 
 def test_weight_decay_skips_biases_and_layer_norms():
     model = RobertaForMaskedLM(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                              num_attention_heads=2, intermediate_size=32), kernels="torch")
-    decay, no_decay = tr.param_groups(model, 0.01)
+    decay, no_decay = param_groups(model, 0.01)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -161,7 +164,7 @@ def test_defaults_follow_the_paper(tmp_path):
     assert opt["betas"] == [0.9, 0.98] and opt["eps"] == 1e-6 and opt["weight_decay"] == 0.01
     assert opt["torch_adam"] is True  # CPU: torch AdamW
     assert s.precision in ("bf16", "fp32") and s.zero_stage == 0 and s.ds_config["gradient_clipping"] == 1.0
-    assert s.precision == ("bf16" if tr.cpu_has_native_bf16() else "fp32")
+    assert s.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert _settings(["--output", str(tmp_path / "o"), "--steps", "10"]).warmup_steps == 1
 
 
@@ -170,7 +173,7 @@ def test_auto_precision_on_each_kind_of_cpu(tmp_path, monkeypatch, native_bf16, 
     """Both CPU paths, whatever this machine is: auto picks bf16 only where the CPU computes it natively."""
     if torch.cuda.is_available():
         pytest.skip("CPU-only rule")
-    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr("fastroberta.training.precision.cpu_has_native_bf16", lambda: native_bf16)
     s = _settings(["--output", str(tmp_path / "o")])
     assert s.precision == expected
     assert ("bf16" in s.ds_config and s.ds_config["bf16"]["enabled"]) == (expected == "bf16")
@@ -184,7 +187,7 @@ def test_cpu_flag_detection(tmp_path, monkeypatch):
         cpuinfo.write_text(text)
         monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p,
                                                                            *a, **k))
-        assert tr.cpu_has_native_bf16() is expected
+        assert cpu_has_native_bf16() is expected
 
 
 # --- configuration errors: caught by main() before any work, exit status 2 ------------------------------------
@@ -225,7 +228,7 @@ def test_triton_kernels_on_cpu_need_the_interpreter(tmp_path, capsys, monkeypatc
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
-    from fastroberta.runtime import write_manifest
+    from fastroberta.training.manifest import write_manifest
     ckpt = tmp_path / "run" / "checkpoints"
     (ckpt / "global_step5").mkdir(parents=True)
     (ckpt / "global_step5" / "model.pt").write_bytes(b"weights")
@@ -253,7 +256,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
 def test_throughput_counts_real_tokens_and_mfu(monkeypatch):
     meter = Throughput(flops_per_token=1e9, peak_tflops_per_device=100.0, world_size=2)
     clock = iter([0.0, 2.0])
-    monkeypatch.setattr("fastroberta.metrics._clock", lambda: next(clock))
+    monkeypatch.setattr("fastroberta.training.metrics._clock", lambda: next(clock))
     meter.resume()
     meter.add(tokens=4000, samples=10)
     rates = meter.read()

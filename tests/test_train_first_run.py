@@ -8,7 +8,7 @@ import pytest
 
 from fastroberta import run_report
 from fastroberta import train as tr
-from fastroberta.metrics import read_metrics
+from fastroberta.training.metrics import read_metrics
 
 # The default run's length. The plateau where only frequencies and the kept-token copy are learnt (~0.45 nats
 # below the unigram baseline) ends after about 3,000 steps; a 3,000-step schedule, whose rate decays sooner, was

@@ -23,7 +23,7 @@ _BLANK_LINES = re.compile(r"\n\s*\n")
 
 def default_corpus_path():
     """The bundled Tiny Shakespeare corpus (public domain), the default when no corpus is named."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "tinyshakespeare.txt")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "corpus", "tinyshakespeare.txt")
 
 
 class _Replacements:

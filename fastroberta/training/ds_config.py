@@ -10,9 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work; raised before any expensive work starts."""
+from fastroberta.training.errors import ConfigError
 
 
 FP16_DEFAULTS = {

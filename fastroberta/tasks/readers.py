@@ -1,0 +1,137 @@
+"""Reading labelled examples: CSV / TSV / JSONL files or Hugging Face ``datasets``, into a Split."""
+import csv
+import json
+import os
+from dataclasses import dataclass
+from typing import List
+
+from fastroberta.tasks.errors import DataError
+
+
+@dataclass
+class Split:
+    """Raw examples of one split: the texts (one or two per row), the labels as read (str / float / None) and
+    where each row came from (for error messages)."""
+    name: str
+    source: str
+    texts: List[tuple]
+    labels: list
+    rows: List[int]
+
+
+def _read_table(path, delimiter):
+    with open(path, newline="", encoding="utf-8") as f:
+        # GLUE's TSVs hold unbalanced quotes in sentences: tab-separated files are read without quoting.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return [], []
+        rows = []
+        for i, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path} line {i}: {len(row)} columns but the header has {len(header)}")
+            rows.append((i, dict(zip(header, row))))
+        return header, rows
+
+
+def _read_jsonl(path):
+    rows, columns = [], []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {i} is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {i} must hold a JSON object, got {type(row).__name__}")
+            for k in row:
+                if k not in columns:
+                    columns.append(k)
+            rows.append((i, row))
+    return columns, rows
+
+
+def read_file(path, split, task, need_labels):
+    """A Split from a .csv / .tsv / .jsonl (or .json lines) file."""
+    if not os.path.isfile(path):
+        raise DataError(f"--{split} {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        columns, rows = _read_table(path, ",")
+    elif ext == ".tsv":
+        columns, rows = _read_table(path, "\t")
+    elif ext in (".jsonl", ".json", ".ndjson"):
+        columns, rows = _read_jsonl(path)
+    else:
+        raise DataError(f"--{split} {path!r}: unknown format {ext or '(no extension)'}; use .csv, .tsv or .jsonl")
+    if not rows:
+        raise DataError(f"--{split} {path!r} holds no examples")
+    has_labels = need_labels or any(task.label_field in r for _, r in rows)
+    texts, labels, lines = [], [], []
+    for line, row in rows:
+        missing = [f for f in task.text_fields + ((task.label_field,) if has_labels else ()) if row.get(f) is None]
+        if missing:
+            raise DataError(f"{path} line {line}: no field {missing[0]!r} (fields there: {', '.join(map(str, row))}); "
+                            "set --text-fields / --label-field")
+        texts.append(tuple(str(row[f]) for f in task.text_fields))
+        labels.append(row[task.label_field] if has_labels else None)
+        lines.append(line)
+    return Split(split, path, texts, labels, lines)
+
+
+def read_hf(spec, split, task, need_labels):
+    """A Split from ``hf:glue:<task>`` or ``hf:<dataset>[:<config>]``, with ``@<split>`` to pick a split."""
+    name, _, hf_split = spec[3:].partition("@")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--{split} {spec}: reading Hugging Face datasets needs the `datasets` package "
+                        "(pip install datasets), or give CSV / TSV / JSONL files") from None
+    parts = name.split(":")
+    path, config = parts[0], (parts[1] if len(parts) > 1 else None)
+    if not hf_split:
+        hf_split = task.hf_splits.get(split, split) if task.hf == (path, config) else split
+    try:
+        ds = datasets.load_dataset(path, config, split=hf_split)
+    except Exception as e:  # network, unknown dataset / split: all end the run the same way
+        raise DataError(f"--{split} {spec}: loading split {hf_split!r} failed: {str(e).splitlines()[0]}") from None
+    missing = [f for f in task.text_fields + (task.label_field,) if f not in ds.column_names]
+    if missing and (need_labels or missing != [task.label_field]):
+        raise DataError(f"--{split} {spec}: no field {missing[0]!r} (fields: {', '.join(ds.column_names)}); "
+                        "set --text-fields / --label-field")
+    names = None
+    feature = ds.features.get(task.label_field)
+    if feature is not None and hasattr(feature, "names"):
+        names = task.labels if task.labels and len(task.labels) == len(feature.names) else feature.names
+    texts, labels = [], []
+    for row in ds:
+        texts.append(tuple(str(row[f]) for f in task.text_fields))
+        label = row.get(task.label_field)
+        if names is not None and label is not None:
+            label = None if label < 0 else names[label]  # GLUE's test splits carry -1
+        labels.append(label)
+    if all(label is None for label in labels):
+        labels = [None] * len(labels)
+    return Split(split, spec, texts, labels, list(range(len(texts))))
+
+
+def read_split(spec, split, task, need_labels=True):
+    if spec.startswith("hf:"):
+        out = read_hf(spec, split, task, need_labels)
+    else:
+        out = read_file(spec, split, task, need_labels)
+    if not out.texts:
+        raise DataError(f"--{split} {spec!r} holds no examples")
+    return out
+
+
+def write_jsonl(rows, path):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
