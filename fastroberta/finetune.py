@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fastroberta.config import PRESETS, RobertaConfig
-from fastroberta.tasks import TASKS, DataError, Task, get_task  # noqa: F401  (Task: for callers)
+from fastroberta.tasks import TASKS, DataError, Task, get_task, task_for_data  # noqa: F401  (Task: for callers)
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, load_checkpoint, save_checkpoint,
                                               warn_changed_settings)
 from fastroberta.training.cli import HelpFormatter, add_shared_flags, check_positive, check_shared_flags, say
@@ -83,9 +83,12 @@ def build_parser():
     g.add_argument("--dropout", type=float, default=None,
                    help="hidden, attention and classifier dropout (default: the model's config)")
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", default="word-order", choices=list(TASKS),
+    g.add_argument("--task", default=None, choices=list(TASKS),
                    help="a GLUE task (fields, classes, metric preset), word-order (generated from the bundled "
-                        "corpus when --train is not given), or classification / regression for your own data")
+                        "corpus), or classification / regression for your own data. Default: word-order when no "
+                        "--train is given; with a .csv/.tsv/.jsonl --train, inferred from its labels "
+                        "(classification for names or integers, regression for fractional numbers); with "
+                        "hf:glue:<task>, that task")
     g.add_argument("--train", default=None,
                    help="training examples: a .csv, .tsv or .jsonl file, or hf:glue:<task> / hf:<dataset>[:<config>]"
                         "[@split] with the datasets package (default: hf:glue:<task> for GLUE tasks)")
@@ -182,6 +185,7 @@ def resolve_settings(args):
     if args.max_seq_len is not None and args.max_seq_len < 8:
         raise ConfigError(f"--max-seq-len must be at least 8, got {args.max_seq_len}")
 
+    args.task, s.task_inferred = task_for_data(args.task, args.train, args.label_field)
     s.task = get_task(args.task, args.text_fields, args.label_field, args.metric)
     if args.train is None and args.task in TASKS and TASKS[args.task].hf is not None:
         args.train = f"hf:{':'.join(TASKS[args.task].hf)}"
@@ -605,6 +609,8 @@ def finetune(argv=None):
     s = resolve_settings(args)
     for w in s.warnings:
         say(s, f"{PROG}: warning: {w}")
+    if s.task_inferred:
+        say(s, f"task: {args.task} (inferred from the labels of --train {args.train}; --task sets it)")
     # One run per output folder: rank 0 holds the lock before anything is read or written there.
     lock = OutputLock(s.output).acquire() if s.rank == 0 else None
     try:

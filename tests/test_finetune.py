@@ -241,6 +241,29 @@ def test_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _settings(model_dir, tmp_path, *argv):
+    return ft.resolve_settings(ft.build_parser().parse_args(
+        ["--model", str(model_dir), "--precision", "fp32", "--output", str(tmp_path / "out"), *argv]))
+
+
+def test_the_task_is_inferred_from_a_users_file(model_dir, tmp_path, capsys):
+    """--train without --task: 0/1 labels are classes (the word-order demo is the default only without data),
+    fractions are scores, a GLUE spec names its task; mixed labels are one line asking for --task."""
+    binary = write(tmp_path / "b.csv", "sentence,label\nhello there,0\ngood day,1\nfine,1\n")
+    s = _settings(model_dir, tmp_path, "--train", binary, "--validation", binary, "--text-fields", "sentence")
+    assert (s.task.name, s.task_inferred) == ("classification", True)
+    scores = write(tmp_path / "s.jsonl", "".join(json.dumps({"text": t, "y": y}) + "\n"
+                                                  for t, y in (("a b", 0.5), ("c", 3), ("d e f", 4.25))))
+    s = _settings(model_dir, tmp_path, "--train", scores, "--label-field", "y")
+    assert (s.task.name, s.task.regression) == ("regression", True)
+    assert _settings(model_dir, tmp_path).task.name == "word-order"
+    s = _settings(model_dir, tmp_path, "--train", binary, "--task", "regression", "--text-fields", "sentence")
+    assert (s.task.name, s.task_inferred) == ("regression", False)
+    mixed = write(tmp_path / "m.csv", "text,label\nx,good\ny,0.5\n")
+    assert "pass --task" in _error(capsys, ["--model", str(model_dir), "--train", mixed, "--output",
+                                            str(tmp_path / "o")])
+
+
 @pytest.mark.slow
 def test_compile_gives_eager_losses(model_dir, tmp_path):
     """--compile through DeepSpeed, evaluation and the checkpoint, against eager (dropout off: the classifier

@@ -1,8 +1,8 @@
-"""fastroberta.task_inference: the task a user's training labels describe, as fastroberta-finetune infers it."""
+"""fastroberta.tasks.inference: the task a user's training labels describe, as fastroberta-finetune infers it."""
 import pytest
 
-from fastroberta.ds_config import ConfigError
-from fastroberta.task_inference import infer_task
+from fastroberta.training.errors import ConfigError
+from fastroberta.tasks.inference import infer_task
 
 
 @pytest.mark.parametrize("labels", [

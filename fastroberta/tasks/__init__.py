@@ -15,12 +15,14 @@ from fastroberta.tasks.batching import (TaskLoader, collate, eval_batches, padde
 from fastroberta.tasks.classification import (CUSTOM, GLUE, TASKS, WORD_ORDER, Task, encode_labels, get_task,
                                               label_names)
 from fastroberta.tasks.errors import DataError
+from fastroberta.tasks.inference import infer_task, task_for_data
 from fastroberta.tasks.metrics import (METRICS, accuracy, compute_metrics, f1_score, matthews_corrcoef, pearson,
                                        spearman)
-from fastroberta.tasks.readers import Split, read_file, read_hf, read_split, write_jsonl
+from fastroberta.tasks.readers import Split, label_values, read_file, read_hf, read_split, write_jsonl
 from fastroberta.tasks.word_order import word_order_task
 
 __all__ = ["TaskLoader", "collate", "eval_batches", "padded_length", "tokenize", "truncate_pair", "CUSTOM", "GLUE",
            "TASKS", "WORD_ORDER", "Task", "encode_labels", "get_task", "label_names", "DataError", "METRICS",
            "accuracy", "compute_metrics", "f1_score", "matthews_corrcoef", "pearson", "spearman", "Split",
-           "read_file", "read_hf", "read_split", "write_jsonl", "word_order_task"]
+           "read_file", "read_hf", "read_split", "write_jsonl", "word_order_task", "infer_task", "task_for_data",
+           "label_values"]

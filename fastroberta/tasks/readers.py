@@ -57,8 +57,8 @@ def _read_jsonl(path):
     return columns, rows
 
 
-def read_file(path, split, task, need_labels):
-    """A Split from a .csv / .tsv / .jsonl (or .json lines) file."""
+def _read_rows(path, split):
+    """The (line, row dict) pairs of a .csv / .tsv / .jsonl (or .json lines) file; DataError names the problem."""
     if not os.path.isfile(path):
         raise DataError(f"--{split} {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -72,6 +72,18 @@ def read_file(path, split, task, need_labels):
         raise DataError(f"--{split} {path!r}: unknown format {ext or '(no extension)'}; use .csv, .tsv or .jsonl")
     if not rows:
         raise DataError(f"--{split} {path!r} holds no examples")
+    return rows
+
+
+def label_values(path, label_field, split="train"):
+    """The values of ``label_field`` in a data file, as read (None where a row lacks it): what
+    ``tasks.inference.infer_task`` looks at when no --task is given."""
+    return [row.get(label_field) for _, row in _read_rows(path, split)]
+
+
+def read_file(path, split, task, need_labels):
+    """A Split from a .csv / .tsv / .jsonl (or .json lines) file."""
+    rows = _read_rows(path, split)
     has_labels = need_labels or any(task.label_field in r for _, r in rows)
     texts, labels, lines = [], [], []
     for line, row in rows:

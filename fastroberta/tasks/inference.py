@@ -11,7 +11,7 @@ are the same class id and "2.5" and 2.5 the same score.
 """
 import math
 
-from fastroberta.ds_config import ConfigError
+from fastroberta.training.errors import ConfigError
 
 __all__ = ["infer_task"]
 
@@ -54,3 +54,23 @@ def infer_task(labels, field="label", source="--train"):
         raise ConfigError(f"{source}: the label field {field!r} holds both names ({name!r}) and fractional numbers "
                           f"({fraction!r}), so it is neither classes nor scores; {hint}")
     return "regression" if fraction is not None else "classification"
+
+
+def task_for_data(task, train, label_field=None):
+    """The --task a fastroberta-finetune run means, and whether it was inferred: the one given; the bundled
+    word-order demo when no data is given; the GLUE task that ``hf:glue:<task>`` names; otherwise what the training
+    file's labels say (``infer_task``). ConfigError when a dataset of the hub cannot tell."""
+    from fastroberta.tasks.classification import TASKS
+    from fastroberta.tasks.readers import label_values
+    if task is not None:
+        return task, False
+    if train is None:
+        return "word-order", False
+    if train.startswith("hf:"):
+        parts = train[3:].partition("@")[0].split(":")
+        if parts[0] == "glue" and len(parts) > 1 and parts[1] in TASKS:
+            return parts[1], True
+        raise ConfigError(f"--train {train}: pass --task (classification, regression or a GLUE task name); it is "
+                          "inferred from the labels of .csv, .tsv and .jsonl files only")
+    field = label_field or "label"
+    return infer_task(label_values(train, field), field, f"--train {train}"), True
