@@ -580,8 +580,10 @@ def write_predictions(args, s, test, names, hf_dir, device, special):
         from fastroberta.model import RobertaForSequenceClassification
         model = RobertaForSequenceClassification.from_pretrained(hf_dir, kernels=args.kernels).to(device).eval()
         ids, labels, split = test
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.precision) if s.on_cuda else None
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        # The fp32 export predicts under autocast in the run's precision, on any device: a CPU bf16 run takes
+        # the same path as a GPU fp16/bf16 one (tests/test_finetune.py runs it).
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.precision)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = predict(model, ids, s.eval_batch_size, special["pad"], device, 0, 1,
                              args.pad_to_multiple_of, args.max_seq_len)
         preds, metrics = scores(s.task, logits, labels if labels is not None else np.zeros(len(ids)))

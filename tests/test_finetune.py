@@ -241,6 +241,16 @@ def test_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_run_predicts_the_test_split_under_autocast(model_dir, tmp_path):
+    """write_predictions loads the fp32 hf/ export and predicts under autocast in the run's precision: on a GPU
+    fp16/bf16, here CPU bf16 (the same code path; before the native models handled autocast it raised)."""
+    out = tmp_path / "bf16"
+    summary = run(model_dir, out, "--precision", "bf16", "--steps", "2", "--test",
+                  str(model_dir / "data" / "test.jsonl"))
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 40 and 0 <= summary["test"]["accuracy"] <= 1
+
+
 def _settings(model_dir, tmp_path, *argv):
     return ft.resolve_settings(ft.build_parser().parse_args(
         ["--model", str(model_dir), "--precision", "fp32", "--output", str(tmp_path / "out"), *argv]))
