@@ -29,7 +29,8 @@ def resolve_kernels(kernels, device):
         kernels = check_kernels(env, "FASTROBERTA_KERNELS") if env else "auto"
     if kernels == "auto":
         kernels = "triton" if device.type == "cuda" else "torch"
-    if kernels == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreter_active())):
+    usable = device.type in ("cuda", "meta") or (device.type == "cpu" and interpreter_active())
+    if kernels == "triton" and not usable:
         raise ValueError(f"kernels='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
                          "before importing fastroberta, or use kernels='torch'")
     return kernels
