@@ -318,6 +318,8 @@ def compile_case(kernel, args, kwargs, target, backend):
     import triton
     from triton.compiler import ASTSource
     from triton.runtime.jit import create_function_from_signature
+    from fastroberta.kernels._compile_options import COMPILE_OPTIONS
+    kwargs = {**COMPILE_OPTIONS, **kwargs}  # the options every launch passes
     fn = _jit_fn(kernel)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
@@ -368,7 +370,7 @@ def _worker(claim_dir, mode, only):
             cubin = compiled.asm["cubin"]
             regs, stack = resource_usage(cubin, cuobjdump)
             result.update(ok=True, shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
-                          regs=regs, stack=stack)
+                          regs=regs, stack=stack, enable_fp_fusion=compiled.metadata.enable_fp_fusion)
             if mode == "static":
                 config = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK", "BLOCK_V") if k in kwargs}
                 result.update(config=config, num_stages=compiled.metadata.num_stages,

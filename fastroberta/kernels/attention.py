@@ -63,6 +63,7 @@ import triton.language as tl
 from . import reference
 from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
                       triton_usable)
+from ._compile_options import COMPILE_OPTIONS
 from ._library import KernelCost, custom_op, nbytes, register_cost
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -740,7 +741,7 @@ def _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropo
     with _on_device(q):
         _attn_fwd[grid](q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
                         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-                        *lse_strides, key_mask.stride(0) if key_mask is not None else 0, **run)
+                        *lse_strides, key_mask.stride(0) if key_mask is not None else 0, **run, **COMPILE_OPTIONS)
     return o, lse
 
 
@@ -766,14 +767,15 @@ def _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_
         _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
             o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
             heads, run["seq_len"], max_seqlen, 1.0 - dropout_p,
-            HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block)
+            HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block,
+            **COMPILE_OPTIONS)
         _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
                                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
                                *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
-                               *lse_strides, mask_stride, **run)
+                               *lse_strides, mask_stride, **run, **COMPILE_OPTIONS)
         _attn_bwd_dq[grid_m](q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
                              *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
+                             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run, **COMPILE_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------------------

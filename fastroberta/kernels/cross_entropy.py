@@ -50,6 +50,7 @@ import triton.language as tl
 
 from . import reference
 from ._checks import check_tensor, compiling, interpreter_active, known_true, triton_usable
+from ._compile_options import COMPILE_OPTIONS
 from ._library import KernelCost, custom_op, nbytes, register_cost
 
 # Most bytes one chunk of logits may take: 128 MiB is ~1,300 rows of fp16 logits at V = 50,265, large enough
@@ -167,7 +168,7 @@ def _mlm_cross_entropy_forward(h, weight, bias, targets, chunk_rows):
             z = _chunk_logits(h[start:stop], weight, bias, buf[:stop - start])
             _lse_forward_kernel[(stop - start,)](
                 z, targets[start:stop], lse[start:stop], row_loss[start:stop], correct[start:stop],
-                z.stride(0), V, BLOCK_V=block, num_warps=num_warps)
+                z.stride(0), V, BLOCK_V=block, num_warps=num_warps, **COMPILE_OPTIONS)
         del buf
         loss = row_loss.sum() / n
     else:
@@ -194,7 +195,7 @@ def _mlm_cross_entropy_backward(grad_loss, h, weight, bias, targets, lse, chunk_
             dz = _chunk_logits(h_chunk, weight, bias, buf[:stop - start])
             _logits_grad_kernel[(stop - start,)](
                 dz, targets[start:stop], lse[start:stop], scale,
-                dz.stride(0), V, BLOCK_V=block, num_warps=num_warps)
+                dz.stride(0), V, BLOCK_V=block, num_warps=num_warps, **COMPILE_OPTIONS)
             if need_h:
                 torch.mm(dz, weight, out=grad_h[start:stop])
             if need_w:

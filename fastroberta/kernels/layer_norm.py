@@ -36,6 +36,7 @@ import triton.language as tl
 
 from . import reference
 from ._checks import check_tensor, new_dropout_seed, triton_usable
+from ._compile_options import COMPILE_OPTIONS
 from ._library import KernelCost, custom_op, nbytes, register_cost
 from .backend import KernelSwitch
 
@@ -231,7 +232,7 @@ def _layer_norm_forward(x, weight, bias, residual, eps, dropout_p, seed):
                 n, eps, dropout_p, scale, seed if has_dropout else None,
                 HAS_RESIDUAL=r2 is not None, HAS_DROPOUT=has_dropout,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                BLOCK=block, num_warps=num_warps,
+                BLOCK=block, num_warps=num_warps, **COMPILE_OPTIONS,
             )
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
@@ -270,7 +271,7 @@ def _layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, h
                 m, n, dropout_p, scale, seed if has_dropout else None, rows_per_program,
                 HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
-                STORE_DRESIDUAL=store_dresidual, BLOCK=block, num_warps=num_warps,
+                STORE_DRESIDUAL=store_dresidual, BLOCK=block, num_warps=num_warps, **COMPILE_OPTIONS,
             )
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     dbias = db_partial.sum(0) if has_bias else None
