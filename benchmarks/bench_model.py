@@ -483,6 +483,9 @@ def add_arguments(p):
     p.add_argument("--competitors", help=f"comma list of {','.join(COMPETITORS)} (default: all)")
     p.add_argument("--gpus", help=f"comma list of {','.join(GPUS)} (default: both)")
     p.add_argument("--out", help=f"directory for step_model.{{json,md}} (default {RESULTS_DIR})")
+    p.add_argument("--baseline", help="an earlier step_model.json: adds a before/after table of fastroberta's "
+                   "modelled step and elementwise bytes (--baseline-label names it, e.g. its commit)")
+    p.add_argument("--baseline-label", default="baseline", help="what the baseline is (e.g. a commit hash)")
     p.add_argument("--measure", action="store_true", help="CUDA: also run the step under torch.profiler and "
                    "put measured ms per class next to the modelled ones")
 
@@ -519,12 +522,32 @@ def main_from_args(args):
     with open(os.path.join(out_dir, "step_model.json"), "w") as f:
         json.dump(dict(assumptions=ASSUMPTIONS, gpus=gpus, results=results), f, indent=1)
     md = render_md(results, gpus)
+    if args.baseline:
+        with open(args.baseline) as f:
+            md += "\n" + render_before_after(json.load(f), results, gpus[0], args.baseline_label)
     if args.measure:
         md += "\n" + render_measured(results, gpus[0])
     with open(os.path.join(out_dir, "step_model.md"), "w") as f:
         f.write(md + "\n")
     print(f"written to {out_dir}/step_model.{{json,md}}")
     return True
+
+
+def render_before_after(baseline, results, gpu, label):
+    """fastroberta's modelled step and elementwise+copies bytes per token, ``baseline`` (an earlier run) vs now."""
+    before = {r["case"]: r["competitors"].get("fastroberta") for r in baseline["results"]}
+    lines = [f"## Before/after: fastroberta against {label} ({gpu}, modelled)", "",
+             "| case | step ms before | after | elementwise+copies B/token before | after | ratio | launches before "
+             "| after |", "|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        old, new = before.get(res["case"]), res["competitors"].get("fastroberta")
+        if not old or not new:
+            continue
+        o, n = old["gpus"][gpu], new["gpus"][gpu]
+        ob, nb = o["elementwise_copies_bytes_per_token"], n["elementwise_copies_bytes_per_token"]
+        lines.append(f"| {res['case']} | {o['total_ms']:.2f} | {n['total_ms']:.2f} | {ob:.0f} | {nb:.0f} | "
+                     f"{nb / ob:.2f}x | {o['launches']} | {n['launches']} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_measured(results, gpu):

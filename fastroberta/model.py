@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastroberta.config import IGNORE_INDEX, RobertaConfig
+from fastroberta.fused_linear import linear_and_input
 from fastroberta.kernels._checks import compiling
 from fastroberta.kernels.backend import KERNEL_CHOICES, KernelSwitch
 from fastroberta.kernels.layer_norm import FusedLayerNorm
@@ -119,7 +120,9 @@ class EncoderLayer(KernelSwitch, nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         p_hidden = self.hidden_dropout_p if self.training else 0.0
         p_attn = self.attn_dropout_p if self.training else 0.0
-        qkv = self.qkv(x)
+        # x's second consumer, the attention LayerNorm's residual, takes it from linear_and_input: its gradient
+        # is then added inside the QKV dgrad GEMM (the same for the FFN's first linear below).
+        qkv, x = linear_and_input(x, self.qkv.weight, self.qkv.bias)
         if cu_seqlens is None:
             b, l, e = x.shape
             # The fused [B, L, 3, H, D] projection as is: backward writes dQ, dK, dV into one gradient.
@@ -131,7 +134,8 @@ class EncoderLayer(KernelSwitch, nn.Module):
             ctx = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p_attn,
                                        validate=validate).reshape(t, e)
         x = self.attn_norm(self.attn_out(ctx), residual=x, dropout_p=p_hidden)
-        h = self.ffn_out(F.gelu(self.ffn_in(x)))
+        pre, x = linear_and_input(x, self.ffn_in.weight, self.ffn_in.bias)
+        h = self.ffn_out(F.gelu(pre))
         return self.ffn_norm(h, residual=x, dropout_p=p_hidden)
 
 
