@@ -65,7 +65,7 @@ class _LinearGeluAndInput(torch.autograd.Function):
         xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
         pre = F.linear(xc, wc, bc)
         ctx.save_for_backward(xc, wc, pre)
-        ctx.has_bias, ctx.backward_op = bias is not None, backward_op
+        ctx.has_bias, ctx.bias_dtype, ctx.backward_op = bias is not None, dtype, backward_op
         return F.gelu(pre), x.view_as(x)
 
     @staticmethod
@@ -78,7 +78,7 @@ class _LinearGeluAndInput(torch.autograd.Function):
             dx = _dgrad(dpre, weight, dx_other, x.shape)
         if ctx.needs_input_grad[1]:
             dw = dpre.t() @ x.reshape(-1, x.shape[-1])
-        return dx, dw, db if ctx.has_bias and ctx.needs_input_grad[2] else None, None
+        return dx, dw, db.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None, None
 
 
 def linear_and_input(x, weight, bias=None):

@@ -37,16 +37,18 @@ def resolve_kernels(kernels, device):
 
 
 class OpSet:
-    """The five fused ops of one implementation (a plain class, not a SimpleNamespace: torch.compile can build
+    """The fused ops of one implementation (a plain class, not a SimpleNamespace: torch.compile can build
     it while tracing a model's first call)."""
 
-    def __init__(self, name, layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy):
+    def __init__(self, name, layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
+                 gelu_backward_bias_grad):
         self.name = name
         self.layer_norm = layer_norm
         self.attention = attention
         self.attention_packed = attention_packed
         self.attention_varlen = attention_varlen
         self.mlm_cross_entropy = mlm_cross_entropy
+        self.gelu_backward_bias_grad = gelu_backward_bias_grad
 
 
 def _torch_ops():
@@ -66,22 +68,24 @@ def _torch_ops():
         return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
 
     return OpSet("torch", layer_norm, reference.attention, reference.attention_packed, attention_varlen,
-                 mlm_cross_entropy)
+                 mlm_cross_entropy, reference.gelu_backward_bias_grad)
 
 
 def _triton_ops():
     from .attention import attention, attention_packed, attention_varlen
     from .cross_entropy import mlm_cross_entropy
+    from .gelu import gelu_backward_bias_grad
     from .layer_norm import layer_norm
-    return OpSet("triton", layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy)
+    return OpSet("triton", layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
+                 gelu_backward_bias_grad)
 
 
 _OPS = {}
 
 
 def ops_for(kernels, device):
-    """The op namespace (layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy) for ``kernels`` on
-    ``device``."""
+    """The op namespace (layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
+    gelu_backward_bias_grad) for ``kernels`` on ``device``."""
     name = resolve_kernels(kernels, device)
     if name not in _OPS:
         _OPS[name] = _triton_ops() if name == "triton" else _torch_ops()
