@@ -36,6 +36,7 @@ from fastroberta.kernels._library import COSTS, KernelCost, nbytes
 CLASSES = ("GEMM", "attention", "norm", "elementwise", "embedding", "loss", "optimizer", "copies")
 GPUS = ("H100 SXM", "H200")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "model")
+HOST_US_PER_LAUNCH = 5.0  # eager PyTorch's host time per op launch (Python + dispatcher + launch), a rough floor
 MASK_PROB = 0.15  # the share of tokens an MLM batch labels: the labelled-row selection's size on meta
 CASES = {
     "pretrain-base-512": dict(task="mlm", model="base", seq_len=512, batch=32),
@@ -230,6 +231,7 @@ def summarize(records, gpu, tokens):
         c["share"] = c["ms"] / total if total else 0.0
     elementwise_bytes = sum(r.read + r.written for r in records if r.kind in ("elementwise", "copies"))
     return dict(classes=by_class, total_ms=total, launches=len(records),
+                host_floor_ms=len(records) * HOST_US_PER_LAUNCH / 1e3,
                 tflop=sum(r.flops for r in records) / 1e12,
                 gbytes=sum(r.read + r.written for r in records) / 1e9,
                 elementwise_copies_bytes_per_token=elementwise_bytes / tokens)
@@ -352,7 +354,9 @@ ASSUMPTIONS = """\
   fastroberta custom op (its cost function next to its kernel: `_library.COSTS`). Bytes: each tensor argument read
   once and each output written once (gathers read only the rows they gather); views and allocations are free;
   one launch per op (a few aten ops launch more). FLOPs: matmuls only (the vector work beside them is not
-  counted; attention's dropout RNG is real work the roofline misses).
+  counted; attention's dropout RNG is real work the roofline misses). The host floor is launches x 5 µs (eager
+  PyTorch's Python, dispatcher and launch time per op, roughly): where it nears the step's modelled time the
+  step is host-bound and a CUDA graph of the whole step (fixed shapes: fine-tuning) would pay.
 - CUDA's choices on meta: dropout is `native_dropout` (one kernel), SDPA is the flash kernel (no mask) or the
   efficient one (mask); with every token real (no padding, the pretraining packer's batches) transformers drops
   the mask. Pointwise ops on [.., L, L] score tensors count as attention; `bmm` is attention's.
@@ -362,8 +366,9 @@ ASSUMPTIONS = """\
 - MLM: fastroberta's head runs on the labelled rows only, 15% of tokens; transformers' on every token.
   `fastroberta-compile` is an estimate from the eager records: each run of elementwise/copies ops between two
   extern kernels (GEMMs, custom ops) counted as one kernel reading the run's largest input and writing its last
-  output (what Inductor's fusion could save at best). Inductor's own graph is not counted: it needs a CUDA
-  device to lower to Triton.
+  output (what Inductor's fusion could save at best). Inductor's own graph is not counted: lowering for CUDA
+  needs a CUDA build of torch and a device (the machine that regenerates this file has neither); `--measure` on
+  a GPU runs the compiled model for real.
 """
 
 
@@ -377,8 +382,8 @@ def render_md(results, gpus):
         for gpu in gpus:
             lines += [f"### {gpu}: modelled ms per class", "",
                       "| competitor | " + " | ".join(CLASSES) + " | step ms | vs hf-eager | vs hf-sdpa | launches "
-                      "| elementwise+copies B/token |",
-                      "|---" * (len(CLASSES) + 6) + "|"]
+                      f"| host floor ms ({HOST_US_PER_LAUNCH:.0f} µs/launch) | elementwise+copies B/token |",
+                      "|---" * (len(CLASSES) + 7) + "|"]
             base = res["competitors"]
             for comp, r in base.items():
                 s = r["gpus"][gpu]
@@ -386,7 +391,7 @@ def render_md(results, gpus):
                 lines.append(f"| {comp} | " + " | ".join(
                     f"{s['classes'][c]['ms']:.2f} ({100 * s['classes'][c]['share']:.0f}%)" for c in CLASSES)
                     + f" | **{s['total_ms']:.2f}** | {ratio('hf-eager')} | {ratio('hf-sdpa')} | {s['launches']} "
-                    f"| {s['elementwise_copies_bytes_per_token']:.0f} |")
+                    f"| {s['host_floor_ms']:.2f} | {s['elementwise_copies_bytes_per_token']:.0f} |")
             lines.append("")
         for comp in ("fastroberta", "hf-eager"):
             if comp not in res["competitors"]:
@@ -551,7 +556,10 @@ def render_before_after(baseline, results, gpu, label):
 
 
 def render_measured(results, gpu):
-    lines = ["## Measured (torch.profiler, CUDA) next to modelled", ""]
+    lines = ["## Measured (torch.profiler, CUDA) next to modelled", "",
+             "Measured: the mean of 3 profiled steps after 3 warm-up steps, kernels grouped by name "
+             "(`classify_kernel`); the optimizer there is torch's AdamW(fused=True) on the fp16 weights, not "
+             "DeepSpeed's fp32-master step the model counts.", ""]
     for res in results:
         lines += [f"### {res['case']}", "", "| competitor | class | modelled ms | measured ms | measured launches |",
                   "|---|---|---|---|---|"]

@@ -821,9 +821,12 @@ def _attention_setup(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, key_mask, seqlens, cu_seqlens, seed)
     ctx.args = (max_seqlen, dropout_p, softmax_scale)
+    ctx.set_materialize_grads(False)  # lse's gradient stays None, not a zeros tensor (a launch per call)
 
 
 def _attention_grad(ctx, do, _dlse):
+    if do is None:
+        return (None,) * 10
     q, k, v, o, lse, key_mask, seqlens, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, dropout_p, softmax_scale = ctx.args
     dq, dk, dv = torch.ops.fastroberta.attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
@@ -873,9 +876,12 @@ def _attention_packed_setup(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(qkv, o, lse, key_mask, seqlens, seed)
     ctx.args = (dropout_p, softmax_scale)
+    ctx.set_materialize_grads(False)
 
 
 def _attention_packed_grad(ctx, do, _dlse):
+    if do is None:
+        return (None,) * 6
     qkv, o, lse, key_mask, seqlens, seed = ctx.saved_tensors
     dqkv = torch.ops.fastroberta.attention_packed_backward(do, qkv, o, lse, key_mask, seqlens, *ctx.args, seed)
     return dqkv, None, None, None, None, None

@@ -240,9 +240,12 @@ def _mlm_cross_entropy_setup(ctx, inputs, output):
     h, weight, bias, targets, chunk_rows = inputs
     ctx.save_for_backward(h, weight, bias, targets, output[2])
     ctx.chunk_rows = chunk_rows
+    ctx.set_materialize_grads(False)  # lse's gradient stays None, not a zeros tensor
 
 
 def _mlm_cross_entropy_grad(ctx, grad_loss, _grad_num_correct, _grad_lse):
+    if grad_loss is None:
+        return (None,) * 5
     h, weight, bias, targets, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None

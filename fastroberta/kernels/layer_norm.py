@@ -322,9 +322,12 @@ def _layer_norm_setup(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
     ctx.has_bias, ctx.bias_dtype, ctx.dropout_p = bias is not None, getattr(bias, "dtype", None), dropout_p
+    ctx.set_materialize_grads(False)  # mean's and rstd's gradients stay None, not zeros (two launches per call)
 
 
 def _layer_norm_grad(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return (None,) * 7
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
     dx, dr, dw, db = torch.ops.fastroberta.layer_norm_backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p,
                                                                seed, ctx.has_bias)
