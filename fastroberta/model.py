@@ -86,12 +86,15 @@ class Embeddings(nn.Module):
         self.dropout_p = config.hidden_dropout_prob
 
     def forward(self, input_ids, position_ids, token_type_ids=None):
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        # The LayerNorm's residual input adds the word embeddings to the rest: one [tokens, hidden] sum fewer.
+        # Dropout comes after the LayerNorm, as in transformers (the fused one would drop before it).
+        rest = self.position_embeddings(position_ids)
         if token_type_ids is None:
-            x = x + self.token_type_embeddings.weight[0]
+            rest = rest + self.token_type_embeddings.weight[0]
         else:
-            x = x + self.token_type_embeddings(token_type_ids)
-        return self.layer_norm(x, dropout_p=self.dropout_p if self.training else 0.0)
+            rest = rest + self.token_type_embeddings(token_type_ids)
+        x = self.layer_norm(self.word_embeddings(input_ids), residual=rest)
+        return F.dropout(x, self.dropout_p, self.training)
 
 
 class EncoderLayer(KernelSwitch, nn.Module):
