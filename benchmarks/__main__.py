@@ -123,6 +123,11 @@ def run_static(args):
     return bench_static.main_from_args(args)
 
 
+def run_model(args):
+    from benchmarks import bench_model
+    return bench_model.main_from_args(args)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="fastroberta's benchmark suite",
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -183,6 +188,10 @@ def build_parser():
     s = sub.add_parser("static", help="sm_90 static report (registers, spills, SASS loop counts), no GPU")
     from benchmarks import bench_static
     bench_static.add_arguments(s)
+
+    m = sub.add_parser("model", help="per-op cost model of one training step (meta tensors, no GPU)")
+    from benchmarks import bench_model
+    bench_model.add_arguments(m)
     return parser
 
 
@@ -193,7 +202,7 @@ def main(argv=None):
         parser.print_help()
         return 2
     # report reads committed results and static compiles for sm_90 without running anything: no smoke figures.
-    if args.command not in ("report", "static") and _is_smoke(args):
+    if args.command not in ("report", "static", "model") and _is_smoke(args):
         from benchmarks import harness
         harness.print_smoke_banner()
     # `timeout` sends SIGTERM: turn it into an exception so partial results are still written.
@@ -211,6 +220,8 @@ def main(argv=None):
         ok = run_train(args)
     elif args.command == "static":
         ok = run_static(args)
+    elif args.command == "model":
+        ok = run_model(args)
     else:
         ok = run_report(args)
     return 0 if ok else 1

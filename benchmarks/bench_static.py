@@ -54,7 +54,7 @@ def _row(r):
     opcodes = s["opcodes"]
     return {"kernel": r["group"], "dtype": r["dtype"], "case": r["label"], "config": r.get("config", {}),
             "num_warps": r["num_warps"], "num_stages": r.get("num_stages"), "registers": r["regs"],
-            "stack_bytes": r["stack"], "shared_bytes": r["shared"],
+            "stack_bytes": r["stack"], "shared_bytes": r["shared"], "enable_fp_fusion": r.get("enable_fp_fusion"),
             "spill_stores": s["spill_stores"], "spill_loads": s["spill_loads"],
             "counted": s["counted"], "loop_instructions": s["instructions"], "classes": s["classes"],
             "inner_branches": s["inner_branches"], "loops": len(s["loops"]),
@@ -154,7 +154,8 @@ def markdown(result, baseline=None):
     rows, env = result["rows"], result["environment"]
     lines = ["# Static sm_90 report: registers, spills and SASS per main-loop iteration", "",
              f"Compiled for {env['target']} without a GPU · triton {env['triton']} · {env['ptxas'] or 'ptxas'} · "
-             f"commit `{env['git_commit']}` · {env['date']}", "",
+             f"commit `{env['git_commit']}` · {env['date']}" + (" · FP fusion (FMA contraction) on in every kernel"
+             if rows and all(r.get("enable_fp_fusion") for r in rows) else ""), "",
              "Instructions are SASS instructions one warp issues per iteration of the kernel's main loop (the "
              "whole kernel for loop-free kernels: LayerNorm forward, attention preprocess). Classes: tensor-core "
              "MMA / integer / float / memory / local (LDL+STL). Spills: STL / LDL in the whole kernel. "

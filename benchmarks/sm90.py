@@ -45,6 +45,7 @@ KERNELS = {  # group name: (module, kernel)
     "attn_bwd_dq": ("attention", "_attn_bwd_dq"),
     "ce_lse_forward": ("cross_entropy", "_lse_forward_kernel"),
     "ce_logits_grad": ("cross_entropy", "_logits_grad_kernel"),
+    "gelu_bwd_bias_grad": ("gelu", "_gelu_backward_bias_grad_kernel"),
 }
 MODES = ("test", "full", "static")
 # Attention layouts: how the launch site passes the batch's padding.
@@ -54,7 +55,7 @@ LAYOUTS = ("nomask", "mask", "right_padded", "varlen")
 def _kernel_modules():
     # The package re-exports functions under the module names, so import the modules themselves.
     return {name: importlib.import_module(f"fastroberta.kernels.{name}")
-            for name in ("layer_norm", "attention", "cross_entropy")}
+            for name in ("layer_norm", "attention", "cross_entropy", "gelu")}
 
 
 def _torch_dtype(name):
@@ -236,6 +237,17 @@ def cross_entropy_launches(ce, dtype_name, vocab=50265):
            dict(BLOCK_V=block, num_warps=num_warps))
 
 
+def gelu_launches(gm, dtype_name, rows=16384, n=3072):
+    """Arguments as ``_gelu_backward_bias_grad_launch`` passes them: the base FFN's [tokens, 3072] gradient."""
+    import torch
+    dtype = _torch_dtype(dtype_name)
+    t = torch.empty(rows, n, dtype=dtype)
+    partial = torch.empty(-(-rows // gm.ROWS_PER_PROGRAM), n, dtype=torch.float32)
+    yield ("gelu_bwd_bias_grad", f"N={n}", gm._gelu_backward_bias_grad_kernel,
+           (t, t, torch.empty_like(t), partial, n, n, n, rows, n, gm.ROWS_PER_PROGRAM),
+           dict(BLOCK_M=gm.BLOCK_M, BLOCK_N=gm.BLOCK_N, num_warps=4))
+
+
 def all_cases(mods, mode):
     """(group, dtype, label, kernel, args, kwargs) in a fixed order, the slow attention kernels first so that
     the workers finish together."""
@@ -265,6 +277,7 @@ def all_cases(mods, mode):
     for dtype_name in DTYPES:
         cases += [(g, dtype_name, *rest) for g, *rest in _layer_norm_cases(mods["layer_norm"], dtype_name, full)]
         cases += [(g, dtype_name, *rest) for g, *rest in cross_entropy_launches(mods["cross_entropy"], dtype_name)]
+        cases += [(g, dtype_name, *rest) for g, *rest in gelu_launches(mods["gelu"], dtype_name)]
     return cases
 
 
@@ -318,6 +331,8 @@ def compile_case(kernel, args, kwargs, target, backend):
     import triton
     from triton.compiler import ASTSource
     from triton.runtime.jit import create_function_from_signature
+    from fastroberta.kernels._compile_options import COMPILE_OPTIONS
+    kwargs = {**COMPILE_OPTIONS, **kwargs}  # the options every launch passes
     fn = _jit_fn(kernel)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
@@ -368,7 +383,7 @@ def _worker(claim_dir, mode, only):
             cubin = compiled.asm["cubin"]
             regs, stack = resource_usage(cubin, cuobjdump)
             result.update(ok=True, shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
-                          regs=regs, stack=stack)
+                          regs=regs, stack=stack, enable_fp_fusion=compiled.metadata.enable_fp_fusion)
             if mode == "static":
                 config = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK", "BLOCK_V") if k in kwargs}
                 result.update(config=config, num_stages=compiled.metadata.num_stages,

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastroberta.config import IGNORE_INDEX, RobertaConfig
+from fastroberta.fused_linear import linear_and_input, linear_gelu_and_input
 from fastroberta.kernels._checks import compiling
 from fastroberta.kernels.backend import KERNEL_CHOICES, KernelSwitch
 from fastroberta.kernels.layer_norm import FusedLayerNorm
@@ -61,12 +62,15 @@ class Embeddings(nn.Module):
         self.dropout_p = config.hidden_dropout_prob
 
     def forward(self, input_ids, position_ids, token_type_ids=None):
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        # The LayerNorm's residual input adds the word embeddings to the rest: one [tokens, hidden] sum fewer.
+        # Dropout comes after the LayerNorm, as in transformers (the fused one would drop before it).
+        rest = self.position_embeddings(position_ids)
         if token_type_ids is None:
-            x = x + self.token_type_embeddings.weight[0]
+            rest = rest + self.token_type_embeddings.weight[0]
         else:
-            x = x + self.token_type_embeddings(token_type_ids)
-        return self.layer_norm(x, dropout_p=self.dropout_p if self.training else 0.0)
+            rest = rest + self.token_type_embeddings(token_type_ids)
+        x = self.layer_norm(self.word_embeddings(input_ids), residual=rest)
+        return F.dropout(x, self.dropout_p, self.training)
 
 
 class EncoderLayer(KernelSwitch, nn.Module):
@@ -95,7 +99,9 @@ class EncoderLayer(KernelSwitch, nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         p_hidden = self.hidden_dropout_p if self.training else 0.0
         p_attn = self.attn_dropout_p if self.training else 0.0
-        qkv = self.qkv(x)
+        # x's second consumer, the attention LayerNorm's residual, takes it from linear_and_input: its gradient
+        # is then added inside the QKV dgrad GEMM (the same for the FFN's first linear below).
+        qkv, x = linear_and_input(x, self.qkv.weight, self.qkv.bias)
         if cu_seqlens is None:
             b, l, e = x.shape
             # The fused [B, L, 3, H, D] projection as is: backward writes dQ, dK, dV into one gradient.
@@ -107,7 +113,9 @@ class EncoderLayer(KernelSwitch, nn.Module):
             ctx = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p_attn,
                                        validate=validate).reshape(t, e)
         x = self.attn_norm(self.attn_out(ctx), residual=x, dropout_p=p_hidden)
-        h = self.ffn_out(F.gelu(self.ffn_in(x)))
+        # GELU's backward and ffn_in's bias gradient run as one op over the [tokens, intermediate] gradient.
+        act, x = linear_gelu_and_input(x, self.ffn_in.weight, self.ffn_in.bias, ops.gelu_backward_bias_grad)
+        h = self.ffn_out(act)
         return self.ffn_norm(h, residual=x, dropout_p=p_hidden)
 
 

@@ -79,7 +79,8 @@ def test_static_benchmark_end_to_end_on_one_kernel(tmp_path):
     assert row["counted"] == "main loop"  # the band-of-rows loop
     assert row["registers"] > 0 and row["shared_bytes"] >= 0 and row["loop_instructions"] > 50
     assert row["classes"]["float"] > 0 and row["classes"]["local"] == 0
+    assert row["enable_fp_fusion"] is True  # pinned by the kernels' launches (_compile_options), not Triton's default
     saved = json.loads((tmp_path / "static.json").read_text())
     assert saved["rows"][0]["loop_instructions"] == row["loop_instructions"]
     md = (tmp_path / "static.md").read_text()
-    assert "layer_norm_bwd" in md and "## Targets" in md
+    assert "layer_norm_bwd" in md and "## Targets" in md and "FP fusion (FMA contraction) on" in md

@@ -122,11 +122,13 @@ def _packed(qkv):
 
 def test_ops_are_registered_custom_ops():
     for name in ("layer_norm", "layer_norm_backward", "attention", "attention_backward", "attention_packed",
-                 "attention_packed_backward", "mlm_cross_entropy", "mlm_cross_entropy_backward"):
+                 "attention_packed_backward", "mlm_cross_entropy", "mlm_cross_entropy_backward",
+                 "gelu_backward_bias_grad"):
         assert hasattr(torch.ops.fastroberta, name), name
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "attention_packed", "attention", "mlm_cross_entropy"])
+@pytest.mark.parametrize("op", ["layer_norm", "attention_packed", "attention", "mlm_cross_entropy",
+                                "gelu_backward_bias_grad"])
 def test_opcheck(op):
     """torch.library.opcheck: schema, fake (meta) implementation against the real one, autograd registration."""
     g = torch.Generator().manual_seed(0)
@@ -148,6 +150,8 @@ def test_opcheck(op):
         cases = [(randn(24, 2, 16), randn(24, 2, 16), randn(24, 2, 16), None, None, cu, 14, 0.1, 0.25, seed),
                  (randn(2, 2, 16, 16), randn(2, 2, 16, 16), randn(2, 2, 16, 16), mask, seqlens, None, 16, 0.0,
                   0.25, None)]
+    elif op == "gelu_backward_bias_grad":  # runs inside autograd's backward: no gradient of its own
+        cases = [(randn(40, 136, grad=False), randn(40, 136, grad=False))]
     else:
         targets = torch.tensor([3, 0, 49, 7], device=DEVICE)
         cases = [(randn(4, 32), randn(50, 32), randn(50), targets, 0),

@@ -268,3 +268,22 @@ def test_flops_per_token_counts_every_matmul_weight():
     head = model.lm_head.dense.weight.numel() + model.roberta.embeddings.word_embeddings.weight.numel()
     expected = 6 * encoder + 12 * c.num_hidden_layers * c.hidden_size * seq + 6 * p * head
     assert model.flops_per_token(seq, p) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_embeddings_drop_out_after_the_layer_norm(kernels):
+    """As transformers' RobertaEmbeddings: LayerNorm(word + position + type), then dropout. Dropout after the
+    LayerNorm leaves exact zeros (scaled survivors elsewhere); before it, the normalized rows would have none."""
+    from fastroberta.model import Embeddings
+    cfg = RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.5)
+    emb = Embeddings(cfg, kernels=kernels)
+    ids = torch.randint(3, 50, (4, 16))
+    pos = torch.arange(2, 18).expand(4, 16)
+    emb.eval()
+    kept = emb(ids, pos)
+    emb.train()
+    dropped = emb(ids, pos)
+    zeros = dropped == 0
+    assert 0.3 < zeros.float().mean() < 0.7
+    torch.testing.assert_close(dropped[~zeros], 2 * kept[~zeros])

@@ -1,7 +1,7 @@
 """fastroberta.kernels: Triton kernels for RoBERTa pretraining, usable without the rest of fastroberta.
 
     from fastroberta.kernels import (layer_norm, attention, attention_packed, attention_varlen,
-                                     mlm_cross_entropy, FusedLayerNorm)
+                                     mlm_cross_entropy, gelu_backward_bias_grad, FusedLayerNorm)
 
 Each op runs its Triton kernel on CUDA tensors (or on CPU under ``TRITON_INTERPRET=1``) and falls back to
 the eager definition in ``fastroberta.kernels.reference`` otherwise.
@@ -9,7 +9,8 @@ the eager definition in ``fastroberta.kernels.reference`` otherwise.
 from . import reference
 from .attention import attention, attention_packed, attention_varlen
 from .cross_entropy import mlm_cross_entropy
+from .gelu import gelu_backward_bias_grad
 from .layer_norm import FusedLayerNorm, layer_norm
 
 __all__ = ["layer_norm", "FusedLayerNorm", "attention", "attention_packed", "attention_varlen",
-           "mlm_cross_entropy", "reference"]
+           "mlm_cross_entropy", "gelu_backward_bias_grad", "reference"]

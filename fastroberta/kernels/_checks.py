@@ -16,8 +16,9 @@ def interpreter_active():
 
 
 def triton_usable(tensor):
-    """True when a Triton kernel can run on ``tensor``'s device."""
-    return tensor.is_cuda or (tensor.device.type == "cpu" and interpreter_active())
+    """True when a Triton kernel can run on ``tensor``'s device. Meta tensors count: the custom ops' fake
+    implementations run on them and nothing launches (``benchmarks/bench_model.py`` counts a step that way)."""
+    return tensor.is_cuda or tensor.is_meta or (tensor.device.type == "cpu" and interpreter_active())
 
 
 def check_tensor(name, t, *, dtypes=FLOAT_DTYPES, ndim=None, device=None):

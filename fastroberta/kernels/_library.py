@@ -10,14 +10,49 @@ code runs the same launch functions. ARCHITECTURE.md ("Custom ops and torch.comp
 ``observe(mode)``: a ``TorchFunctionMode`` that handles a custom-op call is switched off while the op runs, so
 it would not see the launch code inside; ``observe`` enters it again inside every op implementation for as long
 as it lasts (``tests/test_syncs.py`` counts host syncs in the launch code this way).
+
+``COSTS``: for each op, a function of the op's arguments that says what its launch code runs on a GPU: a list
+of ``KernelCost`` (one per kernel launch: FLOPs, bytes read, bytes written). ``benchmarks/bench_model.py``
+counts a whole training step with them on meta tensors, where the ops' fake implementations run instead.
 """
 import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 
 NAMESPACE = "fastroberta"
 _OBSERVERS = []
+COSTS = {}
+
+
+class KernelCost(NamedTuple):
+    """One kernel launch of an op: ``kind`` is the class it counts in (GEMM, attention, norm, loss, ...);
+    ``flops`` are tensor-core FLOPs (matmuls; the vector work beside them is not counted)."""
+    name: str
+    kind: str
+    flops: float
+    read: float
+    written: float
+
+
+def register_cost(name):
+    """Register ``fn(*op_args) -> [KernelCost, ...]`` as what op ``name`` launches."""
+    def register(fn):
+        COSTS[f"{NAMESPACE}::{name}"] = fn
+        return fn
+    return register
+
+
+def nbytes(t):
+    """Bytes a kernel touches reading or writing all of ``t`` once (None: 0; stride-0 dims counted once)."""
+    if t is None:
+        return 0
+    n = t.element_size()
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n if t.numel() else 0
 
 
 @contextlib.contextmanager

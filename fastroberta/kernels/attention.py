@@ -63,7 +63,8 @@ import triton.language as tl
 from . import reference
 from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
                       triton_usable)
-from ._library import custom_op
+from ._compile_options import COMPILE_OPTIONS
+from ._library import KernelCost, custom_op, nbytes, register_cost
 
 HEAD_DIMS = (16, 32, 64, 128)
 DROPOUT_MAX_SEQLEN = 32768
@@ -740,7 +741,7 @@ def _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropo
     with _on_device(q):
         _attn_fwd[grid](q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
                         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-                        *lse_strides, key_mask.stride(0) if key_mask is not None else 0, **run)
+                        *lse_strides, key_mask.stride(0) if key_mask is not None else 0, **run, **COMPILE_OPTIONS)
     return o, lse
 
 
@@ -766,14 +767,15 @@ def _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_
         _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
             o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
             heads, run["seq_len"], max_seqlen, 1.0 - dropout_p,
-            HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block)
+            HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block,
+            **COMPILE_OPTIONS)
         _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
                                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
                                *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
-                               *lse_strides, mask_stride, **run)
+                               *lse_strides, mask_stride, **run, **COMPILE_OPTIONS)
         _attn_bwd_dq[grid_m](q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
                              *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
+                             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run, **COMPILE_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -819,9 +821,12 @@ def _attention_setup(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, key_mask, seqlens, cu_seqlens, seed)
     ctx.args = (max_seqlen, dropout_p, softmax_scale)
+    ctx.set_materialize_grads(False)  # lse's gradient stays None, not a zeros tensor (a launch per call)
 
 
 def _attention_grad(ctx, do, _dlse):
+    if do is None:
+        return (None,) * 10
     q, k, v, o, lse, key_mask, seqlens, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, dropout_p, softmax_scale = ctx.args
     dq, dk, dv = torch.ops.fastroberta.attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
@@ -871,15 +876,72 @@ def _attention_packed_setup(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(qkv, o, lse, key_mask, seqlens, seed)
     ctx.args = (dropout_p, softmax_scale)
+    ctx.set_materialize_grads(False)
 
 
 def _attention_packed_grad(ctx, do, _dlse):
+    if do is None:
+        return (None,) * 6
     qkv, o, lse, key_mask, seqlens, seed = ctx.saved_tensors
     dqkv = torch.ops.fastroberta.attention_packed_backward(do, qkv, o, lse, key_mask, seqlens, *ctx.args, seed)
     return dqkv, None, None, None, None, None
 
 
 _attention_packed_op.register_autograd(_attention_packed_grad, setup_context=_attention_packed_setup)
+
+
+# What the launch code runs on a GPU (see _library.COSTS). FLOPs are the tensor-core matmuls the kernels run,
+# recomputation included: forward q k^T and p v (4 B H L^2 D); backward recomputes q k^T in each of its two
+# main kernels, dk/dv's kernel adds p^T do, do v^T and ds^T q, dq's adds do v^T and ds k (14 B H L^2 D).
+# Bytes are each tensor read or written once (K and V are re-read per query block from L2, not counted).
+# A varlen batch counts as n_seqs sequences of max_seqlen tokens (an upper bound on the matmul work).
+def _attention_shape(q, cu_seqlens, max_seqlen):
+    """(sequences, heads, tokens per sequence, head dim) of the work an attention call does."""
+    if cu_seqlens is not None:
+        return cu_seqlens.numel() - 1, q.shape[1], max_seqlen, q.shape[2]
+    return q.shape
+
+
+def _attention_costs(qkv_bytes, o, lse, shape):
+    b, h, l, d = shape
+    qk = 2 * b * h * l * l * d
+    return [KernelCost("attn_fwd", "attention", 2 * qk, qkv_bytes, nbytes(o) + nbytes(lse))]
+
+
+def _attention_backward_costs(qkv_bytes, o, lse, mask_bytes, shape):
+    b, h, l, d = shape
+    qk = 2 * b * h * l * l * d
+    do = nbytes(o)
+    return [KernelCost("attn_bwd_preprocess", "attention", 0, 2 * do, nbytes(lse)),
+            KernelCost("attn_bwd_dkdv", "attention", 4 * qk, qkv_bytes + do + 2 * nbytes(lse) + mask_bytes,
+                       qkv_bytes * 2 // 3),
+            KernelCost("attn_bwd_dq", "attention", 3 * qk, qkv_bytes + do + 2 * nbytes(lse) + mask_bytes,
+                       qkv_bytes // 3)]
+
+
+@register_cost("attention")
+def _attention_cost(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    o, lse = _empty_out(q, cu_seqlens is not None), _empty_lse(q, cu_seqlens is not None)
+    return _attention_costs(nbytes(q) + nbytes(k) + nbytes(v) + nbytes(key_mask), o, lse,
+                            _attention_shape(q, cu_seqlens, max_seqlen))
+
+
+@register_cost("attention_backward")
+def _attention_backward_cost(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p,
+                             softmax_scale, seed):
+    return _attention_backward_costs(nbytes(q) + nbytes(k) + nbytes(v), o, lse, nbytes(key_mask),
+                                     _attention_shape(q, cu_seqlens, max_seqlen))
+
+
+@register_cost("attention_packed")
+def _attention_packed_cost(qkv, key_mask, seqlens, dropout_p, softmax_scale, seed):
+    q = _packed_views(qkv)[0]
+    return _attention_costs(nbytes(qkv) + nbytes(key_mask), _empty_out(q, False), _empty_lse(q, False), q.shape)
+
+
+@register_cost("attention_packed_backward")
+def _attention_packed_backward_cost(do, qkv, o, lse, key_mask, seqlens, dropout_p, softmax_scale, seed):
+    return _attention_backward_costs(nbytes(qkv), o, lse, nbytes(key_mask), _packed_views(qkv)[0].shape)
 
 
 def _packed_views(qkv):

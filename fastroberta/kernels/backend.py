@@ -32,23 +32,26 @@ def resolve_kernels(kernels, device):
         kernels = check_kernels(env, "FASTROBERTA_KERNELS") if env else "auto"
     if kernels == "auto":
         kernels = "triton" if device.type == "cuda" else "torch"
-    if kernels == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreter_active())):
+    usable = device.type in ("cuda", "meta") or (device.type == "cpu" and interpreter_active())
+    if kernels == "triton" and not usable:
         raise ValueError(f"kernels='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
                          "before importing fastroberta, or use kernels='torch'")
     return kernels
 
 
 class OpSet:
-    """The five fused ops of one implementation (a plain class, not a SimpleNamespace: torch.compile can build
+    """The fused ops of one implementation (a plain class, not a SimpleNamespace: torch.compile can build
     it while tracing a model's first call)."""
 
-    def __init__(self, name, layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy):
+    def __init__(self, name, layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
+                 gelu_backward_bias_grad):
         self.name = name
         self.layer_norm = layer_norm
         self.attention = attention
         self.attention_packed = attention_packed
         self.attention_varlen = attention_varlen
         self.mlm_cross_entropy = mlm_cross_entropy
+        self.gelu_backward_bias_grad = gelu_backward_bias_grad
 
 
 def _outside_autocast(fn):
@@ -81,22 +84,25 @@ def _torch_ops():
 
     return OpSet("torch", *(_outside_autocast(op) for op in (layer_norm, reference.attention,
                                                               reference.attention_packed, attention_varlen,
-                                                              mlm_cross_entropy)))
+                                                              mlm_cross_entropy,
+                                                              reference.gelu_backward_bias_grad)))
 
 
 def _triton_ops():
     from .attention import attention, attention_packed, attention_varlen
     from .cross_entropy import mlm_cross_entropy
+    from .gelu import gelu_backward_bias_grad
     from .layer_norm import layer_norm
-    return OpSet("triton", layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy)
+    return OpSet("triton", layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
+                 gelu_backward_bias_grad)
 
 
 _OPS = {}
 
 
 def ops_for(kernels, device):
-    """The op namespace (layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy) for ``kernels`` on
-    ``device``."""
+    """The op namespace (layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
+    gelu_backward_bias_grad) for ``kernels`` on ``device``."""
     name = resolve_kernels(kernels, device)
     if name not in _OPS:
         _OPS[name] = _triton_ops() if name == "triton" else _torch_ops()

@@ -50,7 +50,8 @@ import triton.language as tl
 
 from . import reference
 from ._checks import check_tensor, compiling, interpreter_active, known_true, triton_usable
-from ._library import custom_op
+from ._compile_options import COMPILE_OPTIONS
+from ._library import KernelCost, custom_op, nbytes, register_cost
 
 # Most bytes one chunk of logits may take: 128 MiB is ~1,300 rows of fp16 logits at V = 50,265, large enough
 # that the chunk GEMMs run at full tensor-core speed and small next to eager's [N, V] fp32 softmax copies.
@@ -167,7 +168,7 @@ def _mlm_cross_entropy_forward(h, weight, bias, targets, chunk_rows):
             z = _chunk_logits(h[start:stop], weight, bias, buf[:stop - start])
             _lse_forward_kernel[(stop - start,)](
                 z, targets[start:stop], lse[start:stop], row_loss[start:stop], correct[start:stop],
-                z.stride(0), V, BLOCK_V=block, num_warps=num_warps)
+                z.stride(0), V, BLOCK_V=block, num_warps=num_warps, **COMPILE_OPTIONS)
         del buf
         loss = row_loss.sum() / n
     else:
@@ -194,7 +195,7 @@ def _mlm_cross_entropy_backward(grad_loss, h, weight, bias, targets, lse, chunk_
             dz = _chunk_logits(h_chunk, weight, bias, buf[:stop - start])
             _logits_grad_kernel[(stop - start,)](
                 dz, targets[start:stop], lse[start:stop], scale,
-                dz.stride(0), V, BLOCK_V=block, num_warps=num_warps)
+                dz.stride(0), V, BLOCK_V=block, num_warps=num_warps, **COMPILE_OPTIONS)
             if need_h:
                 torch.mm(dz, weight, out=grad_h[start:stop])
             if need_w:
@@ -239,9 +240,12 @@ def _mlm_cross_entropy_setup(ctx, inputs, output):
     h, weight, bias, targets, chunk_rows = inputs
     ctx.save_for_backward(h, weight, bias, targets, output[2])
     ctx.chunk_rows = chunk_rows
+    ctx.set_materialize_grads(False)  # lse's gradient stays None, not a zeros tensor
 
 
 def _mlm_cross_entropy_grad(ctx, grad_loss, _grad_num_correct, _grad_lse):
+    if grad_loss is None:
+        return (None,) * 5
     h, weight, bias, targets, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
@@ -252,6 +256,50 @@ def _mlm_cross_entropy_grad(ctx, grad_loss, _grad_num_correct, _grad_lse):
 
 
 _mlm_cross_entropy_op.register_autograd(_mlm_cross_entropy_grad, setup_context=_mlm_cross_entropy_setup)
+
+
+# What the launch code runs on a GPU (see _library.COSTS), chunk by chunk: the logits GEMMs count as GEMM (as
+# an unfused head's decoder GEMM does), the kernels over the [rows, V] logits chunk as loss.
+def _chunks(h, weight, chunk_rows):
+    n, V = h.shape[0], weight.shape[0]
+    if chunk_rows <= 0:
+        chunk_rows = _default_chunk_rows(n, V, h.element_size())
+    return [min(chunk_rows, n - start) for start in range(0, n, chunk_rows)]
+
+
+@register_cost("mlm_cross_entropy")
+def _mlm_cross_entropy_cost(h, weight, bias, targets, chunk_rows):
+    V, E, s = weight.shape[0], weight.shape[1], h.element_size()
+    kernels = []
+    for rows in _chunks(h, weight, chunk_rows):
+        z = rows * V * s
+        kernels += [KernelCost("ce_logits_addmm", "GEMM", 2 * rows * V * E, rows * E * s + nbytes(weight)
+                               + nbytes(bias), z),
+                    KernelCost("ce_lse_fwd", "loss", 0, z + rows * targets.element_size(), rows * 12)]
+    n = h.shape[0]
+    return kernels + [KernelCost("ce_loss_sum", "loss", 0, 4 * n, 4), KernelCost("ce_correct_sum", "loss", 0, 4 * n, 8)]
+
+
+@register_cost("mlm_cross_entropy_backward")
+def _mlm_cross_entropy_backward_cost(grad_loss, h, weight, bias, targets, lse, chunk_rows, need_h, need_w, need_b):
+    V, E, s = weight.shape[0], weight.shape[1], h.element_size()
+    kernels = [KernelCost("ce_scale", "loss", 0, 4, 4)]
+    if need_w:
+        kernels.append(KernelCost("ce_zero_dweight", "loss", 0, 0, nbytes(weight)))
+    if need_b:
+        kernels.append(KernelCost("ce_zero_dbias", "loss", 0, 0, 4 * V))
+    for rows in _chunks(h, weight, chunk_rows):
+        z, hc = rows * V * s, rows * E * s
+        kernels += [KernelCost("ce_logits_addmm", "GEMM", 2 * rows * V * E, hc + nbytes(weight) + nbytes(bias), z),
+                    KernelCost("ce_logits_grad", "loss", 0, z + rows * 8 + 4, z)]
+        if need_h:
+            kernels.append(KernelCost("ce_dhidden_mm", "GEMM", 2 * rows * V * E, z + nbytes(weight), hc))
+        if need_w:
+            kernels.append(KernelCost("ce_dweight_addmm", "GEMM", 2 * rows * V * E, z + hc + nbytes(weight),
+                                      nbytes(weight)))
+        if need_b:
+            kernels += [KernelCost("ce_dbias_sum", "loss", 0, z, 4 * V), KernelCost("ce_dbias_add", "loss", 0, 8 * V, 4 * V)]
+    return kernels
 
 
 def _default_chunk_rows(n, V, itemsize):

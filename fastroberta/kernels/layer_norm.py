@@ -36,7 +36,8 @@ import triton.language as tl
 
 from . import reference
 from ._checks import check_tensor, new_dropout_seed, triton_usable
-from ._library import custom_op
+from ._compile_options import COMPILE_OPTIONS
+from ._library import KernelCost, custom_op, nbytes, register_cost
 from .backend import KernelSwitch
 
 # A row lives in the registers of one program. The backward's per-thread state (weight, two gradient
@@ -231,7 +232,7 @@ def _layer_norm_forward(x, weight, bias, residual, eps, dropout_p, seed):
                 n, eps, dropout_p, scale, seed if has_dropout else None,
                 HAS_RESIDUAL=r2 is not None, HAS_DROPOUT=has_dropout,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                BLOCK=block, num_warps=num_warps,
+                BLOCK=block, num_warps=num_warps, **COMPILE_OPTIONS,
             )
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
@@ -270,7 +271,7 @@ def _layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, h
                 m, n, dropout_p, scale, seed if has_dropout else None, rows_per_program,
                 HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
-                STORE_DRESIDUAL=store_dresidual, BLOCK=block, num_warps=num_warps,
+                STORE_DRESIDUAL=store_dresidual, BLOCK=block, num_warps=num_warps, **COMPILE_OPTIONS,
             )
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     dbias = db_partial.sum(0) if has_bias else None
@@ -321,9 +322,12 @@ def _layer_norm_setup(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
     ctx.has_bias, ctx.bias_dtype, ctx.dropout_p = bias is not None, getattr(bias, "dtype", None), dropout_p
+    ctx.set_materialize_grads(False)  # mean's and rstd's gradients stay None, not zeros (two launches per call)
 
 
 def _layer_norm_grad(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return (None,) * 7
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
     dx, dr, dw, db = torch.ops.fastroberta.layer_norm_backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p,
                                                                seed, ctx.has_bias)
@@ -336,6 +340,32 @@ def _layer_norm_grad(ctx, dy, _dmean, _drstd):
 
 
 _layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+
+# What the launch code runs on a GPU (see _library.COSTS). The backward's programs count is an H100's
+# (132 SMs, four programs each): their fp32 partial rows are written once and summed by two small launches.
+H100_BACKWARD_PROGRAMS = 4 * 132
+
+
+@register_cost("layer_norm")
+def _layer_norm_cost(x, weight, bias, residual, eps, dropout_p, seed):
+    rows = x.numel() // x.shape[-1]
+    read = nbytes(x) + nbytes(residual) + nbytes(weight) + nbytes(bias)
+    return [KernelCost("layer_norm_fwd", "norm", 0, read, nbytes(x) + 8 * rows)]
+
+
+@register_cost("layer_norm_backward")
+def _layer_norm_backward_cost(dy, x, residual, weight, mean, rstd, dropout_p, seed, has_bias):
+    n = x.shape[-1]
+    programs = max(1, min(x.numel() // n, H100_BACKWARD_PROGRAMS))
+    partials = programs * n * 4 * ((weight is not None) + has_bias)
+    store_dr = residual is not None and dropout_p > 0.0
+    read = nbytes(dy) + nbytes(x) + nbytes(residual) + nbytes(weight) + nbytes(mean) + nbytes(rstd)
+    kernels = [KernelCost("layer_norm_bwd", "norm", 0, read, nbytes(x) * (1 + store_dr) + partials)]
+    if weight is not None:
+        kernels.append(KernelCost("layer_norm_dweight_sum", "norm", 0, programs * n * 4, nbytes(weight)))
+    if has_bias:
+        kernels.append(KernelCost("layer_norm_dbias_sum", "norm", 0, programs * n * 4, n * 4))
+    return kernels
 
 
 def _check_inputs(x, weight, bias, eps, residual, dropout_p):

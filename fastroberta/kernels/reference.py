@@ -10,6 +10,7 @@ query row with no real key gives zeros (never NaN), and an MLM batch without a l
     attention_packed(qkv, mask, p, scale)  = attention on the views q, k, v of a fused [B, L, 3, H, D] qkv
     attention_varlen(q, k, v, cu_seqlens)  = attention per sequence of a packed [total_tokens, H, D] batch
     mlm_cross_entropy(h, W, b, labels)     = mean over labelled rows of logsumexp(h W^T + b) - (h W^T + b)[label]
+    gelu_backward_bias_grad(dact, pre)     = (dact * GELU'(pre), its column sums in fp32)
 """
 import math
 
@@ -111,3 +112,10 @@ def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_nu
         num_correct = (logits.argmax(dim=-1) == tgt).sum()
         return loss, num_correct
     return loss
+
+
+def gelu_backward_bias_grad(dact, pre):
+    """(dpre, dbias): dpre = dact * GELU'(pre) (aten's exact-GELU backward, in pre's dtype) and dbias = the
+    column sums of dpre in fp32, for [rows, n] dact and pre."""
+    dpre = torch.ops.aten.gelu_backward(dact, pre)
+    return dpre, dpre.sum(0, dtype=torch.float32)

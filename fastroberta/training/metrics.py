@@ -39,6 +39,18 @@ GPU_PEAK_TFLOPS = [
     ("V100", (125.0, 15.7, 15.7)),
     ("T4", (65.0, 8.1, 8.1)),
 ]
+# HBM bandwidth in TB/s (10^12 bytes/s) per device, matched like GPU_PEAK_TFLOPS (vendor datasheets; the SXM
+# parts). benchmarks/bench_model.py's roofline reads both tables.
+GPU_HBM_TBPS = [
+    ("H200 NVL", 4.8),
+    ("H200", 4.8),
+    ("GH200", 4.0),
+    ("H100 NVL", 3.9),
+    ("H100 PCIe", 2.0),
+    ("H100", 3.35),
+    ("B200", 8.0),
+    ("A100", 2.039),
+]
 PEAK_ENV = "FASTROBERTA_PEAK_TFLOPS"
 _clock = time.perf_counter
 
