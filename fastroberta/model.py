@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastroberta.config import IGNORE_INDEX, RobertaConfig
 from fastroberta.fused_linear import linear_and_input, linear_gelu_and_input
-from fastroberta.kernels._checks import compiling
+from fastroberta.kernels._checks import autocast_enabled, compiling
 from fastroberta.kernels.backend import KERNEL_CHOICES, KernelSwitch
 from fastroberta.kernels.layer_norm import FusedLayerNorm
 from fastroberta.outputs import BaseModelOutput, ClassifierOutput, MaskedLMOutput, ModelOutput
@@ -147,7 +147,7 @@ class MLMHead(KernelSwitch, nn.Module):
         rows = labelled.nonzero().squeeze(-1)
         h = self.transform(hidden.index_select(0, rows))
         bias = self.bias
-        if torch.is_autocast_enabled(h.device.type):  # the decoder in the autocast dtype, as F.linear would run
+        if autocast_enabled(h.device):  # the decoder in the autocast dtype, as F.linear would run
             dtype = torch.get_autocast_dtype(h.device.type)
             h, decoder_weight, bias = h.to(dtype), decoder_weight.to(dtype), bias.to(dtype)
         loss, num_correct = self.ops(hidden.device).mlm_cross_entropy(

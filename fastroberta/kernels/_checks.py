@@ -62,3 +62,9 @@ def compiling():
     """True while torch.compile (Dynamo) traces the caller: checks that must read a tensor's values on the
     host (a graph break) are skipped then; see each entry point's docstring for which."""
     return torch.compiler.is_compiling()
+
+
+def autocast_enabled(device):
+    """Whether a ``torch.autocast`` region is active for ``device``'s type. Only the types autocast knows are
+    asked (torch raises for others, e.g. the meta tensors of the step cost model)."""
+    return device.type in ("cuda", "cpu", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device.type)

@@ -13,7 +13,7 @@ import os
 import torch
 
 from . import reference
-from ._checks import compiling, interpreter_active
+from ._checks import autocast_enabled, compiling, interpreter_active
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -59,7 +59,7 @@ def _outside_autocast(fn):
     inputs' dtypes with fp32 statistics, even inside a ``torch.autocast`` region."""
     @functools.wraps(fn)
     def run(x, *args, **kwargs):
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_enabled(x.device):
             with torch.autocast(x.device.type, enabled=False):
                 return fn(x, *args, **kwargs)
         return fn(x, *args, **kwargs)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_tensor, new_dropout_seed, triton_usable
+from ._checks import autocast_enabled, check_tensor, new_dropout_seed, triton_usable
 from ._compile_options import COMPILE_OPTIONS
 from ._library import KernelCost, custom_op, nbytes, register_cost
 from .backend import KernelSwitch
@@ -436,7 +436,7 @@ class FusedLayerNorm(KernelSwitch, torch.nn.LayerNorm):
 
     def forward(self, x, residual=None, dropout_p=0.0):
         ops = self.ops(x.device)
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_enabled(x.device):
             # As autocast runs nn.LayerNorm: in fp32, returning fp32. The residual stream then stays fp32 while
             # the linear layers return the autocast dtype, so both inputs are brought to fp32 here.
             with torch.autocast(x.device.type, enabled=False):
