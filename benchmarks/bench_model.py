@@ -374,7 +374,9 @@ ASSUMPTIONS = """\
 
 def render_md(results, gpus):
     lines = ["# One training step, modelled (roofline) per op class", "",
-             "Regenerate: `python -m benchmarks model` (no GPU needed; meta tensors).", "", "## Assumptions", "",
+             "Regenerate: `python -m benchmarks model --baseline "
+             "benchmarks/results/model/step_model-baseline-a84f558.json --baseline-label "
+             "'a84f558 (the start of issue 26)'` (no GPU needed; meta tensors; about a minute on 2 cores).", "", "## Assumptions", "",
              ASSUMPTIONS]
     for res in results:
         lines += [f"## {res['case']}: {res['model']}, seq {res['seq_len']}, batch {res['batch']}, fp16 "
