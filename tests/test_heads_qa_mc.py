@@ -243,3 +243,30 @@ def test_new_head_input_errors():
         mc(cids, cmask, labels=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="labels has 3 entries but the batch has 2 questions"):
         mc(cids, cmask, labels=torch.tensor([0, 1, 2]))
+
+
+def test_token_classification_serves_ner_labels_and_names(tmp_path):
+    """What NER fine-tuning needs from the token head: a label on each word's first sub-word, -100 on the other
+    sub-words, <s>, </s> and padding (the loss is the CE over the first sub-words alone), and the tag names
+    (id2label) carried into the folder transformers' AutoModelForTokenClassification reads."""
+    from fastroberta import RobertaForTokenClassification
+    tags = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
+    _, mlm = make_pair(RobertaForMaskedLM)
+    mlm.save_pretrained(str(tmp_path / "mlm"))
+    with pytest.warns(UserWarning, match="newly initialised"):
+        model = RobertaForTokenClassification.from_pretrained(str(tmp_path / "mlm"), kernels="torch",
+                                                              num_labels=5, id2label=tags)
+    ids, mask, _ = batch(lengths=(12, 8))
+    # Words of 1-3 sub-words; row 0: <s> w(2) w(1) w(3) w(1) w(2) w(1) </s> ...; row 1: <s> w(3) w(2) w(1) </s>
+    first = torch.zeros_like(ids, dtype=torch.bool)
+    first[0, [1, 3, 4, 7, 8, 10]] = True
+    first[1, [1, 4, 6]] = True
+    word_tags = torch.randint(0, 5, ids.shape, generator=torch.Generator().manual_seed(3))
+    labels = torch.where(first, word_tags, torch.full_like(ids, -100))
+    model.eval()
+    out = model(ids, mask, labels=labels)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[first], word_tags[first]))
+    model.save_pretrained(str(tmp_path / "ner"))
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(str(tmp_path / "ner"))
+    assert hf.config.id2label == tags and hf.config.label2id == {v: k for k, v in tags.items()}
+    assert RobertaForTokenClassification.from_pretrained(str(tmp_path / "ner")).config.id2label == tags
