@@ -5,6 +5,7 @@ masked out of the question-answering softmax, is checked against transformers ru
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -270,3 +271,42 @@ def test_token_classification_serves_ner_labels_and_names(tmp_path):
     hf = transformers.AutoModelForTokenClassification.from_pretrained(str(tmp_path / "ner"))
     assert hf.config.id2label == tags and hf.config.label2id == {v: k for k, v in tags.items()}
     assert RobertaForTokenClassification.from_pretrained(str(tmp_path / "ner")).config.id2label == tags
+
+
+@pytest.mark.parametrize("cls", [RobertaForQuestionAnswering, RobertaForMultipleChoice])
+def test_trainer_trains_and_evaluates_the_new_heads(cls, tmp_path):
+    """transformers.Trainer finds the heads' label names (start/end positions; labels) and reads their outputs:
+    the loss first, then the logits it hands to compute_metrics."""
+    torch.manual_seed(0)
+    model = cls(RobertaConfig(**CFG), kernels="torch")
+    ids, mask, _ = batch(lengths=(16, 11, 16, 7, 16, 13, 9, 16))
+    if cls is RobertaForQuestionAnswering:
+        data = [{"input_ids": i, "attention_mask": m, "start_positions": torch.tensor(1),
+                 "end_positions": torch.tensor(int(m.sum()) - 2)} for i, m in zip(ids, mask)]
+    else:
+        data = [{"input_ids": i, "attention_mask": m, "labels": torch.tensor(k % 2)}
+                for k, (i, m) in enumerate(zip(ids.view(4, 2, -1), mask.view(4, 2, -1)))]
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["prediction"] = prediction
+        return {}
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                          per_device_eval_batch_size=2, max_steps=2, learning_rate=1e-3,
+                                          report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                                   compute_metrics=compute_metrics)
+    before = model.classifier.weight.clone() if cls is RobertaForMultipleChoice else model.qa_outputs.weight.clone()
+    trainer.train()
+    after = model.classifier.weight if cls is RobertaForMultipleChoice else model.qa_outputs.weight
+    assert not torch.equal(before, after)
+    metrics = trainer.evaluate()
+    assert np.isfinite(metrics["eval_loss"])
+    prediction = seen["prediction"]
+    if cls is RobertaForQuestionAnswering:
+        start_logits, end_logits = prediction.predictions
+        assert start_logits.shape == end_logits.shape == (8, 16)
+        assert [list(x) for x in prediction.label_ids] == [[1] * 8, [int(m.sum()) - 2 for m in mask]]
+    else:
+        assert prediction.predictions.shape == (4, 2) and list(prediction.label_ids) == [0, 1, 0, 1]
