@@ -1,7 +1,8 @@
 """RobertaForQuestionAnswering, RobertaForMultipleChoice and RobertaModel's pooler are numerically Hugging Face's
 classes of the same names: same outputs, losses and gradients from the same weights, on the eager ops and the
 Triton kernels (interpreter on CPU); checkpoints move both ways. The one intended difference, padding positions
-masked out of the question-answering softmax, is checked against transformers run on each row without padding."""
+masked out of the question-answering softmax, is checked against transformers run on each row without padding.
+Also: the token head against what NER needs, and transformers.Trainer over the new heads."""
 import copy
 import warnings
 
