@@ -1,12 +1,15 @@
 """fastroberta: RoBERTa masked-LM pretraining with Triton kernels under DeepSpeed."""
 from fastroberta.compile import compile_model
 from fastroberta.config import RobertaConfig
-from fastroberta.model import (BaseModelOutput, ClassifierOutput, MaskedLMOutput, RobertaForMaskedLM,
-                               RobertaForSequenceClassification, RobertaForTokenClassification, RobertaModel)
+from fastroberta.model import (BaseModelOutput, ClassifierOutput, MaskedLMOutput, MultipleChoiceOutput,
+                               QuestionAnsweringOutput, RobertaForMaskedLM, RobertaForMultipleChoice,
+                               RobertaForQuestionAnswering, RobertaForSequenceClassification,
+                               RobertaForTokenClassification, RobertaModel)
 
 __version__ = "0.1.0"
 __all__ = ["RobertaConfig", "RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
-           "RobertaForTokenClassification", "BaseModelOutput", "MaskedLMOutput", "ClassifierOutput",
+           "RobertaForTokenClassification", "RobertaForQuestionAnswering", "RobertaForMultipleChoice",
+           "BaseModelOutput", "MaskedLMOutput", "ClassifierOutput", "QuestionAnsweringOutput", "MultipleChoiceOutput",
            "compile_model", "apply_kernels", "remove_kernels", "kernels_applied", "__version__"]
 
 # The Hugging Face drop-in imports transformers (an optional extra): loaded on first use only.

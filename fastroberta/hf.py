@@ -20,8 +20,10 @@ SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
 
-# Keys HF stores that carry no information for us: a constant buffer, the pooler of RobertaModel checkpoints
-# (we have none, and transformers' heads ignore it too), and the decoder weight tied to the word embeddings.
+# Keys HF stores that carry no information for us when the model has no parameter of that name: a constant
+# buffer, the pooler of RobertaModel checkpoints (read when the model has one: RobertaForMultipleChoice,
+# RobertaModel(add_pooling_layer=True); transformers' other heads skip it too), and the decoder weight tied
+# to the word embeddings.
 _IGNORED = ("embeddings.position_ids", "pooler.", "lm_head.decoder.weight")
 
 _EMBEDDINGS = {"embeddings.word_embeddings": "embeddings.word_embeddings",
@@ -169,6 +171,12 @@ def load_pretrained(cls, path, kernels="auto", output_loading_info=False, **conf
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     config = read_config(path)
+    model_args = {}
+    if "add_pooling_layer" in config_overrides:  # a constructor argument, not a config field (as in transformers)
+        from fastroberta.model import RobertaModel
+        if cls is not RobertaModel:
+            raise ValueError(f"add_pooling_layer applies to RobertaModel only, not {cls.__name__}")
+        model_args["add_pooling_layer"] = bool(config_overrides.pop("add_pooling_layer"))
     if config_overrides:
         if "num_labels" in config_overrides and config_overrides["num_labels"] != config.num_labels:
             config_overrides.setdefault("id2label", None)
@@ -177,7 +185,7 @@ def load_pretrained(cls, path, kernels="auto", output_loading_info=False, **conf
         if unknown:
             raise ValueError(f"unknown RobertaConfig fields: {unknown}")
         config = dataclasses.replace(config, **config_overrides)
-    model = cls(config, kernels=kernels)
+    model = cls(config, kernels=kernels, **model_args)
     state, missing, unexpected = from_hf_state_dict(model, load_state(path))
     model.load_state_dict(state, strict=False)  # what is missing keeps the fresh initialisation
     if missing or unexpected:

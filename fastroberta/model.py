@@ -4,6 +4,8 @@
     RobertaForMaskedLM                 encoder + MLM head (dense -> GELU -> LayerNorm -> tied decoder)
     RobertaForSequenceClassification   encoder + HF's classification head on <s>
     RobertaForTokenClassification      encoder + dropout + linear per token
+    RobertaForQuestionAnswering        encoder + linear per token -> start and end logits
+    RobertaForMultipleChoice           encoder on [B * C, L] + pooler -> dropout -> linear -> logits [B, C]
 
 Numerically Hugging Face's classes of the same names (``fastroberta.hf`` maps the weights). The fused ops
 (dropout + residual + LayerNorm, key-padding-mask and varlen attention, masked-LM cross-entropy) come from
@@ -37,11 +39,14 @@ from fastroberta.fused_linear import linear_and_input, linear_gelu_and_input
 from fastroberta.kernels._checks import autocast_enabled, compiling
 from fastroberta.kernels.backend import KERNEL_CHOICES, KernelSwitch
 from fastroberta.kernels.layer_norm import FusedLayerNorm
-from fastroberta.outputs import BaseModelOutput, ClassifierOutput, MaskedLMOutput, ModelOutput
+from fastroberta.outputs import (BaseModelOutput, ClassifierOutput, MaskedLMOutput, ModelOutput,
+                                 MultipleChoiceOutput, QuestionAnsweringOutput)
 
 __all__ = ["RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
-           "RobertaForTokenClassification", "EncoderLayer", "Embeddings", "MLMHead", "FusedLayerNorm",
-           "ModelOutput", "BaseModelOutput", "MaskedLMOutput", "ClassifierOutput", "KERNEL_CHOICES", "IGNORE_INDEX"]
+           "RobertaForTokenClassification", "RobertaForQuestionAnswering", "RobertaForMultipleChoice",
+           "EncoderLayer", "Embeddings", "MLMHead", "Pooler", "FusedLayerNorm", "ModelOutput", "BaseModelOutput",
+           "MaskedLMOutput", "ClassifierOutput", "QuestionAnsweringOutput", "MultipleChoiceOutput",
+           "KERNEL_CHOICES", "IGNORE_INDEX"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,6 +177,17 @@ class ClassificationHead(nn.Module):
         return self.out_proj(x)
 
 
+class Pooler(nn.Module):
+    """Hugging Face's RobertaPooler: dense -> tanh on the first token (<s>)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden):
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
 def _check_labels(labels, vocab_size):
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
     if bad.any():
@@ -270,7 +286,8 @@ class _PreTrained(KernelSwitch, nn.Module):
     def from_pretrained(cls, path, kernels="auto", output_loading_info=False, **config_overrides):
         """Load a Hugging Face RoBERTa folder (config.json + model.safetensors or pytorch_model.bin). Weights
         the checkpoint lacks for this head are initialised and, like keys it holds that this model does not
-        use, reported in a warning. ``config_overrides`` (e.g. num_labels=3) replace config.json fields."""
+        use, reported in a warning. ``config_overrides`` (e.g. num_labels=3) replace config.json fields;
+        ``add_pooling_layer=True`` (RobertaModel only) builds and reads the pooler."""
         from fastroberta.hf import load_pretrained
         return load_pretrained(cls, path, kernels=kernels, output_loading_info=output_loading_info,
                                **config_overrides)
@@ -331,12 +348,18 @@ class _Encoded:
 
 
 class RobertaModel(_PreTrained):
-    """Embeddings + post-LN encoder layers; returns the last hidden state (no pooler).
+    """Embeddings + post-LN encoder layers; returns the last hidden state and, with ``add_pooling_layer=True``,
+    Hugging Face's pooler output (dense -> tanh on each row's first token, weights ``pooler.dense.*``).
+
+    The pooler is off by default, unlike transformers' RobertaModel: a model built here keeps the state dict it
+    always had, and the heads that do not use the pooler (all but RobertaForMultipleChoice) build it without one,
+    as transformers does. ``RobertaModel.from_pretrained(path, add_pooling_layer=True)`` reads a checkpoint's
+    pooler; without it the pooler weights are skipped silently.
 
     ``forward(input_ids, attention_mask=None, token_type_ids=None, cu_seqlens=None, max_seqlen=None,
     unpad=None, output_hidden_states=False, validate=True)``; see ``encode`` for the arguments."""
 
-    def __init__(self, config: RobertaConfig, kernels="auto", init_weights=True):
+    def __init__(self, config: RobertaConfig, kernels="auto", init_weights=True, add_pooling_layer=False):
         super().__init__()
         self._setup(config, kernels)
         self.gradient_checkpointing = False
@@ -345,6 +368,7 @@ class RobertaModel(_PreTrained):
         self.unpad = False
         self.embeddings = Embeddings(config, kernels)
         self.layers = nn.ModuleList(EncoderLayer(config, kernels) for _ in range(config.num_hidden_layers))
+        self.pooler = Pooler(config) if add_pooling_layer else None
         if init_weights:  # a head model initialises the whole model at once, after building its head
             self.apply(self._init_weights)
 
@@ -353,7 +377,9 @@ class RobertaModel(_PreTrained):
         enc = self.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, unpad,
                           output_hidden_states, validate)
         states = enc.all_hidden_states() if output_hidden_states else None
-        out = BaseModelOutput(last_hidden_state=enc.padded(enc.hidden), hidden_states=states)
+        hidden = enc.padded(enc.hidden)
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        out = BaseModelOutput(last_hidden_state=hidden, pooler_output=pooled, hidden_states=states)
         return _returned(out, return_dict)
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, cu_seqlens=None, max_seqlen=None,
@@ -618,6 +644,127 @@ class RobertaForTokenClassification(_WithEncoder):
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         return _returned(ClassifierOutput(loss=loss, logits=logits, hidden_states=states), return_dict)
+
+
+
+class RobertaForQuestionAnswering(_WithEncoder):
+    """Encoder + a linear layer per token giving start and end logits (Hugging Face's ``qa_outputs``, so
+    ``config.num_labels`` must be 2).
+
+    The loss is HF's: ``start_positions`` and ``end_positions`` ([B] or [B, 1]) are clamped to [0, L], a position
+    at L (any position past the sequence) is ignored, and the loss is the mean of the start and end
+    cross-entropies. One difference: padding positions (``attention_mask`` 0) get the dtype's lowest logit, so an
+    answer is never predicted there and neither the loss nor its gradients depend on padding (transformers keeps
+    them in the softmax with whatever its encoder computes there); on rows without padding the two agree."""
+
+    def __init__(self, config: RobertaConfig, kernels="auto"):
+        super().__init__()
+        self._setup(config, kernels)
+        if config.num_labels != 2:
+            raise ValueError("RobertaForQuestionAnswering needs config.num_labels == 2 (start and end logits), "
+                             f"got {config.num_labels}")
+        self.num_labels = 2
+        self.roberta = RobertaModel(config, kernels, init_weights=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids, attention_mask=None, start_positions=None, end_positions=None,
+                token_type_ids=None, cu_seqlens=None, max_seqlen=None, unpad=None, output_hidden_states=False,
+                validate=True, return_dict=None):
+        validate = validate and not compiling()  # see the module docstring
+        if cu_seqlens is not None:
+            raise ValueError("question answering takes one sequence per row: cu_seqlens is not supported")
+        if (start_positions is None) != (end_positions is None):
+            raise ValueError("start_positions and end_positions come together: the loss needs both")
+        enc = self.roberta.encode(input_ids, attention_mask, token_type_ids, None, None, unpad,
+                                  output_hidden_states, validate)
+        hidden, states = self._padded_output(enc, output_hidden_states)
+        logits = self.qa_outputs(hidden)
+        if attention_mask is not None:
+            logits = logits.masked_fill(~attention_mask.bool()[..., None], torch.finfo(logits.dtype).min)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None:
+            seq_len = input_ids.shape[1]
+            start = self._positions(start_positions, "start_positions", input_ids, attention_mask, validate)
+            end = self._positions(end_positions, "end_positions", input_ids, attention_mask, validate)
+            # HF's rule: a position past the sequence (the answer was cut off) is clamped to L and ignored.
+            loss = (F.cross_entropy(start_logits, start, ignore_index=seq_len)
+                    + F.cross_entropy(end_logits, end, ignore_index=seq_len)) / 2
+        return _returned(QuestionAnsweringOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                                 hidden_states=states), return_dict)
+
+    @staticmethod
+    def _positions(positions, name, input_ids, attention_mask, validate):
+        """``positions`` as [B], clamped to [0, L]; with ``validate``, none may sit on padding."""
+        b, seq_len = input_ids.shape
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(positions).__name__}")
+        if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token positions, got dtype {positions.dtype}")
+        if positions.shape not in ((b,), (b, 1)):
+            raise ValueError(f"{name} must be [batch] (one position per row), got shape {tuple(positions.shape)} "
+                             f"for a batch of {b}")
+        if positions.device != input_ids.device:
+            raise ValueError(f"{name} is on {positions.device} but input_ids is on {input_ids.device}")
+        positions = positions.reshape(b).long().clamp(0, seq_len)
+        if validate and attention_mask is not None and seq_len:
+            inside = positions < seq_len
+            real = attention_mask.bool().gather(1, positions.clamp(max=seq_len - 1)[:, None]).squeeze(1)
+            bad = (inside & ~real).nonzero().squeeze(-1)
+            if bad.numel():
+                row = int(bad[0])
+                raise ValueError(f"{name}[{row}] = {int(positions[row])} is a padding position (attention_mask 0); "
+                                 f"a position must be a real token, or >= the sequence length ({seq_len}) to be "
+                                 "ignored")
+        return positions
+
+
+class RobertaForMultipleChoice(_WithEncoder):
+    """Hugging Face's multiple-choice head: ``input_ids`` [B, C, L] (and the mask and token types alike) run as
+    [B * C, L]; each choice's pooler output (dense -> tanh on <s>) -> dropout -> linear -> one score, giving
+    ``logits`` [B, C]; the loss is the cross-entropy over the choices (``labels`` [B], -100 ignored)."""
+
+    def __init__(self, config: RobertaConfig, kernels="auto"):
+        super().__init__()
+        self._setup(config, kernels)
+        self.roberta = RobertaModel(config, kernels, init_weights=False, add_pooling_layer=True)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)  # HF's choice here, not classifier_dropout
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, cu_seqlens=None,
+                max_seqlen=None, unpad=None, output_hidden_states=False, validate=True, return_dict=None):
+        validate = validate and not compiling()  # see the module docstring
+        if cu_seqlens is not None:
+            raise ValueError("multiple choice takes one sequence per row: cu_seqlens is not supported")
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 3:
+            raise ValueError(f"input_ids must be [batch, num_choices, seq_len], got shape {tuple(input_ids.shape)}")
+        _check_same_shape(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        b, num_choices, seq_len = input_ids.shape
+
+        def flat(t):
+            return None if t is None else t.reshape(b * num_choices, seq_len)
+        enc = self.roberta.encode(flat(input_ids), flat(attention_mask), flat(token_type_ids), None, None, unpad,
+                                  output_hidden_states, validate)
+        hidden, states = self._padded_output(enc, output_hidden_states)
+        logits = self.classifier(self.dropout(self.roberta.pooler(hidden))).view(b, num_choices)
+        loss = None
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor):
+                raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be integer choice indices, got dtype {labels.dtype}")
+            if labels.numel() != b:
+                raise ValueError(f"labels has {labels.numel()} entries but the batch has {b} questions")
+            if labels.device != input_ids.device:
+                raise ValueError(f"labels is on {labels.device} but input_ids is on {input_ids.device}")
+            if validate:
+                _check_class_ids(labels, num_choices, allow_ignore=True)
+            loss = F.cross_entropy(logits, labels.reshape(b), ignore_index=IGNORE_INDEX)
+        return _returned(MultipleChoiceOutput(loss=loss, logits=logits, hidden_states=states), return_dict)
 
 
 def _check_class_ids(labels, num_labels, allow_ignore=False):

@@ -17,7 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["ModelOutput", "BaseModelOutput", "MaskedLMOutput", "ClassifierOutput"]
+__all__ = ["ModelOutput", "BaseModelOutput", "MaskedLMOutput", "ClassifierOutput", "QuestionAnsweringOutput",
+           "MultipleChoiceOutput"]
 
 
 class ModelOutput:
@@ -62,6 +63,7 @@ class ModelOutput:
 @dataclass
 class BaseModelOutput(ModelOutput):
     last_hidden_state: Optional[torch.Tensor] = None       # [B, L, E]; zeros at padding when unpadded
+    pooler_output: Optional[torch.Tensor] = None           # [B, E], only from a model built with the pooler
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None  # embeddings + each layer, [B, L, E] each
 
 
@@ -79,3 +81,18 @@ class ClassifierOutput(ModelOutput):
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None       # [B, num_labels] (sequence) or [B, L, num_labels] (token)
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class QuestionAnsweringOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None          # (start CE + end CE) / 2, None without positions
+    start_logits: Optional[torch.Tensor] = None  # [B, L]; padding positions hold the dtype's lowest value
+    end_logits: Optional[torch.Tensor] = None    # [B, L]
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class MultipleChoiceOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None       # [B, num_choices]
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None  # of the [B * num_choices, L] flattened batch

@@ -20,7 +20,8 @@ from fastroberta import train as tr
 from fastroberta.compile import compile_model, enable_dynamo_options
 from fastroberta.kernels import attention, attention_packed, attention_varlen, layer_norm, mlm_cross_entropy
 from fastroberta.kernels._checks import interpreter_active
-from fastroberta.model import RobertaForSequenceClassification, RobertaModel
+from fastroberta.model import (RobertaForMultipleChoice, RobertaForQuestionAnswering,
+                               RobertaForSequenceClassification, RobertaModel)
 from test_syncs import training_batch
 from test_train import losses, run, small  # noqa: F401  (shared session fixture)
 
@@ -51,9 +52,16 @@ def model_and_call(kind, kernels, train):
     elif kind == "mlm":
         model = RobertaForMaskedLM(tiny_config(), kernels=kernels)
         call = dict(input_ids=ids, attention_mask=mask, labels=labels)
-    else:
+    elif kind == "cls":
         model = RobertaForSequenceClassification(tiny_config(), kernels=kernels)
         call = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([2, 0], device=DEVICE))
+    elif kind == "qa":  # the second row's end is past the sequence (ignored)
+        model = RobertaForQuestionAnswering(tiny_config(num_labels=2), kernels=kernels)
+        call = dict(input_ids=ids, attention_mask=mask, start_positions=torch.tensor([3, 1], device=DEVICE),
+                    end_positions=torch.tensor([5, 40], device=DEVICE))
+    else:  # multiple choice: the two rows as one question's two choices
+        model = RobertaForMultipleChoice(tiny_config(), kernels=kernels)
+        call = dict(input_ids=ids[None], attention_mask=mask[None], labels=torch.tensor([1], device=DEVICE))
     return model.to(DEVICE).train(train), call
 
 
@@ -72,6 +80,15 @@ def test_models_trace_without_graph_breaks(kind, kernels):
     model, call = model_and_call(kind, kernels, train=True)  # dropout on: the seeds are drawn in the graph
     # validate=True (the default) too: the value checks that read tensors are skipped while Dynamo traces.
     assert graph_breaks(model, **call) == (0, [])
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("kind", ["qa", "mc"])
+def test_question_answering_and_multiple_choice_trace_without_graph_breaks(kind, kernels):
+    model, call = model_and_call(kind, kernels, train=True)
+    assert graph_breaks(model, **call) == (0, [])
+    if kernels == "torch":  # the unpadded layout's ops on the Triton path are traced by the MLM case above
+        assert graph_breaks(model, **call, unpad=True, return_dict=False) == (0, [])
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
