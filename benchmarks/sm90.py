@@ -189,7 +189,7 @@ _ATTN_TEST = {"fp16": [((64, "mask", True), False), ((64, "mask", False), True),
                        ((32, "mask", False), False), ((128, "varlen", False), False)],
               "bf16": [((64, "mask", True), False), ((32, "mask", False), False),
                        ((128, "varlen", False), False)],
-              # fp32 (TF32 dots, its own small tiles): the smallest head dim only.
+              # fp32 (TF32 dots, what torch's allow_tf32 gives; its own small tiles): the smallest head dim only.
               "fp32": [((32, "mask", False), False)]}
 _ATTN_FULL = [((d, layout, dropout), True) for d in (32, 64, 128) for layout in LAYOUTS for dropout in (True, False)]
 

@@ -113,12 +113,10 @@ _AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "VARLEN", "HAS_MASK", "HAS_SEQLENS
 def _prune(configs, named_args, **kwargs):
     """Autotune pruning: the launch's default first, then the candidates; fp32 runs its default only.
 
-    fp32 attention on a GPU runs its dots on tensor cores in TF32 (10-bit mantissa, fp32 accumulation: about
-    1e-3 relative error, what torch's allow_tf32 gives) on small tiles (64 x 32 / 32 x 64, 4 warps). Exact
-    fp32 dots (PRECISION="ieee") lower to plain FMAs that spill 1-2 KB per thread in every loop at any tile
-    size on sm_90 (measured with `python -m benchmarks static`); fp32 tiles also take twice fp16's shared
-    memory, so the larger candidates could exceed an H100 block's 227 KiB. Under the interpreter the dots
-    are exact whatever PRECISION says."""
+    fp32 tiles are small (64 x 32 / 32 x 64, 4 warps): exact fp32 dots (``fp32_dot_precision`` "ieee") lower
+    to plain FMAs that spill 1-2 KB per thread in every loop at any tile size on sm_90 (measured with `python
+    -m benchmarks static`), and fp32 tiles take twice fp16's shared memory, so the larger candidates could
+    exceed an H100 block's 227 KiB."""
     if named_args["Q"].dtype == torch.float32:
         kind = "fp32"
     else:
@@ -130,6 +128,24 @@ def _prune(configs, named_args, **kwargs):
 
 
 _PRUNE = {"early_config_prune": _prune}
+
+
+def fp32_dot_precision():
+    """How fp32 attention multiplies on a GPU, following torch's switch for fp32 matmuls: "tf32" (tensor cores,
+    10-bit mantissa, fp32 accumulation; about 1e-3 relative error per dot, so an output error that grows with
+    the scores' magnitude) where torch allows TF32 (``torch.backends.cuda.matmul.allow_tf32 = True``,
+    ``torch.set_float32_matmul_precision("high")`` or ``torch.backends.cuda.matmul.fp32_precision = "tf32"``),
+    "ieee" (exact fp32 products, slower: the dots become FMAs that spill registers) otherwise, torch's default.
+    Read at each launch, so forward and backward of one call follow the setting of the moment. fp16/bf16
+    attention is unaffected, and under the interpreter the dots are exact fp32 whatever this says."""
+    matmul = torch.backends.cuda.matmul
+    try:  # torch >= 2.9; reading allow_tf32 raises once fp32_precision has been set
+        precision = matmul.fp32_precision
+        if precision == "none":  # not set for CUDA matmuls: the generic setting decides
+            precision = torch.backends.fp32_precision
+        return "tf32" if precision == "tf32" else "ieee"
+    except AttributeError:
+        return "tf32" if matmul.allow_tf32 else "ieee"
 
 
 @triton.jit
@@ -711,7 +727,8 @@ def _launch_meta(q, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softma
                 seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
                 HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
                 HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
-                PRECISION="tf32")
+                # fp16/bf16 dots ignore it: one constant there, so it adds no compiled variant
+                PRECISION=fp32_dot_precision() if q.dtype == torch.float32 else "tf32")
     return dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, Seed=seed if dropout_p > 0.0 else None,
                 dropout_p=dropout_p, softmax_scale=softmax_scale)
 
@@ -960,7 +977,7 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     """softmax(scale * q k^T + mask) v with attention dropout; see the module docstring.
 
     q, k, v: [B, H, L, D] (any strides with a contiguous last dim; D in 16, 32, 64, 128), fp16/bf16 (fp32 for
-    testing). attention_mask: [B, L] bool or integer, 1/True = real token; None = all real. Returns
+    testing, its dots as ``fp32_dot_precision()`` says). attention_mask: [B, L] bool or integer, 1/True = real token; None = all real. Returns
     [B, H, L, D] (laid out [B, L, H, D] in memory) with zeros at padded queries. ``dropout_p`` applies
     whenever it is > 0: pass 0.0 in eval mode.
     """
