@@ -3,6 +3,7 @@ holed and absent masks, strided inputs, the varlen form, dropout (replayed throu
 errors, and the model wired to it. On CPU the kernels run under Triton's interpreter, so shapes stay small."""
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -626,3 +627,51 @@ def test_mixed_prefix_and_holed_rows(dropout_p):
     torch.testing.assert_close(o, ro, **OUT_TOL[torch.float32])
     for t, r in zip((q, k, v), ref_in):
         torch.testing.assert_close(t.grad, r.grad, **GRAD_TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FASTROBERTA_AUTOTUNE=0: the default config, nothing benchmarked
+# ---------------------------------------------------------------------------------------------------------
+def test_autotune_off_launches_the_default_config_without_the_autotuner(monkeypatch):
+    """With autotuning off a GPU launch still has one default per input class (three configs): Triton 3.6's
+    autotuner would benchmark whatever survives pruning, even one config. ``_launch`` picks the default on the
+    host and calls the jitted function; with autotuning on it hands the launch to the autotuner."""
+    attn = importlib.import_module("fastroberta.kernels.attention")
+    monkeypatch.setattr(attn, "interpreter_active", lambda: False)
+    monkeypatch.setattr(attn, "AUTOTUNE", False)
+    defaults = {"d64": (128, 64, 8, 3), "d128": (32, 128, 8, 3), "fp32": (64, 32, 4, 2)}
+    launches = []
+
+    class Launcher:  # kernel[grid](*args, **kwargs), recorded under ``name``
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, kwargs))
+
+    class Autotuned(Launcher):
+        configs = attn._configs((64, 32), defaults, [(16, 16, 2, 2)])
+        arg_names = ["Q", "n"]
+        fn = Launcher("jit")
+    assert len(Autotuned.configs) == 3
+    kernel = Autotuned("autotuner")
+    for dtype, head_dim, kind in ((torch.float16, 64, "d64"), (torch.bfloat16, 128, "d128"),
+                                  (torch.float32, 32, "fp32")):
+        attn._launch(kernel, None, torch.zeros(1, dtype=dtype), 1, HEAD_DIM=head_dim)
+        how, kwargs = launches[-1]
+        assert how == "jit"
+        assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]) == defaults[kind]
+    monkeypatch.setattr(attn, "AUTOTUNE", True)
+    attn._launch(kernel, None, torch.zeros(1, dtype=torch.float16), 1, HEAD_DIM=64)
+    assert launches[-1] == ("autotuner", {"HEAD_DIM": 64})
+
+
+def test_autotune_off_is_read_from_the_environment():
+    """FASTROBERTA_AUTOTUNE=0 on a GPU-like import (interpreter off): the defaults only, autotuning off."""
+    import subprocess
+    import sys
+    code = ("import importlib; a = importlib.import_module('fastroberta.kernels.attention'); "
+            "print(a.AUTOTUNE, len(a._attn_fwd.configs), len(a._attn_bwd_dkdv.configs), len(a._attn_bwd_dq.configs))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, TRITON_INTERPRET="0", FASTROBERTA_AUTOTUNE="0")).stdout.split()
+    assert out == ["False", "3", "3", "3"]

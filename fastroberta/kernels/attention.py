@@ -78,6 +78,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+# FASTROBERTA_AUTOTUNE=0 (read at import): every launch runs its default config, chosen on the host by
+# ``_launch``; Triton's autotuner never benchmarks (Triton 3.6 benchmarks even a single surviving config,
+# allocating a 256 MiB L2-flush buffer through torch).
+AUTOTUNE = os.environ.get("FASTROBERTA_AUTOTUNE", "1") != "0"
+
+
 def _configs(interpreter, defaults, candidates):
     """One fixed config under the interpreter (no sweep). On GPU a default per input class (``defaults``:
     "d64" = fp16/bf16 with head dim <= 64, "d128" = fp16/bf16 at 128, "fp32"), then the candidates to
@@ -89,7 +95,7 @@ def _configs(interpreter, defaults, candidates):
     if interpreter_active():
         return [cfg(*interpreter, 1, 1)]
     configs = [cfg(*c, default_for=kind) for kind, c in defaults.items()]
-    if os.environ.get("FASTROBERTA_AUTOTUNE", "1") != "0":
+    if AUTOTUNE:
         configs += [cfg(*c) for c in candidates]
     return configs
 
@@ -128,6 +134,19 @@ def _prune(configs, named_args, **kwargs):
 
 
 _PRUNE = {"early_config_prune": _prune}
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel; without autotuning (FASTROBERTA_AUTOTUNE=0,
+    or the interpreter's single config) the launch's default config, picked by ``_prune`` as the autotuner
+    would, goes straight to the jitted function: nothing is benchmarked."""
+    if len(kernel.configs) == 1:
+        config = kernel.configs[0]
+    elif AUTOTUNE:
+        return kernel[grid](*args, **kwargs)
+    else:
+        config = _prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
+    return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 def fp32_dot_precision():
@@ -755,9 +774,9 @@ def _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropo
     def grid(cfg):
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
     with _on_device(q):
-        _attn_fwd[grid](q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
-                        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-                        *lse_strides, key_mask.stride(0) if key_mask is not None else 0, **run)
+        _launch(_attn_fwd, grid, q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
+                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
+                *lse_strides, key_mask.stride(0) if key_mask is not None else 0, **run)
     return o, lse
 
 
@@ -784,13 +803,13 @@ def _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_
             o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
             heads, run["seq_len"], max_seqlen, 1.0 - dropout_p,
             HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block)
-        _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
-                               *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                               *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
-                               *lse_strides, mask_stride, **run)
-        _attn_bwd_dq[grid_m](q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
-                             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
+        _launch(_attn_bwd_dkdv, grid_n, q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
+                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
+                *lse_strides, mask_stride, **run)
+        _launch(_attn_bwd_dq, grid_m, q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
+                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
 
 
 # ---------------------------------------------------------------------------------------------------------
