@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
@@ -31,3 +33,26 @@ def test_time_budget_rejects_a_bad_value(tmp_path):
                           str(tmp_path / "test_one.py")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode != 0
     assert "FASTROBERTA_TEST_BUDGET_S must be a number of seconds, got 'soon'" in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_stage_in_smoke_mode(tmp_path):
+    """``GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh``: setup, tests, kernels, e2e, train, hf and the report
+    end to end on CPU (each stage's smoke mode, a few minutes on two cores), so the script is tested here and
+    not first on a GPU."""
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_CHECK_SMOKE="1", GPU_CHECK_SKIP_INSTALL="1", PYTHON=sys.executable,
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("OUT", None)
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out)], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    assert "SMOKE DRY RUN" in summary
+    stages = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summary.splitlines()
+              if line.startswith("| ") and not line.startswith("| stage")}
+    assert stages == {name: "ok" for name in ("setup", "tests", "kernels", "e2e", "train", "hf")}, summary
+    assert "3 passed" in summary  # the tests stage's note is pytest's closing line
+    files = {p.name for p in out.iterdir()}
+    assert {"summary.md", "gpu_check.log", "results.tar.gz", "layer_norm.md", "e2e.md", "train.md"} <= files
+    assert "SMOKE DRY RUN" in run.stdout
