@@ -51,7 +51,6 @@ right-padded data. Sequences are limited to 32768 tokens with dropout. The seed 
 call from torch's generator of the inputs' device (``_checks.new_dropout_seed``) into a one-element tensor
 that the custom op passes to the kernels, which read it from memory: nothing reads it on the host.
 """
-import contextlib
 import math
 import os
 from typing import Optional, Tuple
@@ -62,7 +61,7 @@ import triton.language as tl
 
 from . import reference
 from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
-                      triton_usable)
+                      on_device, triton_usable)
 from ._library import custom_op
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -721,11 +720,6 @@ def _empty_out(q, varlen):
     return torch.empty(b, l, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _on_device(t):
-    # Triton launches on the current CUDA device; a tensor on another GPU must make its device current.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -773,7 +767,7 @@ def _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropo
 
     def grid(cfg):
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
-    with _on_device(q):
+    with on_device(q):
         _launch(_attn_fwd, grid, q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
                 *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
                 *lse_strides, key_mask.stride(0) if key_mask is not None else 0, **run)
@@ -798,7 +792,7 @@ def _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_
     def grid_m(cfg):
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
     pre_block = 64
-    with _on_device(q):
+    with on_device(q):
         _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
             o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
             heads, run["seq_len"], max_seqlen, 1.0 - dropout_p,
