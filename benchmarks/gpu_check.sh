@@ -195,7 +195,7 @@ if [ -z "${GPU_TESTS:-}" ]; then
     # Most telling first: what is not reached in the budget is skipped and counted (tests/time_budget.py).
     GPU_TESTS="tests/test_gpu_kernels.py"
     for t in test_custom_scale_int_mask_and_large_scores test_tf32_attention_meets_its_tolerance \
-             test_matches_reference_long_gpu test_model_triton_matches_torch; do
+             test_matches_reference_long test_model_triton_matches_torch; do
       GPU_TESTS="$GPU_TESTS tests/test_attention.py::$t"
     done
     GPU_TESTS="$GPU_TESTS tests/test_cross_entropy.py tests/test_layer_norm.py"
