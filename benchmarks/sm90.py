@@ -347,6 +347,14 @@ def _worker(claim_dir, mode, only):
         return
     from benchmarks import sass
 
+    import triton
+    try:
+        ptxas = subprocess.run([get_ptxas(target.arch).path, "--version"], capture_output=True, text=True).stdout
+        ptxas = ptxas.strip().splitlines()[-1]
+    except Exception:
+        ptxas = None
+    print(json.dumps({"toolchain": {"triton": triton.__version__, "triton_path": os.path.dirname(triton.__file__),
+                                    "ptxas": ptxas}}), flush=True)
     mods = _kernel_modules()
     print(json.dumps({"launched": launched_kernels(mods)}), flush=True)
     for i, (group, dtype_name, label, kernel, args, kwargs) in enumerate(all_cases(mods, mode)):
@@ -388,13 +396,17 @@ class Unavailable(Exception):
     """This machine cannot compile for sm_90 (no NVIDIA backend in Triton, or no ptxas)."""
 
 
-def run_workers(mode, workers, timeout_s, only=None):
+def run_workers(mode, workers, timeout_s, only=None, triton_site=None, toolchain=None):
     """Run ``workers`` compile workers over the mode's cases; returns (results sorted by case, launched
-    kernels). Raises Unavailable, or RuntimeError when a worker crashes."""
+    kernels). ``triton_site``: a folder with another Triton install (``pip install --target DIR
+    triton==X``) that the workers import instead of this environment's; ``toolchain``, a dict, receives the
+    workers' Triton version, its folder and ptxas. Raises Unavailable, or RuntimeError when a worker crashes."""
     assert mode in MODES
     env = dict(os.environ, TRITON_INTERPRET="0", FASTROBERTA_AUTOTUNE="1")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    first = [str(Path(triton_site).resolve())] if triton_site else []
+    env["PYTHONPATH"] = os.pathsep.join(first + [str(REPO)]
+                                        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     with tempfile.TemporaryDirectory() as claim_dir:
         # Output to files, not pipes: a worker must never wait for the parent to read another one's pipe.
         logs = [(open(os.path.join(claim_dir, f"out{i}"), "w+"), open(os.path.join(claim_dir, f"err{i}"), "w+"))
@@ -428,6 +440,9 @@ def run_workers(mode, workers, timeout_s, only=None):
         for line in lines:
             if "launched" in line:
                 launched = line["launched"]
+            elif "toolchain" in line:
+                if toolchain is not None:
+                    toolchain.update(line["toolchain"])
             else:
                 results.append(line)
     results.sort(key=lambda r: r["index"])
