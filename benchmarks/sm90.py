@@ -269,13 +269,14 @@ def all_cases(mods, mode):
 
 
 def launched_kernels(mods):
-    """The jitted kernels each module launches (``name[grid](...)``): a new one must be compiled here too."""
+    """The jitted kernels each module launches (``name[grid](...)``, or ``_launch(name, grid, ...)`` in
+    attention.py): a new one must be compiled here too."""
     from triton.runtime import KernelInterface
     found = set()
     for mod_name, mod in mods.items():
         with open(mod.__file__) as f:
             src = f.read()
-        for name in set(re.findall(r"\b(_\w+)\[", src)):
+        for name in set(re.findall(r"\b(_\w+)\[", src)) | set(re.findall(r"\b_launch\((_\w+),", src)):
             if isinstance(getattr(mod, name, None), KernelInterface):
                 found.add(f"{mod_name}.{name}")
     return sorted(found)
