@@ -32,21 +32,17 @@ ATTN_KERNELS = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
 TARGETS = {"attention_dropout_ratio": 1.6, "layer_norm_dropout_ratio": 1.5, "right_padded_fwd_ratio": 1.1}
 
 
-def _environment():
-    import triton
-    from triton import knobs
-    try:
-        ptxas = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True).stdout
-        ptxas = ptxas.strip().splitlines()[-1]
-    except Exception:
-        ptxas = None
+def _environment(toolchain):
+    """Where and with what the report was compiled: ``toolchain`` is what the compile workers imported (their
+    Triton version and folder, their ptxas), which ``--triton`` may point elsewhere than this process's."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=sm90.REPO, capture_output=True,
                                 text=True).stdout.strip() or None
     except Exception:
         commit = None
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "target": "sm_90 (H100/H200)",
-            "triton": triton.__version__, "ptxas": ptxas, "git_commit": commit, "host": platform.machine()}
+            "triton": toolchain.get("triton"), "triton_path": toolchain.get("triton_path"),
+            "ptxas": toolchain.get("ptxas"), "git_commit": commit, "host": platform.machine()}
 
 
 def _row(r):
@@ -150,7 +146,44 @@ def _classes_cell(c):
     return " / ".join(str(c[k]) for k in ("mma", "int", "float", "memory", "local"))
 
 
-def markdown(result, baseline=None):
+def _triton_comparison(result, other):
+    """Markdown lines comparing this report with ``other``, the same kernels compiled by another Triton version:
+    the kernels whose stack, spills or main-loop local-memory traffic differ (in a table), the spread of the
+    main-loop instruction counts, and the other version's targets."""
+    this_v, other_v = result["environment"]["triton"], other["environment"]["triton"]
+    table, ratios = [], []
+    for r in result["rows"]:
+        o = _find(other["rows"], r["kernel"], r["dtype"], r["case"])
+        if o is None:
+            continue
+        if r["loop_instructions"]:
+            ratios.append(o["loop_instructions"] / r["loop_instructions"])
+        if any(r[k] != o[k] for k in ("stack_bytes", "spill_stores", "spill_loads")) \
+                or r["classes"]["local"] != o["classes"]["local"]:
+            table.append((r["kernel"], r["dtype"], r["case"],
+                          *(f"{r[k]} / {o[k]}" for k in ("registers", "stack_bytes", "spill_stores", "spill_loads")),
+                          f"{r['classes']['local']} / {o['classes']['local']}",
+                          f"{r['loop_instructions']} / {o['loop_instructions']}"))
+    ratios.sort()
+    lines = ["", f"## Triton {this_v} vs {other_v}", "",
+             f"The same kernels compiled by Triton {other_v} ({other['environment']['ptxas'] or 'ptxas'}, commit "
+             f"`{other['environment']['git_commit']}`; its full report sits beside this one in "
+             f"`triton-{other_v.rsplit('.', 1)[0]}/static.md`): {len(ratios)} kernels compared."]
+    if ratios:
+        lines[-1] += (f" Main-loop instructions under {other_v} / under {this_v}: median "
+                      f"{ratios[len(ratios) // 2]:.2f}x, from {ratios[0]:.2f}x to {ratios[-1]:.2f}x.")
+    lines += ["", f"Targets under {other_v}: " + "; ".join(
+        f"{name}: {'yes' if ok else 'NO'} ({detail})" for name, ok, detail in other.get("verdicts", [])) + ".", ""]
+    if table:
+        lines += [f"Where stack or spills differ (each cell: {this_v} / {other_v}):", "",
+                  markdown_table(["kernel", "dtype", "case", "regs", "stack B", "spill st", "spill ld",
+                                  "local in loop", "loop instr"], table)]
+    else:
+        lines.append("Stack and spills are the same under both versions.")
+    return lines
+
+
+def markdown(result, baseline=None, other=None):
     rows, env = result["rows"], result["environment"]
     lines = ["# Static sm_90 report: registers, spills and SASS per main-loop iteration", "",
              f"Compiled for {env['target']} without a GPU · triton {env['triton']} · {env['ptxas'] or 'ptxas'} · "
@@ -181,6 +214,8 @@ def markdown(result, baseline=None):
                           f"{r['loop_instructions']} ({r['registers']}, {r['stack_bytes']})",
                           f"{r['loop_instructions'] / b['loop_instructions']:.2f}x"))
         lines.append(markdown_table(["kernel", "dtype", "case", "before", "after", "after/before"], table))
+    if other:
+        lines += _triton_comparison(result, other)
     lines += ["", "## Every kernel", ""]
     lines.append(markdown_table(
         ["kernel", "dtype", "case", "config", "warps", "regs", "stack B", "shared B", "spill st/ld", "counted",
@@ -192,15 +227,19 @@ def markdown(result, baseline=None):
     return "\n".join(lines) + "\n"
 
 
-def run(out_dir=OUT_DIR, only=None, workers=None, baseline=None, timeout_s=4 * 3600):
-    """Compile, analyse, write static.json and static.md; returns the result dict."""
+def run(out_dir=OUT_DIR, only=None, workers=None, baseline=None, timeout_s=4 * 3600, triton_site=None, compare=None):
+    """Compile, analyse, write static.json and static.md; returns the result dict. ``triton_site``: compile
+    with the Triton installed there (``sm90.run_workers``); ``compare``: a static.json made with another Triton
+    version, whose differences static.md lists."""
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     start = time.monotonic()
-    results, _ = sm90.run_workers("static", workers, timeout_s, only=only)
+    toolchain = {}
+    results, _ = sm90.run_workers("static", workers, timeout_s, only=only, triton_site=triton_site,
+                                  toolchain=toolchain)
     failed = [r for r in results if not r["ok"]]
     rows = [_row(r) for r in results if r["ok"]]
     ratio_rows = ratios(rows)
-    result = {"environment": _environment(), "seconds": round(time.monotonic() - start, 1),
+    result = {"environment": _environment(toolchain), "seconds": round(time.monotonic() - start, 1),
               "failed": [{k: r[k] for k in ("group", "dtype", "label", "error")} for r in failed],
               "rows": rows, "ratios": ratio_rows, "verdicts": verdicts(rows, ratio_rows),
               "targets": TARGETS}
@@ -208,7 +247,8 @@ def run(out_dir=OUT_DIR, only=None, workers=None, baseline=None, timeout_s=4 * 3
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "static.json").write_text(json.dumps(result, indent=1) + "\n")
     base = json.loads(Path(baseline).read_text()) if baseline else None
-    (out_dir / "static.md").write_text(markdown(result, base))
+    other = json.loads(Path(compare).read_text()) if compare else None
+    (out_dir / "static.md").write_text(markdown(result, base, other))
     return result
 
 
@@ -218,11 +258,22 @@ def add_arguments(p):
     p.add_argument("--only", help="regular expression over 'kernel dtype case' (e.g. 'attn_fwd fp16 D=64')")
     p.add_argument("--workers", type=int, help="compile processes (default: 2, or 1 on one core)")
     p.add_argument("--baseline", help="an earlier static.json: adds a before/after table to static.md")
+    p.add_argument("--triton", metavar="DIR", help="compile with the Triton installed in DIR (e.g. pip install "
+                   "--target DIR triton==3.6.0 'numpy<2.4') instead of this environment's; the report records "
+                   "which version compiled it")
+    p.add_argument("--compare", metavar="STATIC_JSON", help="a static.json from another Triton version: "
+                   "static.md lists the kernels whose registers, stack, spills or loop instructions differ")
 
 
 def main_from_args(args):
+    site = getattr(args, "triton", None)
+    if site and not (Path(site) / "triton" / "__init__.py").is_file():
+        print(f"static: --triton {site}: no Triton there (expected {Path(site) / 'triton' / '__init__.py'}; "
+              f"pip install --target {site} triton==VERSION)", file=sys.stderr)
+        return False
     try:
-        result = run(args.out, only=args.only, workers=args.workers, baseline=args.baseline)
+        result = run(args.out, only=args.only, workers=args.workers, baseline=args.baseline,
+                     triton_site=getattr(args, "triton", None), compare=getattr(args, "compare", None))
     except sm90.Unavailable as e:
         print(f"static: cannot compile for sm_90 on this machine: {e}", file=sys.stderr)
         return False
@@ -230,6 +281,7 @@ def main_from_args(args):
         print(f"[{'ok' if ok else 'MISSED'}] {name}: {detail}")
     for f in result["failed"]:
         print(f"FAILED to compile: {f['group']} {f['dtype']} {f['label']}\n{f['error']}", file=sys.stderr)
-    print(f"static: {len(result['rows'])} kernels compiled in {result['seconds']} s; written to "
+    print(f"static: {len(result['rows'])} kernels compiled by Triton {result['environment']['triton']} in "
+          f"{result['seconds']} s; written to "
           f"{args.out}/static.{{json,md}}")
     return not result["failed"]

@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # The one-command GPU check: GPU tests, kernel benchmarks, the end-to-end training step and the trainer A/B run,
-# on one GPU in about 9 minutes, with one summary table at the end.
+# on one NVIDIA GPU in about 9 minutes, with one summary table at the end.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 #
 # OUT_DIR is where the results go: the first argument, else $GPU_CHECK_OUT_DIR, else $OUT, else
-# out/gpu-check in the repository. Run it on a machine with one NVIDIA GPU, from a checkout where fastroberta's
-# dependencies are installed (torch for your CUDA, then pip install -e ".[test,bench]"). It installs nothing
-# from the network: on a machine without network access, put wheels of what is missing (DeepSpeed and its
-# pure-Python dependencies) in .whl/ at the repository root and the setup stage installs them from there.
+# out/gpu-check in the repository. Run it on any machine with an NVIDIA GPU (written for an H100/H200), from a
+# checkout where fastroberta's dependencies are installed (torch for your CUDA, then pip install -e
+# ".[test,bench]"). It installs nothing from the network: on a machine without network access, put wheels of
+# what is missing in .whl/ at the repository root and the setup stage installs them from there. DeepSpeed
+# 0.19.8 needs, besides torch and numpy: pydantic>=2 (with pydantic-core), hjson, py-cpuinfo, psutil, msgpack,
+# ninja, einops, packaging and tqdm; pydantic-core, psutil, msgpack and ninja are compiled, so their wheels must
+# match the machine's Python version and platform (pip download --python-version ... --platform ...).
 #
 # Stages, in order; each runs under `timeout`, a failing or timed-out stage is recorded and the next one runs:
 #   setup    the wheels in .whl/ (if any) into /tmp/site (PYTHONPATH), the repo itself without dependencies, versions
-#   tests    pytest on CUDA: tests/test_gpu_kernels.py (real shapes, fp16 + bf16) and the kernel test files
+#   tests    pytest on CUDA, in this order: tests/test_gpu_kernels.py (real shapes, fp16 + bf16), the attention
+#            tests only a GPU can answer (fp32 exact and TF32, bf16 and head dim 128 at long L, the model), then
+#            tests/test_cross_entropy.py and tests/test_layer_norm.py. With FASTROBERTA_AUTOTUNE=0 (each launch
+#            compiles its default config and nothing is benchmarked) and FASTROBERTA_TEST_BUDGET_S a little under
+#            the stage's limit: tests not started by then are skipped and counted, and pytest prints its summary.
 #   kernels  python -m benchmarks kernels --profile check   (layer_norm, attention, cross_entropy)
 #   e2e      python -m benchmarks e2e --profile check       (ZeRO-2, fp16: pretraining step base/seq 512, 4
 #            competitors, then fastroberta-triton-compile (the Triton model under torch.compile, as
@@ -24,16 +31,36 @@
 #            fastroberta.apply_kernels vs eager and SDPA, fp16 + bf16; its table is printed into gpu_check.log)
 #   report   python -m benchmarks report --print            (the issues' targets against what was measured)
 # Each stage may use what earlier ones left of the schedule below; the benchmarks get a --time-budget a little
-# under their limit so that they stop between cases and still write their results.
+# under their limit so that they stop between cases and still write their results. The benchmarks autotune
+# (outside their timed windows); the Triton cache they share is empty on a fresh machine.
+#
+# Cold-cache budget (a fresh machine: every kernel compiled for the first time). Compile times measured with
+# Triton 3.6: ~1.1 s per attention kernel variant, ~0.5 s per LayerNorm / cross-entropy variant, ~18 s per new
+# fp16/bf16 attention autotune key (6 + 5 + 5 configs compiled and timed); Inductor ~25 s per new shape.
+#   stage    planned s  cold-cache estimate
+#   setup        40     10-30   pip of the .whl/ wheels (no compiling), imports
+#   tests        90     ~90     ~10 startup + test_gpu_kernels ~50 (~30 attention variants, ~15 LN/CE) +
+#                               attention GPU tests ~30 (~25 variants); the CE and LN files run on what is
+#                               left and the budget skips the rest (they also run under the CPU interpreter)
+#   kernels     110     ~130    attention ~5 autotune keys x ~18 s, LN ~25 (Inductor, first case) + ~5, CE ~10;
+#                               its --time-budget cuts the cases that do not fit and says so
+#   e2e         180     ~180    7 workers x ~10 s DeepSpeed start + autotune of the training keys (compiles
+#                               cached by kernels) + steps; the compiled competitor only if 90 s are left
+#   train        90     ~80     2 trainer runs x (~20 s start + 200 steps of ~0.1 s + autotune)
+#   hf          120     rest    transformers' steps; runs on what the stages before it left of the total
+#   report       20     <5
+# Measured figures replace these estimates after a run: each stage's seconds are in summary.md.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S (total, default 530), T_SETUP T_TESTS T_KERNELS T_E2E T_TRAIN T_HF
 # (planned seconds per stage), GPU_CHECK_STAGES (default "tests kernels e2e train hf"; hf comes last and runs on
 # what the earlier stages leave of the total: GPU_CHECK_STAGES=hf runs it alone for T_HF seconds), GPU_TESTS
 # (pytest paths), TRAIN_STEPS (200), TRAIN_MICRO_BATCH (16), TRAIN_OPTIMIZER (torch_adamw: DeepSpeed's fused Adam
-# would first JIT-build a CUDA extension; set it empty for the trainer's default), TRAIN_EXTRA_ARGS, E2E_ARGS,
-# KERNEL_ARGS and HF_ARGS (extra flags for those commands), FASTROBERTA_GIT_COMMIT (the commit to stamp: the GPU
-# machine's copy of the tree has no .git), PYTHON (default python3), GPU_CHECK_SKIP_INSTALL=1 (use the fastroberta
-# already installed: for a dry run of the plumbing on a development machine).
+# would first JIT-build a CUDA extension with nvcc; set it empty for the trainer's default), TRAIN_EXTRA_ARGS,
+# E2E_ARGS, KERNEL_ARGS and HF_ARGS (extra flags for those commands), FASTROBERTA_GIT_COMMIT (the commit to
+# stamp: the GPU machine's copy of the tree has no .git), PYTHON (default python3), GPU_CHECK_SKIP_INSTALL=1 (use
+# the fastroberta already installed), GPU_CHECK_SMOKE=1 (a dry run of the plumbing on a machine without a GPU:
+# every stage in its smoke mode, tiny and fast, on CPU; its figures are no performance result, and the summary
+# says so).
 #
 # Output under OUT_DIR, a flat folder of 8 files that is easy to copy off the GPU machine:
 #   summary.md          stage table + targets table (also printed last)
@@ -67,12 +94,25 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TRAIN_STEPS=${TRAIN_STEPS:-200} TRAIN_MICRO_BATCH=${TRAIN_MICRO_BATCH:-16}
 export TRAIN_OPTIMIZER=${TRAIN_OPTIMIZER-torch_adamw}
 PY=${PYTHON:-python3}
+SMOKE=${GPU_CHECK_SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then  # the dry run: every stage's smoke mode, tiny and on CPU
+  PROFILE="--smoke"
+  SMOKE_KERNELS="--only layer_norm"
+  SMOKE_E2E="--tasks mlm --competitors fastroberta-torch"
+  SMOKE_HF="--workloads finetune --competitors hf-sdpa,hf+fastroberta"
+  SMOKE_TRAIN="--smoke"
+  export FASTROBERTA_BENCH_PROFILE=smoke
+else
+  PROFILE="--profile check"
+  SMOKE_KERNELS="" SMOKE_E2E="" SMOKE_HF=""
+fi
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
-# stage NAME PLANNED_SECONDS 'command'   ('@BUDGET@' in the command becomes the stage's time budget)
+# stage NAME PLANNED_SECONDS 'command' [SIGNAL]   ('@BUDGET@' in the command becomes the stage's time budget;
+# SIGNAL is what `timeout` sends first, TERM unless given: pytest prints its summary on INT)
 stage() {
-  local name=$1 planned=$2 cmd=$3
+  local name=$1 planned=$2 cmd=$3 signal=${4:-TERM}
   PLANNED=$(( PLANNED + planned ))
   local now limit left
   now=$(date +%s)
@@ -88,7 +128,7 @@ stage() {
   echo "=== [$name] limit ${limit}s at +$(elapsed)s: $cmd"
   local start rc status
   start=$(date +%s)
-  timeout -k 10 "$limit" bash -c "$cmd" 2>&1 | tee "$WORK/logs/$name.log"
+  timeout -s "$signal" -k 15 "$limit" bash -c "$cmd" 2>&1 | tee "$WORK/logs/$name.log"
   rc=${PIPESTATUS[0]}
   case $rc in
     0) status=ok ;;
@@ -96,8 +136,9 @@ stage() {
     *) status="FAILED (exit $rc)" ;;
   esac
   local note
-  if [ "$name" = tests ]; then  # pytest's closing line, e.g. "3 failed, 40 passed in 61.2s"
+  if [ "$name" = tests ]; then  # pytest's closing line, e.g. "3 failed, 40 passed in 61.2s", and what the budget cut
     note=$(grep -E '[0-9]+ (passed|failed|errors?|skipped)' "$WORK/logs/$name.log" | tail -n 1 | tr -d '=')
+    note="$note$(grep -E '^time budget: ' "$WORK/logs/$name.log" | sed 's/^time budget: /; budget: /; s/ (FASTROBERTA.*//')"
   else
     note=$(grep -v '^[[:space:]]*$' "$WORK/logs/$name.log" | tail -n 1)
   fi
@@ -148,27 +189,34 @@ export PYTHONPATH
 
 # ------------------------------------------------------------------------------------------------ stages
 if [ -z "${GPU_TESTS:-}" ]; then
-  GPU_TESTS=""
-  for f in tests/test_gpu_kernels.py tests/test_layer_norm.py tests/test_attention.py \
-           tests/test_cross_entropy.py; do
-    [ -f "$f" ] && GPU_TESTS="$GPU_TESTS $f"
-  done
+  if [ "$SMOKE" = 1 ]; then
+    GPU_TESTS="tests/test_gpu_kernels.py::test_layer_norm_real_shapes tests/test_gpu_kernels.py::test_mlm_cross_entropy_real_shapes"
+  else
+    # Most telling first: what is not reached in the budget is skipped and counted (tests/time_budget.py).
+    GPU_TESTS="tests/test_gpu_kernels.py"
+    for t in test_custom_scale_int_mask_and_large_scores test_tf32_attention_meets_its_tolerance \
+             test_matches_reference_long test_model_triton_matches_torch; do
+      GPU_TESTS="$GPU_TESTS tests/test_attention.py::$t"
+    done
+    GPU_TESTS="$GPU_TESTS tests/test_cross_entropy.py tests/test_layer_norm.py"
+  fi
 fi
 for s in ${GPU_CHECK_STAGES:-tests kernels e2e train hf}; do
   case $s in
     tests)   if [ -n "${GPU_TESTS// /}" ]; then
-               stage tests "$T_TESTS" "$PY -m pytest -q -rfE -p no:cacheprovider $GPU_TESTS"
+               stage tests "$T_TESTS" "FASTROBERTA_AUTOTUNE=0 FASTROBERTA_TEST_BUDGET_S=@BUDGET@ \
+                 $PY -m pytest -q -rfE -p no:cacheprovider $GPU_TESTS" INT
              else
                printf 'tests\tskipped (no test files)\t0\t\n' >> "$STAGES"
              fi ;;
     kernels) stage kernels "$T_KERNELS" \
-               "$PY -m benchmarks kernels --profile check --out $RESULTS --time-budget @BUDGET@ ${KERNEL_ARGS:-}" ;;
+               "$PY -m benchmarks kernels $PROFILE $SMOKE_KERNELS --out $RESULTS --time-budget @BUDGET@ ${KERNEL_ARGS:-}" ;;
     e2e)     stage e2e "$T_E2E" \
-               "$PY -m benchmarks e2e --profile check --out $RESULTS --time-budget @BUDGET@ ${E2E_ARGS:-}" ;;
+               "$PY -m benchmarks e2e $PROFILE $SMOKE_E2E --out $RESULTS --time-budget @BUDGET@ ${E2E_ARGS:-}" ;;
     train)   stage train "$T_TRAIN" \
-               "$PY -m benchmarks train --out $RESULTS --work-dir $WORK/train --time-budget @BUDGET@" ;;
+               "$PY -m benchmarks train ${SMOKE_TRAIN:-} --out $RESULTS --work-dir $WORK/train --time-budget @BUDGET@" ;;
     hf)      stage hf "$T_HF" \
-               "$PY -m benchmarks hf --profile check --out $RESULTS --time-budget @BUDGET@ ${HF_ARGS:-}" ;;
+               "$PY -m benchmarks hf $PROFILE $SMOKE_HF --out $RESULTS --time-budget @BUDGET@ ${HF_ARGS:-}" ;;
     *)       echo "unknown stage $s (GPU_CHECK_STAGES)" ;;
   esac
 done
@@ -180,6 +228,7 @@ rc=$?
 {
   echo "# GPU check"
   echo
+  [ "$SMOKE" = 1 ] && echo "**SMOKE DRY RUN (GPU_CHECK_SMOKE=1): the plumbing on CPU, tiny shapes; no figure here is a performance result.**" && echo
   echo "$(date -u +%Y-%m-%dT%H:%M:%SZ), $(elapsed) s in all, commit ${FASTROBERTA_GIT_COMMIT:-unknown}"
   echo
   echo "| stage | status | seconds | note |"
@@ -198,6 +247,7 @@ done
 summary() {
   echo
   echo "================================ GPU check summary ($(elapsed) s) ================================"
+  [ "$SMOKE" = 1 ] && echo "SMOKE DRY RUN (GPU_CHECK_SMOKE=1): plumbing only, no performance result"
   printf '%-8s  %-22s  %7s  %s\n' stage status seconds note
   awk -F'\t' '{printf "%-8s  %-22s  %7s  %s\n", $1, $2, $3, $4}' "$STAGES"
   [ $rc = 0 ] || echo "report: FAILED (exit $rc), see logs/report.log"

@@ -190,7 +190,7 @@ _ATTN_TEST = {"fp16": [((64, "mask", True), False), ((64, "mask", False), True),
                        ((32, "mask", False), False), ((128, "varlen", False), False)],
               "bf16": [((64, "mask", True), False), ((32, "mask", False), False),
                        ((128, "varlen", False), False)],
-              # fp32 (TF32 dots, its own small tiles): the smallest head dim only.
+              # fp32 (TF32 dots, what torch's allow_tf32 gives; its own small tiles): the smallest head dim only.
               "fp32": [((32, "mask", False), False)]}
 _ATTN_FULL = [((d, layout, dropout), True) for d in (32, 64, 128) for layout in LAYOUTS for dropout in (True, False)]
 
@@ -282,13 +282,14 @@ def all_cases(mods, mode):
 
 
 def launched_kernels(mods):
-    """The jitted kernels each module launches (``name[grid](...)``): a new one must be compiled here too."""
+    """The jitted kernels each module launches (``name[grid](...)``, or ``_launch(name, grid, ...)`` in
+    attention.py): a new one must be compiled here too."""
     from triton.runtime import KernelInterface
     found = set()
     for mod_name, mod in mods.items():
         with open(mod.__file__) as f:
             src = f.read()
-        for name in set(re.findall(r"\b(_\w+)\[", src)):
+        for name in set(re.findall(r"\b(_\w+)\[", src)) | set(re.findall(r"\b_launch\((_\w+),", src)):
             if isinstance(getattr(mod, name, None), KernelInterface):
                 found.add(f"{mod_name}.{name}")
     return sorted(found)
@@ -362,6 +363,14 @@ def _worker(claim_dir, mode, only):
         return
     from benchmarks import sass
 
+    import triton
+    try:
+        ptxas = subprocess.run([get_ptxas(target.arch).path, "--version"], capture_output=True, text=True).stdout
+        ptxas = ptxas.strip().splitlines()[-1]
+    except Exception:
+        ptxas = None
+    print(json.dumps({"toolchain": {"triton": triton.__version__, "triton_path": os.path.dirname(triton.__file__),
+                                    "ptxas": ptxas}}), flush=True)
     mods = _kernel_modules()
     print(json.dumps({"launched": launched_kernels(mods)}), flush=True)
     for i, (group, dtype_name, label, kernel, args, kwargs) in enumerate(all_cases(mods, mode)):
@@ -403,13 +412,17 @@ class Unavailable(Exception):
     """This machine cannot compile for sm_90 (no NVIDIA backend in Triton, or no ptxas)."""
 
 
-def run_workers(mode, workers, timeout_s, only=None):
+def run_workers(mode, workers, timeout_s, only=None, triton_site=None, toolchain=None):
     """Run ``workers`` compile workers over the mode's cases; returns (results sorted by case, launched
-    kernels). Raises Unavailable, or RuntimeError when a worker crashes."""
+    kernels). ``triton_site``: a folder with another Triton install (``pip install --target DIR
+    triton==X``) that the workers import instead of this environment's; ``toolchain``, a dict, receives the
+    workers' Triton version, its folder and ptxas. Raises Unavailable, or RuntimeError when a worker crashes."""
     assert mode in MODES
     env = dict(os.environ, TRITON_INTERPRET="0", FASTROBERTA_AUTOTUNE="1")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    first = [str(Path(triton_site).resolve())] if triton_site else []
+    env["PYTHONPATH"] = os.pathsep.join(first + [str(REPO)]
+                                        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     with tempfile.TemporaryDirectory() as claim_dir:
         # Output to files, not pipes: a worker must never wait for the parent to read another one's pipe.
         logs = [(open(os.path.join(claim_dir, f"out{i}"), "w+"), open(os.path.join(claim_dir, f"err{i}"), "w+"))
@@ -443,6 +456,9 @@ def run_workers(mode, workers, timeout_s, only=None):
         for line in lines:
             if "launched" in line:
                 launched = line["launched"]
+            elif "toolchain" in line:
+                if toolchain is not None:
+                    toolchain.update(line["toolchain"])
             else:
                 results.append(line)
     results.sort(key=lambda r: r["index"])

@@ -3,6 +3,7 @@ holed and absent masks, strided inputs, the varlen form, dropout (replayed throu
 errors, and the model wired to it. On CPU the kernels run under Triton's interpreter, so shapes stay small."""
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -18,10 +19,9 @@ OUT_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2
 GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float16: dict(atol=1e-2, rtol=1e-2),
             torch.bfloat16: dict(atol=6e-2, rtol=5e-2)}
 if DEVICE == "cuda":
-    # On a GPU fp32 attention runs its dots in TF32 (10-bit mantissa; fastroberta/kernels/attention.py, _prune): about
-    # fp16's precision. The interpreter's dots are exact fp32.
-    OUT_TOL[torch.float32] = dict(atol=2e-3, rtol=5e-3)
-    GRAD_TOL[torch.float32] = dict(atol=1e-2, rtol=1e-2)
+    # fp32 attention multiplies in exact fp32 unless torch allows TF32 (attention.fp32_dot_precision; TF32 has
+    # its own tests below); the GPU's exp2 is an approximation (2 ulp) and its FMAs sum in another order.
+    OUT_TOL[torch.float32] = dict(atol=1e-4, rtol=1e-4)
 
 
 def make_qkv(b, h, l, d, dtype, layout="contiguous", scale=1.0):
@@ -98,19 +98,148 @@ def test_matches_reference(b, l, d, dtype, mask_kind, layout):
     run_and_compare(q, k, v, make_mask(mask_kind, b, l, mask_dtype))
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 and head dim 128 at long L need a GPU (slow interpreter)")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d,l", [(128, 1000), (64, 4100)])
-def test_matches_reference_long_gpu(dtype, d, l):
+# Head dim 128 and long rows (many key blocks, a partial last one): on a GPU at real lengths in fp16 and bf16; the
+# CPU twin runs the same test at lengths the interpreter manages, in fp16.
+LONG = [(128, 1000), (64, 4100)] if DEVICE == "cuda" else [(128, 40), (64, 100)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16])
+@pytest.mark.parametrize("d,l", LONG)
+def test_matches_reference_long(dtype, d, l):
     q, k, v = make_qkv(2, 2, l, d, dtype, "fused")
     run_and_compare(q, k, v, make_mask("holes", 2, l))
 
 
 def test_custom_scale_int_mask_and_large_scores():
-    # Scores of magnitude ~100 would overflow a naive exp; the online softmax keeps them finite.
+    # Scores of magnitude ~100 would overflow a naive exp; the online softmax keeps them finite. fp32 here is
+    # exact fp32 (torch's default matmul precision); under TF32 see test_tf32_attention_meets_its_tolerance.
     q, k, v = make_qkv(2, 2, 37, 16, torch.float32, "fused", scale=3.0)
     mask = make_mask("right", 2, 37, torch.int32)
     run_and_compare(q, k, v, mask, softmax_scale=0.9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fp32 under TF32: torch's switch decides (attention.fp32_dot_precision)
+# ---------------------------------------------------------------------------------------------------------
+def tf32_tolerance(q, k, softmax_scale):
+    """Largest error TF32 dots may give, relative to the largest reference value of the tensor compared: a
+    10-bit mantissa (2**-10 relative per operand) on scores whose rounding error grows with their magnitude
+    (an absolute error of |s| * 2**-10 in a score is that relative error in its probability)."""
+    scores = (q.detach().float() @ k.detach().float().transpose(-1, -2)).abs().max().item() * softmax_scale
+    return 2.0 ** -10 * (4 + scores / 4)
+
+
+def to_tf32(t, rounding):
+    """``t`` (fp32) with its mantissa cut to TF32's 10 bits: by truncation (dropping the low 13 bits, the worse
+    case) or to nearest with ties away from zero (cvt.rna.tf32.f32)."""
+    bits = t.contiguous().view(torch.int32)
+    if rounding == "nearest":
+        bits = bits + 0x1000
+    return (bits & -0x2000).view(torch.float32)
+
+
+class Tf32Matmul(torch.autograd.Function):
+    """a @ b with both operands rounded to TF32, and so the two products of its backward: what a kernel's dots
+    do in TF32 (fp32 accumulation)."""
+
+    @staticmethod
+    def forward(ctx, a, b, rounding):
+        ctx.save_for_backward(a, b)
+        ctx.rounding = rounding
+        return to_tf32(a, rounding) @ to_tf32(b, rounding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = (to_tf32(t, ctx.rounding) for t in ctx.saved_tensors)
+        grad = to_tf32(grad, ctx.rounding)
+        return grad @ b.transpose(-1, -2), a.transpose(-1, -2) @ grad, None
+
+
+def large_score_case(seed):
+    torch.manual_seed(seed)
+    q, k, v = make_qkv(2, 2, 37, 16, torch.float32, "fused", scale=3.0)
+    return q, k, v, make_mask("right", 2, 37, torch.int32), torch.randn(2, 2, 37, 16, device=DEVICE)
+
+
+def attention_and_grads(fn, q, k, v, mask, do, softmax_scale):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    o = fn(*leaves, mask, softmax_scale=softmax_scale)
+    o.backward(do)
+    return [o.detach()] + [t.grad for t in leaves]
+
+
+def max_relative_errors(got, want):
+    """Largest error of each tensor relative to its largest reference value (saturated softmax rows can make
+    a whole gradient zero: then any error counts against 1e-30)."""
+    return {name: ((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+            for name, g, w in zip(("o", "dq", "dk", "dv"), got, want)}
+
+
+@pytest.mark.parametrize("rounding", ["truncate", "nearest"])
+def test_tf32_emulation_meets_the_tf32_tolerance(monkeypatch, rounding):
+    """A CPU test of the TF32 tolerance: the reference with every product's operands rounded to TF32 (forward
+    and backward) stays within ``tf32_tolerance`` on large scores, where the exact-fp32 tolerance fails."""
+    exact_failures = 0
+    for seed in range(6):
+        q, k, v, mask, do = large_score_case(seed)
+        exact = attention_and_grads(reference.attention, q, k, v, mask, do, 0.9)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "matmul", lambda a, b: Tf32Matmul.apply(a, b, rounding))
+            emulated = attention_and_grads(reference.attention, q, k, v, mask, do, 0.9)
+        errors = max_relative_errors(emulated, exact)
+        tol = tf32_tolerance(q, k, 0.9)
+        assert all(e <= tol for e in errors.values()), f"seed {seed}: {errors} above {tol:.3g}"
+        exact_failures += not torch.allclose(emulated[0], exact[0], **OUT_TOL[torch.float32])
+    assert exact_failures >= 3, "TF32 rounding should break the exact-fp32 tolerance at these scores"
+
+
+@pytest.fixture
+def allow_tf32():
+    """Sets torch's TF32 switch for fp32 matmuls (the legacy flag: reading it still works afterwards, which
+    setting torch >= 2.9's fp32_precision would break) and restores it."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+
+    def set_(value):
+        matmul.allow_tf32 = value
+    yield set_
+    matmul.allow_tf32 = saved
+
+
+def test_tf32_attention_meets_its_tolerance(allow_tf32):
+    """fp32 attention with TF32 allowed (on a GPU its dots run in TF32; the interpreter's stay exact), against
+    the reference in exact fp32 (TF32 off while it runs: on a GPU its matmuls would follow the switch too)."""
+    attn = importlib.import_module("fastroberta.kernels.attention")
+    for seed in range(2):
+        q, k, v, mask, do = large_score_case(seed)
+        allow_tf32(False)
+        want = attention_and_grads(reference.attention, q, k, v, mask, do, 0.9)
+        allow_tf32(True)
+        assert attn.fp32_dot_precision() == "tf32"
+        got = attention_and_grads(attention, q, k, v, mask, do, 0.9)
+        errors = max_relative_errors(got, want)
+        assert all(e <= tf32_tolerance(q, k, 0.9) for e in errors.values()), errors
+
+
+def test_fp32_dot_precision_follows_torch(allow_tf32):
+    """fp32 attention multiplies in TF32 exactly when torch allows TF32 for fp32 matmuls (torch's default:
+    it does not); fp16 launches carry one constant whatever the setting (no extra compiled variants)."""
+    attn = importlib.import_module("fastroberta.kernels.attention")
+    q = torch.zeros(1, 2, 8, 16)
+
+    def precision(dtype):
+        return attn._launch_meta(q.to(dtype), None, None, None, 8, 0.0, 0.25, None)["PRECISION"]
+    for allow, expected in ((False, "ieee"), (True, "tf32")):
+        allow_tf32(allow)
+        assert attn.fp32_dot_precision() == expected and precision(torch.float32) == expected
+        assert precision(torch.float16) == "tf32"
+    allow_tf32(False)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # torch's other spelling of the same switch
+        assert attn.fp32_dot_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def test_all_padding_gives_zeros_not_nan():
@@ -504,3 +633,51 @@ def test_mixed_prefix_and_holed_rows(dropout_p):
     torch.testing.assert_close(o, ro, **OUT_TOL[torch.float32])
     for t, r in zip((q, k, v), ref_in):
         torch.testing.assert_close(t.grad, r.grad, **GRAD_TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FASTROBERTA_AUTOTUNE=0: the default config, nothing benchmarked
+# ---------------------------------------------------------------------------------------------------------
+def test_autotune_off_launches_the_default_config_without_the_autotuner(monkeypatch):
+    """With autotuning off a GPU launch still has one default per input class (three configs): Triton 3.6's
+    autotuner would benchmark whatever survives pruning, even one config. ``_launch`` picks the default on the
+    host and calls the jitted function; with autotuning on it hands the launch to the autotuner."""
+    attn = importlib.import_module("fastroberta.kernels.attention")
+    monkeypatch.setattr(attn, "interpreter_active", lambda: False)
+    monkeypatch.setattr(attn, "AUTOTUNE", False)
+    defaults = {"d64": (128, 64, 8, 3), "d128": (32, 128, 8, 3), "fp32": (64, 32, 4, 2)}
+    launches = []
+
+    class Launcher:  # kernel[grid](*args, **kwargs), recorded under ``name``
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, kwargs))
+
+    class Autotuned(Launcher):
+        configs = attn._configs((64, 32), defaults, [(16, 16, 2, 2)])
+        arg_names = ["Q", "n"]
+        fn = Launcher("jit")
+    assert len(Autotuned.configs) == 3
+    kernel = Autotuned("autotuner")
+    for dtype, head_dim, kind in ((torch.float16, 64, "d64"), (torch.bfloat16, 128, "d128"),
+                                  (torch.float32, 32, "fp32")):
+        attn._launch(kernel, None, torch.zeros(1, dtype=dtype), 1, HEAD_DIM=head_dim)
+        how, kwargs = launches[-1]
+        assert how == "jit"
+        assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]) == defaults[kind]
+    monkeypatch.setattr(attn, "AUTOTUNE", True)
+    attn._launch(kernel, None, torch.zeros(1, dtype=torch.float16), 1, HEAD_DIM=64)
+    assert launches[-1] == ("autotuner", {"HEAD_DIM": 64})
+
+
+def test_autotune_off_is_read_from_the_environment():
+    """FASTROBERTA_AUTOTUNE=0 on a GPU-like import (interpreter off): the defaults only, autotuning off."""
+    import subprocess
+    import sys
+    code = ("import importlib; a = importlib.import_module('fastroberta.kernels.attention'); "
+            "print(a.AUTOTUNE, len(a._attn_fwd.configs), len(a._attn_bwd_dkdv.configs), len(a._attn_bwd_dq.configs))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, TRITON_INTERPRET="0", FASTROBERTA_AUTOTUNE="0")).stdout.split()
+    assert out == ["False", "3", "3", "3"]

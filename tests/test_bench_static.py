@@ -67,13 +67,21 @@ def test_main_loop_prefers_tensor_core_loops():
 
 
 def test_static_benchmark_end_to_end_on_one_kernel(tmp_path):
+    """One kernel, compiled by the Triton of a folder given as ``--triton`` (here this environment's own
+    site-packages, so the test needs no second install): the report records the workers' Triton."""
+    import triton
+    site = Path(triton.__file__).resolve().parent.parent
     only = r"layer_norm_bwd fp16 N=768 residual=1 dropout=0"
-    args = cli.build_parser().parse_args(["static", "--out", str(tmp_path), "--only", only, "--workers", "1"])
+    args = cli.build_parser().parse_args(["static", "--out", str(tmp_path), "--only", only, "--workers", "1",
+                                          "--triton", str(site)])
     try:
-        result = bench_static.run(args.out, only=args.only, workers=1, timeout_s=600)
+        result = bench_static.run(args.out, only=args.only, workers=1, timeout_s=600, triton_site=args.triton)
     except sm90.Unavailable as e:
         pytest.skip(f"cannot compile for sm_90 here: {e}")
     assert result["failed"] == []
+    env = result["environment"]
+    assert env["triton"] == triton.__version__ and Path(env["triton_path"]) == site / "triton"
+    assert env["ptxas"]
     (row,) = result["rows"]
     assert row["kernel"] == "layer_norm_bwd" and row["dtype"] == "fp16"
     assert row["counted"] == "main loop"  # the band-of-rows loop
@@ -84,3 +92,38 @@ def test_static_benchmark_end_to_end_on_one_kernel(tmp_path):
     assert saved["rows"][0]["loop_instructions"] == row["loop_instructions"]
     md = (tmp_path / "static.md").read_text()
     assert "layer_norm_bwd" in md and "## Targets" in md and "FP fusion (FMA contraction) on" in md
+
+
+def _static_row(kernel, case, regs, stack, local=0):
+    return {"kernel": kernel, "dtype": "fp16", "case": case, "registers": regs, "stack_bytes": stack,
+            "spill_stores": stack // 8, "spill_loads": stack // 8, "loop_instructions": 100,
+            "classes": {"mma": 1, "int": 1, "float": 1, "memory": 1, "local": local}, "config": {},
+            "num_warps": 8, "shared_bytes": 0, "counted": "main loop"}
+
+
+def test_static_report_lists_where_two_triton_versions_differ():
+    env = {"target": "sm_90", "ptxas": "ptxas", "git_commit": "abc", "date": "today", "triton_path": "/x"}
+    ours = {"environment": dict(env, triton="3.9.0"), "verdicts": [], "ratios": [],
+            "rows": [_static_row("attn_bwd_dkdv", "D=128 varlen dropout=0", 254, 0),
+                     _static_row("ce_lse_forward", "V=50265", 48, 0)]}
+    other_rows = [_static_row("attn_bwd_dkdv", "D=128 varlen dropout=0", 255, 16),
+                  _static_row("ce_lse_forward", "V=50265", 48, 0)]
+    other_rows[1]["loop_instructions"] = 120
+    other = {"environment": dict(env, triton="3.6.0"), "rows": other_rows,
+             "verdicts": [("no local-memory load or store in any main loop", True, "none")]}
+    md = bench_static.markdown(ours, None, other)
+    section = md[md.index("## Triton 3.9.0 vs 3.6.0"):md.index("## Every kernel")]
+    assert "2 kernels compared" in section and "`triton-3.6/static.md`" in section
+    assert "median 1.20x, from 1.00x to 1.20x" in section
+    assert "Targets under 3.6.0: no local-memory load or store in any main loop: yes (none)." in section
+    assert "| attn_bwd_dkdv | fp16 | D=128 varlen dropout=0 | 254 / 255 | 0 / 16 | 0 / 2 | 0 / 2 | 0 / 0 |" in section
+    assert "| ce_lse_forward |" not in section  # same stack and spills: not listed
+    same = bench_static.markdown(ours, None, dict(other, rows=[dict(r, stack_bytes=0, spill_stores=0, spill_loads=0)
+                                                               for r in other_rows]))
+    assert "Stack and spills are the same under both versions." in same
+
+
+def test_static_rejects_a_triton_folder_without_triton(tmp_path, capsys):
+    args = cli.build_parser().parse_args(["static", "--out", str(tmp_path), "--triton", str(tmp_path)])
+    assert bench_static.main_from_args(args) is False
+    assert f"--triton {tmp_path}: no Triton there" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """The Triton masked-LM cross-entropy against ``F.cross_entropy`` on the full fp32 logits: the loss, the
 argmax count and the gradients of hidden, weight and bias, over dtypes, vocabulary sizes, label patterns and
 chunkings; the fp16 loss-scale path; input errors; and the model's loss with kernels="triton" vs "torch"."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,38 @@ def test_online_softmax_over_many_blocks(monkeypatch):
 def test_without_bias_and_int32_labels():
     hidden, weight, _, labels = make_inputs(11, 32, 300, torch.float32, n_labelled=6)
     check_against_reference([hidden, weight, None, labels.int()], torch.float32, chunk_rows=4)
+
+
+def test_every_kernel_launch_is_on_the_inputs_device(monkeypatch):
+    """Triton launches on the current device: each row kernel (forward, and backward over two chunks) runs
+    inside ``on_device(hidden)``, which makes the inputs' GPU current (a no-op context on CPU)."""
+    inside = []
+    entered = []
+
+    @contextlib.contextmanager
+    def on_device(t):
+        assert t.device == hidden.device
+        entered.append(t.device)
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    def spy(kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    assert inside, "a row kernel launched outside on_device"
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Launcher()
+    monkeypatch.setattr(ce, "on_device", on_device)
+    monkeypatch.setattr(ce, "_lse_forward_kernel", spy(ce._lse_forward_kernel))
+    monkeypatch.setattr(ce, "_logits_grad_kernel", spy(ce._logits_grad_kernel))
+    hidden, weight, bias, labels = make_inputs(8, 16, 100, torch.float32, n_labelled=6)
+    check_against_reference([hidden, weight, bias, labels], torch.float32, chunk_rows=3)
+    assert len(entered) == 4  # two forward chunks, two backward ones
 
 
 @pytest.mark.parametrize("n_labelled", [5, 10])

@@ -1,6 +1,7 @@
 """The fused dropout + residual + LayerNorm kernel against the eager reference: forward, every gradient,
 dropout replayed from the kernel's own mask, repeatability, input checks, the nn.LayerNorm drop-in, and the
-model with kernels="triton" against kernels="torch"."""
+model with kernels="triton" against kernels="torch". Tensors live on DEVICE: the GPU when there is one (the
+compiled kernel), else the CPU under Triton's interpreter."""
 import importlib
 
 import pytest
@@ -8,9 +9,20 @@ import torch
 
 from fastroberta import RobertaConfig, RobertaForMaskedLM
 from fastroberta.kernels import FusedLayerNorm, layer_norm, reference
+from fastroberta.kernels._checks import triton_usable
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 ln_mod = importlib.import_module("fastroberta.kernels.layer_norm")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_test_device():
+    """Tensors and modules made without a device land on DEVICE: on a GPU host the compiled kernel runs (CPU
+    tensors there would take the eager fallback, or raise with kernels="triton")."""
+    with torch.device(DEVICE):
+        yield
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=1e-2),
        torch.bfloat16: dict(atol=6e-2, rtol=2e-2)}
@@ -23,12 +35,23 @@ def make_inputs(shape, dtype, residual=True, affine=True, param_dtype=None, seed
     g = torch.Generator().manual_seed(seed)
     n = shape[-1]
     param_dtype = param_dtype or dtype
-    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype).requires_grad_()
-    r = torch.randn(shape, generator=g).to(dtype).requires_grad_() if residual else None
-    w = (1 + 0.3 * torch.randn(n, generator=g)).to(param_dtype).requires_grad_() if affine else None
-    b = (0.3 * torch.randn(n, generator=g)).to(param_dtype).requires_grad_() if affine else None
-    dy = torch.randn(shape, generator=g).to(dtype)
+
+    def randn(*size):  # drawn on the CPU (the generator's device), then moved: the same values on any host
+        return torch.randn(*size, generator=g, device="cpu").to(DEVICE)
+    x = (randn(shape) * 2 + 0.5).to(dtype).requires_grad_()
+    r = randn(shape).to(dtype).requires_grad_() if residual else None
+    w = (1 + 0.3 * randn(n)).to(param_dtype).requires_grad_() if affine else None
+    b = (0.3 * randn(n)).to(param_dtype).requires_grad_() if affine else None
+    dy = randn(shape).to(dtype)
     return x, r, w, b, dy
+
+
+def test_inputs_reach_the_kernel_not_the_fallback():
+    """What the tests build runs the Triton kernel: CUDA tensors on a GPU host (where the interpreter is off),
+    CPU tensors under the interpreter elsewhere."""
+    x, r, w, b, _ = make_inputs((3, 16), torch.float32)
+    assert all(t.device.type == torch.device(DEVICE).type and triton_usable(t) for t in (x, r, w, b))
+    assert FusedLayerNorm(16).weight.device.type == torch.device(DEVICE).type
 
 
 def run(fn, x, r, w, b, dy, **kw):
@@ -182,9 +205,10 @@ def test_dropout_kept_fraction_and_independence():
 
 def test_zero_dropout_is_the_plain_path():
     x, r, w, b, dy = make_inputs((7, 100), torch.float16)
-    state = torch.get_rng_state()
+    rng_state = torch.cuda.get_rng_state if DEVICE == "cuda" else torch.get_rng_state
+    state = rng_state()
     y0, g0 = run(layer_norm, x, r, w, b, dy, dropout_p=0.0)
-    assert torch.equal(torch.get_rng_state(), state)  # p=0 draws no seed
+    assert torch.equal(rng_state(), state)  # p=0 draws no seed
     y, g = run(layer_norm, x, r, w, b, dy)
     assert torch.equal(y0, y) and all(torch.equal(a, c) for a, c in zip(g0, g))
     # The dropout path with a vanishing p keeps everything at scale 1.0f: it must agree bit for bit.
@@ -294,12 +318,13 @@ def test_model_with_triton_kernels_matches_torch(monkeypatch):
     fused.load_state_dict(eager.state_dict())
 
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 100, (2, 16), generator=g)
-    mask = torch.ones(2, 16, dtype=torch.long)
+    ids = torch.randint(3, 100, (2, 16), generator=g, device="cpu")
+    mask = torch.ones(2, 16, dtype=torch.long, device="cpu")
     ids[1, 11:], mask[1, 11:] = 1, 0
-    labels = torch.where(torch.rand(2, 16, generator=g) < 0.4, ids, torch.full_like(ids, -100))
+    labels = torch.where(torch.rand(2, 16, generator=g, device="cpu") < 0.4, ids, torch.full_like(ids, -100))
     labels[1, 11:] = -100
     labels[0, 0] = ids[0, 0]
+    ids, mask, labels = ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
 
     calls = []
     launch = ln_mod._layer_norm_forward  # what the custom op runs

@@ -4,6 +4,7 @@ A Triton kernel runs on CUDA tensors, or on CPU tensors when Triton's interprete
 (``TRITON_INTERPRET=1`` set before the kernel modules are imported). Anything else falls back to the eager
 reference in ``reference.py``.
 """
+import contextlib
 import os
 
 import torch
@@ -19,6 +20,13 @@ def triton_usable(tensor):
     """True when a Triton kernel can run on ``tensor``'s device. Meta tensors count: the custom ops' fake
     implementations run on them and nothing launches (``benchmarks/bench_model.py`` counts a step that way)."""
     return tensor.is_cuda or tensor.is_meta or (tensor.device.type == "cpu" and interpreter_active())
+
+
+def on_device(t):
+    """The context to launch a kernel on ``t``: its GPU made current (Triton launches on the current device and
+    its current stream, so a tensor on another GPU would be read from the wrong device, or race the torch ops on
+    its own device's stream); nothing on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def check_tensor(name, t, *, dtypes=FLOAT_DTYPES, ndim=None, device=None):

@@ -51,7 +51,6 @@ right-padded data. Sequences are limited to 32768 tokens with dropout. The seed 
 call from torch's generator of the inputs' device (``_checks.new_dropout_seed``) into a one-element tensor
 that the custom op passes to the kernels, which read it from memory: nothing reads it on the host.
 """
-import contextlib
 import math
 import os
 from typing import Optional, Tuple
@@ -62,7 +61,7 @@ import triton.language as tl
 
 from . import reference
 from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
-                      triton_usable)
+                      on_device, triton_usable)
 from ._compile_options import COMPILE_OPTIONS
 from ._library import KernelCost, custom_op, nbytes, register_cost
 
@@ -79,6 +78,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+# FASTROBERTA_AUTOTUNE=0 (read at import): every launch runs its default config, chosen on the host by
+# ``_launch``; Triton's autotuner never benchmarks (Triton 3.6 benchmarks even a single surviving config,
+# allocating a 256 MiB L2-flush buffer through torch).
+AUTOTUNE = os.environ.get("FASTROBERTA_AUTOTUNE", "1") != "0"
+
+
 def _configs(interpreter, defaults, candidates):
     """One fixed config under the interpreter (no sweep). On GPU a default per input class (``defaults``:
     "d64" = fp16/bf16 with head dim <= 64, "d128" = fp16/bf16 at 128, "fp32"), then the candidates to
@@ -90,7 +95,7 @@ def _configs(interpreter, defaults, candidates):
     if interpreter_active():
         return [cfg(*interpreter, 1, 1)]
     configs = [cfg(*c, default_for=kind) for kind, c in defaults.items()]
-    if os.environ.get("FASTROBERTA_AUTOTUNE", "1") != "0":
+    if AUTOTUNE:
         configs += [cfg(*c) for c in candidates]
     return configs
 
@@ -114,12 +119,10 @@ _AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "VARLEN", "HAS_MASK", "HAS_SEQLENS
 def _prune(configs, named_args, **kwargs):
     """Autotune pruning: the launch's default first, then the candidates; fp32 runs its default only.
 
-    fp32 attention on a GPU runs its dots on tensor cores in TF32 (10-bit mantissa, fp32 accumulation: about
-    1e-3 relative error, what torch's allow_tf32 gives) on small tiles (64 x 32 / 32 x 64, 4 warps). Exact
-    fp32 dots (PRECISION="ieee") lower to plain FMAs that spill 1-2 KB per thread in every loop at any tile
-    size on sm_90 (measured with `python -m benchmarks static`); fp32 tiles also take twice fp16's shared
-    memory, so the larger candidates could exceed an H100 block's 227 KiB. Under the interpreter the dots
-    are exact whatever PRECISION says."""
+    fp32 tiles are small (64 x 32 / 32 x 64, 4 warps): exact fp32 dots (``fp32_dot_precision`` "ieee") lower
+    to plain FMAs that spill 1-2 KB per thread in every loop at any tile size on sm_90 (measured with `python
+    -m benchmarks static`), and fp32 tiles take twice fp16's shared memory, so the larger candidates could
+    exceed an H100 block's 227 KiB."""
     if named_args["Q"].dtype == torch.float32:
         kind = "fp32"
     else:
@@ -131,6 +134,37 @@ def _prune(configs, named_args, **kwargs):
 
 
 _PRUNE = {"early_config_prune": _prune}
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel; without autotuning (FASTROBERTA_AUTOTUNE=0,
+    or the interpreter's single config) the launch's default config, picked by ``_prune`` as the autotuner
+    would, goes straight to the jitted function: nothing is benchmarked."""
+    if len(kernel.configs) == 1:
+        config = kernel.configs[0]
+    elif AUTOTUNE:
+        return kernel[grid](*args, **kwargs, **COMPILE_OPTIONS)
+    else:
+        config = _prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
+    return kernel.fn[grid](*args, **kwargs, **config.all_kwargs(), **COMPILE_OPTIONS)
+
+
+def fp32_dot_precision():
+    """How fp32 attention multiplies on a GPU, following torch's switch for fp32 matmuls: "tf32" (tensor cores,
+    10-bit mantissa, fp32 accumulation; about 1e-3 relative error per dot, so an output error that grows with
+    the scores' magnitude) where torch allows TF32 (``torch.backends.cuda.matmul.allow_tf32 = True``,
+    ``torch.set_float32_matmul_precision("high")`` or ``torch.backends.cuda.matmul.fp32_precision = "tf32"``),
+    "ieee" (exact fp32 products, slower: the dots become FMAs that spill registers) otherwise, torch's default.
+    Read at each launch, so forward and backward of one call follow the setting of the moment. fp16/bf16
+    attention is unaffected, and under the interpreter the dots are exact fp32 whatever this says."""
+    matmul = torch.backends.cuda.matmul
+    try:  # torch >= 2.9; reading allow_tf32 raises once fp32_precision has been set
+        precision = matmul.fp32_precision
+        if precision == "none":  # not set for CUDA matmuls: the generic setting decides
+            precision = torch.backends.fp32_precision
+        return "tf32" if precision == "tf32" else "ieee"
+    except AttributeError:
+        return "tf32" if matmul.allow_tf32 else "ieee"
 
 
 @triton.jit
@@ -687,11 +721,6 @@ def _empty_out(q, varlen):
     return torch.empty(b, l, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _on_device(t):
-    # Triton launches on the current CUDA device; a tensor on another GPU must make its device current.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -712,7 +741,8 @@ def _launch_meta(q, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softma
                 seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
                 HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
                 HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
-                PRECISION="tf32")
+                # fp16/bf16 dots ignore it: one constant there, so it adds no compiled variant
+                PRECISION=fp32_dot_precision() if q.dtype == torch.float32 else "tf32")
     return dict(meta, lse_strides=lse_strides, n_seqs=n_seqs, Seed=seed if dropout_p > 0.0 else None,
                 dropout_p=dropout_p, softmax_scale=softmax_scale)
 
@@ -738,10 +768,10 @@ def _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropo
 
     def grid(cfg):
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
-    with _on_device(q):
-        _attn_fwd[grid](q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
-                        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-                        *lse_strides, key_mask.stride(0) if key_mask is not None else 0, **run, **COMPILE_OPTIONS)
+    with on_device(q):
+        _launch(_attn_fwd, grid, q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
+                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
+                *lse_strides, key_mask.stride(0) if key_mask is not None else 0, **run)
     return o, lse
 
 
@@ -763,19 +793,19 @@ def _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_
     def grid_m(cfg):
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
     pre_block = 64
-    with _on_device(q):
+    with on_device(q):
         _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
             o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
             heads, run["seq_len"], max_seqlen, 1.0 - dropout_p,
             HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block,
             **COMPILE_OPTIONS)
-        _attn_bwd_dkdv[grid_n](q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
-                               *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                               *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
-                               *lse_strides, mask_stride, **run, **COMPILE_OPTIONS)
-        _attn_bwd_dq[grid_m](q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
-                             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run, **COMPILE_OPTIONS)
+        _launch(_attn_bwd_dkdv, grid_n, q, k, v, do, dk, dv, lse, delta, key_mask, seqlens, cu_seqlens,
+                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
+                *lse_strides, mask_stride, **run)
+        _launch(_attn_bwd_dq, grid_m, q, k, v, do, dq, lse, delta, key_mask, seqlens, cu_seqlens,
+                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                *_strides(do, varlen), *_strides(dq, varlen), *lse_strides, mask_stride, **run)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1022,7 +1052,7 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     """softmax(scale * q k^T + mask) v with attention dropout; see the module docstring.
 
     q, k, v: [B, H, L, D] (any strides with a contiguous last dim; D in 16, 32, 64, 128), fp16/bf16 (fp32 for
-    testing). attention_mask: [B, L] bool or integer, 1/True = real token; None = all real. Returns
+    testing, its dots as ``fp32_dot_precision()`` says). attention_mask: [B, L] bool or integer, 1/True = real token; None = all real. Returns
     [B, H, L, D] (laid out [B, L, H, D] in memory) with zeros at padded queries. ``dropout_p`` applies
     whenever it is > 0: pass 0.0 in eval mode.
     """

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_tensor, compiling, interpreter_active, known_true, triton_usable
+from ._checks import check_tensor, compiling, interpreter_active, known_true, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
 from ._library import KernelCost, custom_op, nbytes, register_cost
 
@@ -166,9 +166,10 @@ def _mlm_cross_entropy_forward(h, weight, bias, targets, chunk_rows):
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             z = _chunk_logits(h[start:stop], weight, bias, buf[:stop - start])
-            _lse_forward_kernel[(stop - start,)](
-                z, targets[start:stop], lse[start:stop], row_loss[start:stop], correct[start:stop],
-                z.stride(0), V, BLOCK_V=block, num_warps=num_warps, **COMPILE_OPTIONS)
+            with on_device(h):
+                _lse_forward_kernel[(stop - start,)](
+                    z, targets[start:stop], lse[start:stop], row_loss[start:stop], correct[start:stop],
+                    z.stride(0), V, BLOCK_V=block, num_warps=num_warps, **COMPILE_OPTIONS)
         del buf
         loss = row_loss.sum() / n
     else:
@@ -193,9 +194,10 @@ def _mlm_cross_entropy_backward(grad_loss, h, weight, bias, targets, lse, chunk_
             stop = min(start + chunk_rows, n)
             h_chunk = h[start:stop]
             dz = _chunk_logits(h_chunk, weight, bias, buf[:stop - start])
-            _logits_grad_kernel[(stop - start,)](
-                dz, targets[start:stop], lse[start:stop], scale,
-                dz.stride(0), V, BLOCK_V=block, num_warps=num_warps, **COMPILE_OPTIONS)
+            with on_device(h):
+                _logits_grad_kernel[(stop - start,)](
+                    dz, targets[start:stop], lse[start:stop], scale,
+                    dz.stride(0), V, BLOCK_V=block, num_warps=num_warps, **COMPILE_OPTIONS)
             if need_h:
                 torch.mm(dz, weight, out=grad_h[start:stop])
             if need_w:

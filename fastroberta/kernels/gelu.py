@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import FLOAT_DTYPES, check_tensor, triton_usable
+from ._checks import FLOAT_DTYPES, check_tensor, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
 from ._library import KernelCost, custom_op, nbytes, register_cost
 
@@ -55,19 +55,11 @@ def _gelu_backward_bias_grad_launch(dact, pre):
     bands = _bands(m)
     partial = torch.empty((bands, n), dtype=torch.float32, device=pre.device)
     if m:
-        with torch.cuda.device(pre.device) if pre.is_cuda else _nullcontext():
+        with on_device(pre):
             _gelu_backward_bias_grad_kernel[(triton.cdiv(n, BLOCK_N), bands)](
                 dact, pre, dpre, partial, dact.stride(0), pre.stride(0), dpre.stride(0), m, n, ROWS_PER_PROGRAM,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4, **COMPILE_OPTIONS)
     return dpre, partial.sum(0)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # The custom op (see _library.py). It runs inside autograd's backward only, so it has no autograd formula.

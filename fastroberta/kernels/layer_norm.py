@@ -25,7 +25,6 @@ Philox seed of the dropout draw. The keep mask is never stored: backward regener
 column). The pre-norm sum h is not stored either; backward recomputes it from x and residual (see
 ``_layer_norm_op`` for why).
 """
-import contextlib
 import functools
 import numbers
 from typing import Optional, Tuple
@@ -35,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import autocast_enabled, check_tensor, new_dropout_seed, triton_usable
+from ._checks import autocast_enabled, check_tensor, new_dropout_seed, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
 from ._library import KernelCost, custom_op, nbytes, register_cost
 from .backend import KernelSwitch
@@ -193,11 +192,6 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _on_device(t):
-    """Launch on t's GPU even when another one is current (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _as_rows(t, n):
     """[rows, n] view of ``t`` when its rows are evenly strided with contiguous features (no copy: kernels
     take a row stride); otherwise one contiguous copy."""
@@ -225,7 +219,7 @@ def _layer_norm_forward(x, weight, bias, residual, eps, dropout_p, seed):
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     block, num_warps = _launch_config(n)
     if m > 0:
-        with _on_device(x):
+        with on_device(x):
             _layer_norm_fwd_kernel[(m,)](
                 x2, r2, weight, bias, y, mean, rstd,
                 x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
@@ -263,7 +257,7 @@ def _layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, h
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if weight is not None else None
     db_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if has_bias else None
     if m > 0:
-        with _on_device(x2):
+        with on_device(x2):
             _layer_norm_bwd_kernel[(programs,)](
                 x2, r2, weight, dy2, dx, dr, dw_partial, db_partial, mean, rstd,
                 x2.stride(0), r2.stride(0) if has_residual else 0, dy2.stride(0), dx.stride(0),
