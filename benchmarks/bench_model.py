@@ -517,8 +517,14 @@ def main_from_args(args):
         res = run_case(name, cases[name], competitors, gpus)
         if args.measure:
             for comp in competitors:
-                res["competitors"][comp]["measured"] = dict(device=torch.cuda.get_device_name(),
-                                                            classes=measure(cases[name], comp))
+                try:
+                    classes = measure(cases[name], comp)
+                except Exception as e:  # one competitor's failure (memory, compile) must not lose the others
+                    print(f"[{name}] {comp}: measuring failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    continue
+                finally:
+                    torch.cuda.empty_cache()
+                res["competitors"][comp]["measured"] = dict(device=torch.cuda.get_device_name(), classes=classes)
         results.append(res)
         for comp, r in res["competitors"].items():
             s = r["gpus"][gpus[0]]

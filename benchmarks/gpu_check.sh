@@ -26,6 +26,8 @@
 #            fastroberta-train --compile runs it) when the stage's budget has room for its compile; then the
 #            fine-tuning step, RobertaForSequenceClassification seq 128 batch 32, padded, fastroberta vs
 #            transformers' eager and SDPA)
+#   model    python -m benchmarks model --measure           (the base/512 fp16 step under torch.profiler: measured ms
+#            per op class next to the cost model's; transformers eager and SDPA, fastroberta)
 #   train    python -m benchmarks train                     (base, seq 512, fp16, ZeRO-2, Triton vs torch)
 #   hf       python -m benchmarks hf --profile check        (transformers' RoBERTa-base fine-tuning and MLM steps,
 #            fastroberta.apply_kernels vs eager and SDPA, fp16 + bf16; its table is printed into gpu_check.log)
@@ -46,6 +48,8 @@
 #                               its --time-budget cuts the cases that do not fit and says so
 #   e2e         180     ~180    7 workers x ~10 s DeepSpeed start + autotune of the training keys (compiles
 #                               cached by kernels) + steps; the compiled competitor only if 90 s are left
+#   model        45     ~40     3 profiled + 3 warm-up steps x 3 competitors, base/512 fp16 (no autotune: kernels' keys
+#                               are warm from e2e)
 #   train        90     ~80     2 trainer runs x (~20 s start + 200 steps of ~0.1 s + autotune)
 #   hf          120     rest    transformers' steps; runs on what the stages before it left of the total
 #   report       20     <5
@@ -89,6 +93,7 @@ T_KERNELS=${T_KERNELS:-110}
 T_E2E=${T_E2E:-180}
 T_TRAIN=${T_TRAIN:-90}
 T_HF=${T_HF:-120}
+T_MODEL=${T_MODEL:-45}
 PLANNED=0
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TRAIN_STEPS=${TRAIN_STEPS:-200} TRAIN_MICRO_BATCH=${TRAIN_MICRO_BATCH:-16}
@@ -101,10 +106,13 @@ if [ "$SMOKE" = 1 ]; then  # the dry run: every stage's smoke mode, tiny and on 
   SMOKE_E2E="--tasks mlm --competitors fastroberta-torch"
   SMOKE_HF="--workloads finetune --competitors hf-sdpa,hf+fastroberta"
   SMOKE_TRAIN="--smoke"
+  MODEL_ARGS="--cases tiny --competitors hf-sdpa,fastroberta --gpus H200"
   export FASTROBERTA_BENCH_PROFILE=smoke
 else
   PROFILE="--profile check"
   SMOKE_KERNELS="" SMOKE_E2E="" SMOKE_HF=""
+  # the whole-step cost model's base/512 case, measured per op class next to its modelled figures
+  MODEL_ARGS="--measure --cases pretrain-base-512 --competitors hf-eager,hf-sdpa,fastroberta --gpus H200,'H100 SXM'"
 fi
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -201,7 +209,7 @@ if [ -z "${GPU_TESTS:-}" ]; then
     GPU_TESTS="$GPU_TESTS tests/test_cross_entropy.py tests/test_layer_norm.py"
   fi
 fi
-for s in ${GPU_CHECK_STAGES:-tests kernels e2e train hf}; do
+for s in ${GPU_CHECK_STAGES:-tests kernels e2e model train hf}; do
   case $s in
     tests)   if [ -n "${GPU_TESTS// /}" ]; then
                stage tests "$T_TESTS" "FASTROBERTA_AUTOTUNE=0 FASTROBERTA_TEST_BUDGET_S=@BUDGET@ \
@@ -213,6 +221,7 @@ for s in ${GPU_CHECK_STAGES:-tests kernels e2e train hf}; do
                "$PY -m benchmarks kernels $PROFILE $SMOKE_KERNELS --out $RESULTS --time-budget @BUDGET@ ${KERNEL_ARGS:-}" ;;
     e2e)     stage e2e "$T_E2E" \
                "$PY -m benchmarks e2e $PROFILE $SMOKE_E2E --out $RESULTS --time-budget @BUDGET@ ${E2E_ARGS:-}" ;;
+    model)   stage model "$T_MODEL" "$PY -m benchmarks model $MODEL_ARGS --out $RESULTS/model" ;;
     train)   stage train "$T_TRAIN" \
                "$PY -m benchmarks train ${SMOKE_TRAIN:-} --out $RESULTS --work-dir $WORK/train --time-budget @BUDGET@" ;;
     hf)      stage hf "$T_HF" \

@@ -51,7 +51,7 @@ def test_gpu_check_dry_run_runs_every_stage_in_smoke_mode(tmp_path):
     assert "SMOKE DRY RUN" in summary
     stages = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summary.splitlines()
               if line.startswith("| ") and not line.startswith("| stage")}
-    assert stages == {name: "ok" for name in ("setup", "tests", "kernels", "e2e", "train", "hf")}, summary
+    assert stages == {name: "ok" for name in ("setup", "tests", "kernels", "e2e", "model", "train", "hf")}, summary
     assert "3 passed" in summary  # the tests stage's note is pytest's closing line
     files = {p.name for p in out.iterdir()}
     assert {"summary.md", "gpu_check.log", "results.tar.gz", "layer_norm.md", "e2e.md", "train.md"} <= files
