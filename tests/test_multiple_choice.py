@@ -169,3 +169,74 @@ def test_bad_swag_data_is_one_line(tmp_path):
         assert "\n" not in str(e.value) and expected in str(e.value)
     with pytest.raises(DataError, match="does not exist"):
         read_choices(str(tmp_path / "missing.jsonl"))
+
+
+def tiny_model(root, texts):
+    """A tiny RoBERTa folder (random MLM weights) with a 400-entry tokenizer trained on ``texts``."""
+    import torch
+    from fastroberta.config import RobertaConfig
+    from fastroberta.data.tokenizer import save_tokenizer
+    from fastroberta.model import RobertaForMaskedLM
+    tok = train_tokenizer(texts, 400)
+    sp = special_ids(tok)
+    cfg = RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=66, pad_token_id=sp["pad"],
+                        bos_token_id=sp["bos"], eos_token_id=sp["eos"])
+    torch.manual_seed(0)
+    RobertaForMaskedLM(cfg, kernels="torch").save_pretrained(str(root / "hf"))
+    save_tokenizer(tok, str(root / "hf"))
+    return root
+
+
+def finetune_args(model, out, task, data, *extra):
+    return ["--model", str(model), "--task", task, "--train", str(data / "train.jsonl"), "--validation",
+            str(data / "validation.jsonl"), "--precision", "fp32", "--micro-batch-size", "8", "--global-batch-size",
+            "16", "--epochs", "2", "--lr", "1e-3", "--max-seq-len", "48", "--no-progress", "--log-every", "1",
+            "--output", str(out), *extra]
+
+
+def test_finetune_swag_end_to_end_and_transformers_loads_the_kept_model(tmp_path):
+    import torch
+    from fastroberta import finetune as ft
+    from fastroberta.model import RobertaForMultipleChoice
+    from fastroberta.tasks import write_jsonl
+    from fastroberta.training.metrics import read_metrics
+    rows = next_line_task(n_train=64, n_validation=32, n_test=24)
+    model = tiny_model(tmp_path / "model", [r["sent1"] for r in rows["train"]])
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, split in rows.items():
+        write_jsonl(split, str(data / f"{name}.jsonl"))
+    out = tmp_path / "run"
+    summary = ft.finetune(finetune_args(model, out, "swag", data, "--test", str(data / "test.jsonl"),
+                                        "--eval-every", "2"))
+    evals = [r for r in read_metrics(str(out / "metrics.jsonl")) if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8]  # 64 / 16 = 4 steps per epoch, 2 epochs
+    best = json.loads((out / "best.json").read_text())
+    assert best["metric"] == "accuracy" and best["accuracy"] == max(r["eval_accuracy"] for r in evals)
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 24 and [p["label"] for p in preds] == [r["label"] for r in rows["test"]]
+    assert summary["test"]["accuracy"] == pytest.approx(np.mean([p["prediction"] == p["label"] for p in preds]))
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForMultipleChoice.from_pretrained(str(out / "hf")).eval()
+    ours = RobertaForMultipleChoice.from_pretrained(str(out / "hf"), kernels="torch").eval()
+    from fastroberta.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(str(out / "hf"))
+    split = read_swag(str(data / "test.jsonl"), "test")
+    batch = collate_choices(choice_features(split, tok, 48, special_ids(tok))[:3], special_ids(tok)["pad"])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_multiple_choice_data_errors_are_one_line(tmp_path, capsys):
+    from fastroberta import finetune as ft
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps({**RACE_ROWS[0], "answer": "F"}) + "\n")
+    (data / "validation.jsonl").write_text(json.dumps(RACE_ROWS[0]) + "\n")
+    model = tiny_model(tmp_path / "model", [r["article"] for r in RACE_ROWS] * 20)
+    assert ft.main(finetune_args(model, tmp_path / "run", "race", data)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].endswith("train.jsonl line 1: answer 'F' is out of range for 4 options (A-D)")

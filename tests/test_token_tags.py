@@ -46,7 +46,7 @@ def test_conll_takes_the_first_and_last_columns_and_jsonl_reads_the_same(tmp_pat
     jsonl.write_text("".join(json.dumps({"tokens": w, "tags": t}) + "\n" for w, t in zip(WORDS, TAGS)))
     split = read_tags(str(jsonl))
     assert split.words == WORDS and split.tags == TAGS
-    assert tag_names(split) == ["O", "B-MISC", "B-ORG", "B-PER", "I-PER"]
+    assert tag_names(split) == ["O", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
     words_only = tmp_path / "test.txt"
     words_only.write_text("EU\nrejects\n\nPeter\n")
     split = read_tags(str(words_only), "test", need_labels=False)
@@ -157,3 +157,60 @@ def test_bad_data_is_one_line(tmp_path, content, name, expected):
     with pytest.raises(DataError) as e:
         encode_tags(read_tags(str(path), "validation"), ["O", "B-PER", "I-PER", "B-ORG"])
     assert "\n" not in str(e.value) and expected in str(e.value)
+
+
+def test_finetune_token_classification_end_to_end_and_transformers_loads_the_kept_model(tmp_path):
+    from fastroberta import finetune as ft
+    from fastroberta.data.tokenizer import load_tokenizer
+    from fastroberta.model import RobertaForTokenClassification
+    from fastroberta.tasks import write_jsonl
+    from fastroberta.training.metrics import read_metrics
+    from test_multiple_choice import finetune_args, tiny_model
+    rows = character_names_task(n_train=64, n_validation=32, n_test=24)
+    model = tiny_model(tmp_path / "model", [" ".join(r["tokens"]) for r in rows["train"]])
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, split in rows.items():
+        write_jsonl(split, str(data / f"{name}.jsonl"))
+    out = tmp_path / "run"
+    summary = ft.finetune(finetune_args(model, out, "token-classification", data, "--test",
+                                        str(data / "test.jsonl")))
+    evals = [r for r in read_metrics(str(out / "metrics.jsonl")) if "eval_f1" in r]
+    assert [r["step"] for r in evals] == [4, 8] and {"eval_precision", "eval_recall", "eval_accuracy"} <= set(evals[0])
+    best = json.loads((out / "best.json").read_text())
+    assert best["metric"] == "f1" and best["f1"] == max(r["eval_f1"] for r in evals)
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["tokens"] for p in preds] == [r["tokens"] for r in rows["test"]]
+    assert all(len(p["prediction"]) == len(p["tokens"]) for p in preds)
+    assert summary["test"] == pytest.approx(tag_metrics([p["prediction"] for p in preds],
+                                                        [r["tags"] for r in rows["test"]]))
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(str(out / "hf")).eval()
+    assert hf.config.id2label == {0: "O", 1: "B-PER", 2: "I-PER"}
+    ours = RobertaForTokenClassification.from_pretrained(str(out / "hf"), kernels="torch").eval()
+    tok = load_tokenizer(str(out / "hf"))
+    sp = special_ids(tok)
+    feats = tag_features(read_tags(str(data / "test.jsonl"), "test"), tok, 48, sp)
+    batch = collate_tags(feats.ids[:3], sp["pad"])
+    real = batch["attention_mask"].bool()  # padding positions' outputs are nobody's prediction
+    assert not real.all()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).logits[real], ours(**batch).logits[real], rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_ner_tag_outside_the_label_set_is_one_line(tmp_path, capsys):
+    from fastroberta import finetune as ft
+    from test_multiple_choice import finetune_args, tiny_model
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text(CONLL)
+    (data / "validation.txt").write_text("Peter B-PER\nBlackburn I-PERSON\n")
+    model = tiny_model(tmp_path / "model", [" ".join(w) for w in WORDS] * 20)
+    argv = finetune_args(model, tmp_path / "run", "ner", data)
+    argv[argv.index("--train") + 1] = str(data / "train.txt")
+    argv[argv.index("--validation") + 1] = str(data / "validation.txt")
+    assert ft.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert "validation.txt line 2: tag 'I-PERSON' is not in the label set (O, B-PER, I-PER" in err[-1]

@@ -112,10 +112,13 @@ def _checked(out, split, need_labels):
 
 
 def tag_names(train, preset=None):
-    """The tags in id order: the preset's, or ``O`` then the training split's tags sorted by type, B- before I-."""
+    """The tags in id order: the preset's, or ``O`` then the training split's tags sorted by type, B- before I-;
+    a type seen with B- also gets its I- tag (a training split of one-word entities says nothing against longer
+    ones in validation)."""
     if preset is not None:
         return list(preset)
     found = {t for tags in train.tags for t in tags} - {"O"}
+    found |= {"I-" + t[2:] for t in found if t.startswith("B-")}
     return ["O"] + sorted(found, key=lambda t: (t[2:], "BIES".index(t[0])))
 
 
