@@ -214,3 +214,30 @@ def test_finetune_ner_tag_outside_the_label_set_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)
     assert "validation.txt line 2: tag 'I-PERSON' is not in the label set (O, B-PER, I-PER" in err[-1]
+
+
+def test_finetune_token_classification_resumes_exactly(tmp_path):
+    from fastroberta import finetune as ft
+    from fastroberta.model import RobertaForTokenClassification
+    from fastroberta.tasks import write_jsonl
+    from fastroberta.training.metrics import read_metrics
+    from test_multiple_choice import finetune_args, tiny_model
+    rows = character_names_task(n_train=64, n_validation=32, n_test=8)
+    model = tiny_model(tmp_path / "model", [" ".join(r["tokens"]) for r in rows["train"]])
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, split in rows.items():
+        write_jsonl(split, str(data / f"{name}.jsonl"))
+    extra = ("--eval-every", "3", "--dropout", "0.1")
+    ft.finetune(finetune_args(model, tmp_path / "full", "token-classification", data, *extra))
+    first = ft.finetune(finetune_args(model, tmp_path / "cut", "token-classification", data, *extra,
+                                      "--stop-at-step", "5"))
+    assert first["step"] == 5 and first["hf"] is None
+    ft.finetune(finetune_args(model, tmp_path / "cut", "token-classification", data, *extra, "--resume"))
+    keys = ("step", "loss", "lr", "eval_f1", "eval_accuracy")
+    full = read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
+    cut = read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))
+    assert [[r.get(k) for k in keys] for r in cut] == [[r.get(k) for k in keys] for r in full]
+    a = RobertaForTokenClassification.from_pretrained(str(tmp_path / "full" / "hf"), kernels="torch").state_dict()
+    b = RobertaForTokenClassification.from_pretrained(str(tmp_path / "cut" / "hf"), kernels="torch").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
