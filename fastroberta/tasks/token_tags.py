@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 from typing import List
 
-import numpy as np
 import torch
 
 from fastroberta.tasks.batching import padded_length
