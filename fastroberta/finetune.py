@@ -1,9 +1,11 @@
-"""fastroberta-finetune: sequence classification / regression fine-tuning (GLUE and your own data) under DeepSpeed.
+"""fastroberta-finetune: sequence classification / regression (GLUE and your own data), multiple choice (RACE,
+SWAG) and token classification (NER) fine-tuning under DeepSpeed.
 
     fastroberta-finetune                                   # the default pretraining run on the bundled word-order task
     fastroberta-finetune --model runs/fastroberta-base --task mrpc --train hf:glue:mrpc --output runs/mrpc
     fastroberta-finetune --model roberta-base --task classification --train train.csv --validation dev.csv \\
         --text-fields title,body --label-field topic --output runs/topics
+    fastroberta-finetune --model roberta-base --task ner --train train.txt --validation valid.txt --test test.txt
     deepspeed --num_gpus 8 --module fastroberta.finetune --model ... --zero-stage 2 ...
 
 The same structure and flag policy as ``fastroberta-train``: check the configuration, read and tokenise the
@@ -12,7 +14,7 @@ split and checkpoints, then predict the test split. The model with the best vali
 
 Output folder: ``metrics.jsonl`` (one JSON object per logged step; evaluations add ``eval_<metric>``),
 ``hf/`` (the best model by the task's metric, with its tokenizer: loadable by
-``transformers.AutoModelForSequenceClassification``), ``best.json`` (its step and metrics), ``predictions.jsonl``
+``transformers.AutoModelForSequenceClassification``, or the AutoModelFor... class of the task's family), ``best.json`` (its step and metrics), ``predictions.jsonl``
 (for ``--test``), ``checkpoints/`` (DeepSpeed checkpoints for ``--resume``), ``ds_config.json``, ``run.json``.
 """
 import argparse
@@ -31,6 +33,7 @@ import torch
 
 from fastroberta.config import PRESETS, RobertaConfig
 from fastroberta.tasks import TASKS, DataError, Task, get_task, task_for_data  # noqa: F401  (Task: for callers)
+from fastroberta.tasks.families import FAMILY_TASKS
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, load_checkpoint, save_checkpoint,
                                               warn_changed_settings)
 from fastroberta.training.cli import HelpFormatter, add_shared_flags, check_positive, check_shared_flags, say
@@ -67,7 +70,8 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Fine-tune a RoBERTa encoder for sequence classification or regression (GLUE or your own "
-                    "CSV / TSV / JSONL data) with the Triton kernels under DeepSpeed. With no arguments: the "
+                    "CSV / TSV / JSONL data), multiple choice (RACE, SWAG) or token classification (NER: CoNLL, "
+                    "JSONL) with the Triton kernels under DeepSpeed. With no arguments: the "
                     f"default pretraining run ({DEFAULT_MODEL}) on the bundled word-order task.",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
@@ -83,9 +87,12 @@ def build_parser():
     g.add_argument("--dropout", type=float, default=None,
                    help="hidden, attention and classifier dropout (default: the model's config)")
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", default=None, choices=list(TASKS),
+    g.add_argument("--task", default=None, choices=list(TASKS) + list(FAMILY_TASKS),
                    help="a GLUE task (fields, classes, metric preset), word-order (generated from the bundled "
-                        "corpus), or classification / regression for your own data. Default: word-order when no "
+                        "corpus), or classification / regression for your own data; multiple choice: race, swag "
+                        "or multiple-choice (either form; without --train the generated which-line-follows task); "
+                        "token classification: ner (CoNLL-2003's tags) or token-classification (the training "
+                        "split's tags; without --train the generated character-names task). Default: word-order when no "
                         "--train is given; with a .csv/.tsv/.jsonl --train, inferred from its labels "
                         "(classification for names or integers, regression for fractional numbers); with "
                         "hf:glue:<task>, that task")
@@ -185,12 +192,21 @@ def resolve_settings(args):
     if args.max_seq_len is not None and args.max_seq_len < 8:
         raise ConfigError(f"--max-seq-len must be at least 8, got {args.max_seq_len}")
 
-    args.task, s.task_inferred = task_for_data(args.task, args.train, args.label_field)
-    s.task = get_task(args.task, args.text_fields, args.label_field, args.metric)
-    if args.train is None and args.task in TASKS and TASKS[args.task].hf is not None:
-        args.train = f"hf:{':'.join(TASKS[args.task].hf)}"
-    if args.train is None and args.task != "word-order":
-        raise ConfigError(f"--task {args.task} needs --train (a .csv, .tsv or .jsonl file, or hf:<dataset>)")
+    s.family = FAMILY_TASKS.get(args.task)
+    if s.family is not None:
+        for flag in ("text_fields", "label_field", "metric"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} does not apply to --task {args.task}")
+        s.task_inferred, s.task = False, s.family.task
+        if args.train is None and args.task in ("race", "swag", "ner"):
+            raise ConfigError(f"--task {args.task} needs --train (files in its format)")
+    else:
+        args.task, s.task_inferred = task_for_data(args.task, args.train, args.label_field)
+        s.task = get_task(args.task, args.text_fields, args.label_field, args.metric)
+        if args.train is None and args.task in TASKS and TASKS[args.task].hf is not None:
+            args.train = f"hf:{':'.join(TASKS[args.task].hf)}"
+        if args.train is None and args.task != "word-order":
+            raise ConfigError(f"--task {args.task} needs --train (a .csv, .tsv or .jsonl file, or hf:<dataset>)")
     if args.epochs is None:
         # The generated word-order task is small (2,000 lines): ten passes, about 15 s for the demo encoder.
         args.epochs = 10.0 if args.task == "word-order" and args.train is None else 3.0
@@ -244,6 +260,8 @@ def load_checked_tokenizer(s):
 def load_data(args, s, tokenizer, special):
     """{"train" | "validation" | "test": (ids, labels or None, Split)} and the class names (None: regression)."""
     from fastroberta.tasks import (Split, encode_labels, label_names, read_split, tokenize, word_order_task)
+    if s.family is not None:
+        return load_family_data(args, s, tokenizer, special)
     splits = {}
     if args.task == "word-order" and args.train is None:
         generated = word_order_task()
@@ -266,8 +284,60 @@ def load_data(args, s, tokenizer, special):
     return out, names
 
 
+def load_family_data(args, s, tokenizer, special):
+    """load_data for a task family of tasks/families.py: (features, labels or None, what its metrics read)."""
+    family = s.family
+    splits = {}
+    if args.train is None:
+        splits = {k: v for k, v in family.generated().items() if k == "train" or getattr(args, k) is None}
+    for name in ("train", "validation", "test"):
+        spec = getattr(args, name)
+        if spec is not None:
+            if spec.startswith("hf:"):
+                raise DataError(f"--{name} {spec}: Hugging Face datasets are not read for --task {args.task} "
+                                "yet; give files")
+            splits[name] = family.read(spec, name, need_labels=name != "test")
+    names = family.names(splits["train"])
+    out = {}
+    for name, split in splits.items():
+        out[name] = family.features(split, tokenizer, args.max_seq_len, special, names)
+        if out[name][1] is None and name != "test":
+            raise DataError(f"--{name} {split.source}: no labels")
+    return out, names
+
+
+def model_class(s):
+    import fastroberta.model as models
+    return getattr(models, s.family.model_class if s.family is not None else "RobertaForSequenceClassification")
+
+
+def build_family_model(args, s, names):
+    """The model of a task family: the checkpoint's encoder (and its head of this family when it has one), or
+    the config's architecture from scratch."""
+    import dataclasses
+    cls = model_class(s)
+    overrides = s.family.model_overrides(names)
+    if args.dropout is not None:
+        overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout,
+                         classifier_dropout=args.dropout)
+    if s.model_kind != "pretrained":
+        return cls(dataclasses.replace(s.config, **overrides), kernels=args.kernels), \
+            "random initialisation (from scratch)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = cls.from_pretrained(s.model_path, kernels=args.kernels, **overrides)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"--model {args.model!r} cannot be loaded as {cls.__name__}: "
+                              f"{str(e).splitlines()[0]}") from None
+    new_head = any("newly initialised" in str(w.message) for w in caught)
+    return model, ("a new head" if new_head else "the checkpoint's head")
+
+
 def build_model(args, s, names):
     from fastroberta.model import RobertaForSequenceClassification
+    if s.family is not None:
+        return build_family_model(args, s, names)
     overrides = {"num_labels": 1 if names is None else len(names),
                  "problem_type": "regression" if s.task.regression else "single_label_classification",
                  "id2label": None if names is None else dict(enumerate(names))}
@@ -352,19 +422,22 @@ def model_inputs(batch, device):
     return inputs
 
 
-def predict(module_call, ids, batch_size, pad_id, device, rank, world_size, pad_multiple=1, pad_limit=None):
+def predict(module_call, ids, batch_size, pad_id, device, rank, world_size, pad_multiple=1, pad_limit=None,
+            family=None):
     """Logits (float32 numpy, one row per example, in order) of the whole split, every rank evaluating its
-    share and the shares gathered on all ranks; batches padded as ``tasks.collate`` says."""
+    share and the shares gathered on all ranks; batches padded as ``tasks.collate`` says. With a task
+    ``family``: its batches, and a list of what its ``row`` makes of each example's logits."""
     import torch.distributed as dist
     from fastroberta.tasks import eval_batches
     idx, rows = [], []
     with torch.no_grad(), preserved_rng():
-        for real, batch in eval_batches(ids, batch_size, pad_id, rank, world_size, pad_multiple, pad_limit):
+        for real, batch in eval_batches(ids, batch_size, pad_id, rank, world_size, pad_multiple, pad_limit,
+                                        family.collate if family is not None else None):
             logits = module_call(**model_inputs(batch, device)).logits.float().cpu()
             for i, row in zip(real, logits):
                 if i >= 0:
                     idx.append(i)
-                    rows.append(row.numpy())
+                    rows.append(row.numpy() if family is None else family.row(row, ids[i]))
     parts = [(idx, rows)]
     if world_size > 1:
         parts = [None] * world_size
@@ -373,7 +446,7 @@ def predict(module_call, ids, batch_size, pad_id, device, rank, world_size, pad_
     for part_idx, part_rows in parts:
         for i, row in zip(part_idx, part_rows):
             out[i] = row
-    return np.stack(out)
+    return np.stack(out) if family is None else out
 
 
 def scores(task, logits, labels):
@@ -393,7 +466,7 @@ def gathered_state(engine, s):
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if s.rank == 0 else None
 
 
-def export_model(state, config, tokenizer, max_seq_len, out_dir):
+def export_model(state, config, tokenizer, max_seq_len, out_dir, cls=None):
     """Write ``state`` as a Hugging Face folder with the tokenizer, replacing ``out_dir`` only once complete."""
     from fastroberta.model import RobertaForSequenceClassification
     from fastroberta.data.tokenizer import save_tokenizer
@@ -401,7 +474,7 @@ def export_model(state, config, tokenizer, max_seq_len, out_dir):
     for d in (tmp, old):
         if os.path.isdir(d):
             shutil.rmtree(d)
-    model = RobertaForSequenceClassification(config, kernels="torch")
+    model = (cls or RobertaForSequenceClassification)(config, kernels="torch")
     model.load_state_dict(state, strict=True)
     model.save_pretrained(tmp)
     save_tokenizer(tokenizer, tmp, model_max_length=config.max_seq_len)
@@ -466,9 +539,11 @@ def evaluate(engine, s, args, val, pad_id, device):
     was_training = engine.module.training
     engine.eval()
     logits = predict(engine, val[0], s.eval_batch_size, pad_id, device, s.rank, s.world_size,
-                     args.pad_to_multiple_of, args.max_seq_len)
+                     args.pad_to_multiple_of, args.max_seq_len, s.family)
     if was_training:
         engine.train()
+    if s.family is not None:
+        return s.family.scores(logits, val, s.names)
     return scores(s.task, logits, val[1])[1]
 
 
@@ -481,7 +556,7 @@ def keep_if_best(engine, s, args, state, metrics, config, tokenizer, hf_dir):
         state.best = {"step": state.step, "metric": metrics[metric], "metrics": metrics}
         weights = gathered_state(engine, s)
         if s.rank == 0:
-            export_model(weights, config, tokenizer, args.max_seq_len, hf_dir)
+            export_model(weights, config, tokenizer, args.max_seq_len, hf_dir, model_class(s))
             atomic_write(os.path.join(s.output, "best.json"),
                          json.dumps({"step": state.step, "metric": metric, **metrics}, indent=2))
         dist.barrier()
@@ -559,7 +634,7 @@ def finish(args, s, engine, data, names, config, tokenizer, special, device, sta
         if data.get("validation") is None:  # nothing to choose by: the final model is the result
             weights = gathered_state(engine, s)
             if s.rank == 0:
-                export_model(weights, config, tokenizer, args.max_seq_len, hf_dir)
+                export_model(weights, config, tokenizer, args.max_seq_len, hf_dir, model_class(s))
         summary["hf"] = hf_dir
         if "test" in data:
             summary["test"] = write_predictions(args, s, data["test"], names, hf_dir, device, special)
@@ -577,22 +652,28 @@ def write_predictions(args, s, test, names, hf_dir, device, special):
     import torch.distributed as dist
     result = None
     if s.rank == 0:
-        from fastroberta.model import RobertaForSequenceClassification
-        model = RobertaForSequenceClassification.from_pretrained(hf_dir, kernels=args.kernels).to(device).eval()
+        model = model_class(s).from_pretrained(hf_dir, kernels=args.kernels).to(device).eval()
         ids, labels, split = test
         # The fp32 export predicts under autocast in the run's precision, on any device: a CPU bf16 run takes
         # the same path as a GPU fp16/bf16 one (tests/test_finetune.py runs it).
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.precision)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = predict(model, ids, s.eval_batch_size, special["pad"], device, 0, 1,
-                             args.pad_to_multiple_of, args.max_seq_len)
-        preds, metrics = scores(s.task, logits, labels if labels is not None else np.zeros(len(ids)))
-        tmp = os.path.join(s.output, "predictions.jsonl.tmp")
-        with open(tmp, "w") as f:
+                             args.pad_to_multiple_of, args.max_seq_len, s.family)
+        if s.family is not None:
+            rows = s.family.prediction_rows(logits, test, names)
+            metrics = s.family.scores(logits, test, names) if labels is not None else None
+        else:
+            preds, metrics = scores(s.task, logits, labels if labels is not None else np.zeros(len(ids)))
+            rows = []
             for i, p in enumerate(preds):
                 row = {"index": i, "prediction": float(p) if names is None else names[int(p)]}
                 if labels is not None:
                     row["label"] = float(labels[i]) if names is None else names[int(labels[i])]
+                rows.append(row)
+        tmp = os.path.join(s.output, "predictions.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
         os.replace(tmp, os.path.join(s.output, "predictions.jsonl"))
         if labels is not None:
@@ -630,13 +711,16 @@ def run(args, s):
     t0 = time.perf_counter()
     tokenizer, special = load_checked_tokenizer(s)
     data, names = load_data(args, s, tokenizer, special)
+    s.names = names
     train_ids, train_labels, _ = data["train"]
     plan_schedule(args, s, len(train_ids))
     device, s.threads = init_distributed(s.on_cuda, s.local_rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     clear_previous_run(args, s)
+    kind = ("regression" if names is None else f"{len(names)} classes") if s.family is None else \
+        (f"{len(names)} tags" if names else f"{len(data['train'][0][0])} choices")
     say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} examples, "
-           f"{'regression' if names is None else f'{len(names)} classes'} ({time.perf_counter() - t0:.1f}s)")
+           f"{kind} ({time.perf_counter() - t0:.1f}s)")
 
     model, origin, n_params = build_classifier(args, s, names)
     engine = build_engine(model, s, args, lr_scheduler(s.warmup_steps, s.total_steps))
@@ -644,7 +728,8 @@ def run(args, s):
            f"{s.precision}, ZeRO {s.zero_stage}, world {s.world_size}, global batch {s.global_batch_size}, "
            f"{s.total_steps} steps ({s.steps_per_epoch}/epoch), peak lr {s.lr:.2e}, warmup {s.warmup_steps}")
     loader = TaskLoader(train_ids, train_labels, special["pad"], s.micro_batch_size, s.global_batch_size, s.rank,
-                        s.world_size, args.seed, args.group_by_length, args.pad_to_multiple_of, args.max_seq_len)
+                        s.world_size, args.seed, args.group_by_length, args.pad_to_multiple_of, args.max_seq_len,
+                        s.family.collate if s.family is not None else None)
     state = start_or_resume(args, s, engine, loader, model.config, origin, names)
     stopped = finetune_loop(args, s, engine, loader, data.get("validation"), special, model.config, tokenizer,
                             device, state)

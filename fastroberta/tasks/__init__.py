@@ -6,6 +6,10 @@
     batching.py        tokenising (single / pair), dynamic padding, TaskLoader, evaluation batches
     metrics.py         accuracy, F1, MCC, Pearson, Spearman
     word_order.py      the bundled task generated from the corpus
+    multiple_choice.py the multiple-choice family: RACE / SWAG readers, [C, L] features, [B, C, L] batches,
+                       accuracy, the bundled "which line follows" task
+    token_tags.py      the token-classification (NER) family: CoNLL / JSONL readers, first-sub-word labels,
+                       per-word predictions, seqeval-style entity P/R/F1, the bundled "character names" task
     errors.py          DataError: one line naming the file, the row and the field
 
 A new family (question answering, token tagging, ...) is a new module beside classification.py.

@@ -65,8 +65,9 @@ class TaskLoader:
     one dropped), each split into micro-batches per rank. Its position (epoch, step in epoch) is its state."""
 
     def __init__(self, ids, labels, pad_id, micro_batch_size, global_batch_size, rank=0, world_size=1, seed=0,
-                 group_by_length=False, pad_multiple=1, pad_limit=None):
+                 group_by_length=False, pad_multiple=1, pad_limit=None, collate_fn=None):
         self.ids, self.labels, self.pad_id = ids, labels, pad_id
+        self.collate = collate_fn or collate  # a task family's batches ([B, C, L] choices, token labels ...)
         self.pad_multiple, self.pad_limit = pad_multiple, pad_limit
         self.micro, self.global_batch = micro_batch_size, global_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -99,7 +100,7 @@ class TaskLoader:
                 per_micro = self.micro * self.world_size
                 for m in range(self.global_batch // per_micro):
                     part = batch[m * per_micro + self.rank * self.micro:m * per_micro + (self.rank + 1) * self.micro]
-                    yield collate([self.ids[i] for i in part], self.pad_id, self.labels[part],
+                    yield self.collate([self.ids[i] for i in part], self.pad_id, self.labels[part],
                                   self.pad_multiple, self.pad_limit)
             self.epoch += 1
             self.position = 0
@@ -114,14 +115,15 @@ class TaskLoader:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
-def eval_batches(ids, batch_size, pad_id, rank=0, world_size=1, pad_multiple=1, pad_limit=None):
+def eval_batches(ids, batch_size, pad_id, rank=0, world_size=1, pad_multiple=1, pad_limit=None, collate_fn=None):
     """(example indices, batch) for this rank's share of an evaluation split; every rank yields the same
     number of batches (a rank short of examples repeats its last ones, flagged by index -1)."""
+    collate_fn = collate_fn or collate
     per_rank = -(-len(ids) // world_size)
     mine = list(range(rank, len(ids), world_size))
     for s in range(-(-per_rank // batch_size)):
         idx = mine[s * batch_size:(s + 1) * batch_size]
         if not idx:
-            yield [-1], collate([ids[0]], pad_id, None, pad_multiple, pad_limit)
+            yield [-1], collate_fn([ids[0]], pad_id, None, pad_multiple, pad_limit)
         else:
-            yield idx, collate([ids[i] for i in idx], pad_id, None, pad_multiple, pad_limit)
+            yield idx, collate_fn([ids[i] for i in idx], pad_id, None, pad_multiple, pad_limit)

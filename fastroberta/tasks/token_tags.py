@@ -1,0 +1,311 @@
+"""The token-classification family (NER: CoNLL-2003, a user's own tagged words): readers, sub-word features with
+each word's label on its first sub-word, per-word predictions, entity-level precision / recall / F1 as seqeval
+computes them in its default mode, token accuracy, and the bundled "character names" task.
+
+Words are encoded one by one with a leading space, as RoBERTa's byte-level BPE sees a word inside a sentence (and
+as transformers' RobertaTokenizerFast(add_prefix_space=True) does for words given one by one); the label of a
+word sits on its first sub-word, the other sub-words, ``<s>`` and ``</s>`` carry -100 and are ignored by the loss.
+"""
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+from fastroberta.tasks.batching import padded_length
+from fastroberta.tasks.errors import DataError
+
+IGNORE = -100
+CONLL2003_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+
+
+@dataclass
+class TagSplit:
+    """Raw sentences of one split: the words, the tag of each word (None where unlabelled) and where each word
+    came from (for error messages)."""
+    name: str
+    source: str
+    words: List[List[str]]
+    tags: list
+    places: List[List[str]]
+
+
+def read_conll(path, split="train", need_labels=True):
+    """Sentences of a CoNLL file: a word per line, its token in the first column and its tag in the last (columns
+    split by whitespace), a blank line between sentences, ``-DOCSTART-`` lines skipped. A file of one column holds
+    no tags."""
+    words, tags, places = [], [], []
+    sentence = ([], [], [])
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(list(f) + [""], start=1):
+            columns = line.split()
+            if not columns or columns[0] == "-DOCSTART-":
+                if sentence[0]:
+                    words.append(sentence[0])
+                    tags.append(sentence[1])
+                    places.append(sentence[2])
+                sentence = ([], [], [])
+                continue
+            sentence[0].append(columns[0])
+            sentence[1].append(columns[-1] if len(columns) > 1 else None)
+            sentence[2].append(f"{path} line {i}")
+    return _checked(TagSplit(split, path, words, tags, places), split, need_labels)
+
+
+def read_tag_jsonl(path, split="train", need_labels=True, words_field="tokens", tags_field="tags"):
+    """Sentences of a JSON-lines file, one per line: ``tokens`` (a list of words) and ``tags`` (a tag per word)."""
+    words, tags, places = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {i}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where} is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where} must hold a JSON object, got {type(row).__name__}")
+            tokens = row.get(words_field)
+            if not isinstance(tokens, list) or not tokens or not all(isinstance(w, str) and w.strip()
+                                                                     for w in tokens):
+                raise DataError(f"{where}: {words_field!r} must be a non-empty list of words "
+                                f"(fields there: {', '.join(map(str, row))})")
+            labels = row.get(tags_field)
+            if labels is None:
+                labels = [None] * len(tokens)
+            elif not isinstance(labels, list) or len(labels) != len(tokens):
+                raise DataError(f"{where}: {tags_field!r} must hold one tag per word ({len(tokens)} words)")
+            words.append(tokens)
+            tags.append([None if t is None else str(t) for t in labels])
+            places.append([f"{where} word {j + 1}" for j in range(len(tokens))])
+    return _checked(TagSplit(split, path, words, tags, places), split, need_labels)
+
+
+def read_tags(path, split="train", need_labels=True):
+    """A TagSplit from a .jsonl (``tokens``, ``tags``) or a CoNLL file (any other extension)."""
+    if not os.path.isfile(path):
+        raise DataError(f"--{split} {path!r} does not exist")
+    if path.lower().endswith((".jsonl", ".json", ".ndjson")):
+        return read_tag_jsonl(path, split, need_labels)
+    return read_conll(path, split, need_labels)
+
+
+def _checked(out, split, need_labels):
+    if not out.words:
+        raise DataError(f"--{split} {out.source!r} holds no sentences")
+    missing = [(p, t) for tags, places in zip(out.tags, out.places) for t, p in zip(tags, places) if t is None]
+    if len(missing) == sum(map(len, out.tags)) and not need_labels:
+        out.tags = None
+    elif missing:
+        raise DataError(f"{missing[0][0]}: the word has no tag")
+    else:
+        for tags, places in zip(out.tags, out.places):
+            for t, p in zip(tags, places):
+                if t != "O" and not re.fullmatch(r"[BIES]-\S+", t):
+                    raise DataError(f"{p}: tag {t!r} is not in IOB form (O, B-TYPE, I-TYPE)")
+    return out
+
+
+def tag_names(train, preset=None):
+    """The tags in id order: the preset's, or ``O`` then the training split's tags sorted by type, B- before I-;
+    a type seen with B- also gets its I- tag (a training split of one-word entities says nothing against longer
+    ones in validation)."""
+    if preset is not None:
+        return list(preset)
+    found = {t for tags in train.tags for t in tags} - {"O"}
+    found |= {"I-" + t[2:] for t in found if t.startswith("B-")}
+    return ["O"] + sorted(found, key=lambda t: (t[2:], "BIES".index(t[0])))
+
+
+def encode_tags(split, names):
+    """Per sentence, the ids of its tags; DataError names the file and line of a tag outside ``names``."""
+    if split.tags is None:
+        return None
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for tags, places in zip(split.tags, split.places):
+        for t, p in zip(tags, places):
+            if t not in index:
+                raise DataError(f"{p}: tag {t!r} is not in the label set ({', '.join(names)})")
+        out.append([index[t] for t in tags])
+    return out
+
+
+@dataclass
+class TagFeatures:
+    """Model inputs of a split: ids per sentence (``<s> sub-words </s>``), per sentence the position of each
+    word's first sub-word (-1 for a word cut off by --max-seq-len) and the token labels (None unlabelled)."""
+    ids: List[List[int]]
+    first: List[List[int]]
+    labels: list
+
+
+def tag_features(split, tokenizer, max_seq_len, special, tag_ids=None):
+    """Sub-words of every sentence, each word encoded as `` word``; a sentence longer than ``max_seq_len`` loses
+    its last words (they are predicted ``O``, and count as such against their gold tags)."""
+    vocab = sorted({w for sentence in split.words for w in sentence})
+    encoded = dict(zip(vocab, (e.ids for e in tokenizer.encode_batch([" " + w for w in vocab],
+                                                                       add_special_tokens=False))))
+    ids, firsts, labels = [], [], []
+    for s, sentence in enumerate(split.words):
+        row, first, lab = [special["bos"]], [], [IGNORE]
+        for w, word in enumerate(sentence):
+            pieces = encoded[word]
+            if len(row) + len(pieces) > max_seq_len - 1:
+                first.extend([-1] * (len(sentence) - w))
+                break
+            first.append(len(row))
+            row.extend(pieces)
+            if tag_ids is not None:
+                lab.extend([tag_ids[s][w]] + [IGNORE] * (len(pieces) - 1))
+        row.append(special["eos"])
+        lab.append(IGNORE)
+        ids.append(row)
+        firsts.append(first)
+        labels.append(lab if tag_ids is not None else None)
+    return TagFeatures(ids, firsts, labels if tag_ids is not None else None)
+
+
+def collate_tags(ids_list, pad_id, labels=None, multiple=1, limit=None):
+    """``input_ids`` / ``attention_mask`` ``[B, L]`` right-padded as ``batching.collate`` does, and token
+    ``labels`` ``[B, L]`` with -100 on the padding."""
+    length = padded_length(max(len(x) for x in ids_list), multiple, limit)
+    input_ids = torch.full((len(ids_list), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids_list), length), dtype=torch.long)
+    for i, x in enumerate(ids_list):
+        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if labels is not None:
+        out = torch.full((len(ids_list), length), IGNORE, dtype=torch.long)
+        for i, lab in enumerate(labels):
+            out[i, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+        batch["labels"] = out
+    return batch
+
+
+def word_predictions(token_preds, first, names):
+    """Tag names per word from each sentence's predicted tag ids per token: a word takes its first sub-word's
+    prediction; a word cut off by truncation is ``O``."""
+    return [[names[int(p[f])] if f >= 0 else "O" for f in fs] for p, fs in zip(token_preds, first)]
+
+
+def _split_tag(tag):
+    if tag == "O":
+        return "O", ""
+    return tag[0], tag[2:]
+
+
+def _chunk_ends(prev_tag, tag, prev_type, type_):
+    if prev_tag in ("E", "S"):
+        return True
+    if prev_tag in ("B", "I") and tag in ("B", "S", "O"):
+        return True
+    return prev_tag != "O" and prev_type != type_
+
+
+def _chunk_starts(prev_tag, tag, prev_type, type_):
+    if tag in ("B", "S"):
+        return True
+    if prev_tag in ("E", "S", "O") and tag in ("E", "I"):
+        return True
+    return tag != "O" and prev_type != type_
+
+
+def entities(sentences):
+    """The set of (type, sentence, first word, last word) spans of tag sequences, read the way conlleval and
+    seqeval's default mode read them: an I- after O or after another type starts an entity, a type change ends
+    one, E- and S- close one."""
+    out = set()
+    for s, tags in enumerate(sentences):
+        prev_tag, prev_type, begin = "O", "", 0
+        for i, tag in enumerate(list(tags) + ["O"]):
+            t, type_ = _split_tag(tag)
+            if _chunk_ends(prev_tag, t, prev_type, type_):
+                out.add((prev_type, s, begin, i - 1))
+            if _chunk_starts(prev_tag, t, prev_type, type_):
+                begin = i
+            prev_tag, prev_type = t, type_
+    return out
+
+
+def tag_metrics(predicted, gold):
+    """Entity-level micro precision, recall and F1 over the sentences (seqeval's default, conlleval-like mode)
+    and token accuracy over the words."""
+    pred_set, gold_set = entities(predicted), entities(gold)
+    correct = len(pred_set & gold_set)
+    precision = correct / len(pred_set) if pred_set else 0.0
+    recall = correct / len(gold_set) if gold_set else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    pairs = [(p, g) for ps, gs in zip(predicted, gold) for p, g in zip(ps, gs)]
+    accuracy = sum(p == g for p, g in pairs) / len(pairs) if pairs else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy}
+
+
+def _speaker_names(lines):
+    """Character names from the speaker lines (``LADY CAPULET:``), title-cased, as word tuples; a speaker whose
+    last word is also an ordinary word of the text (``ALL``, ``DUKE``, ``FIRST CITIZEN``) is no name."""
+    lower = {w for ln in lines for w in re.findall(r"[a-z]+", ln)}
+    names = set()
+    for ln in lines:
+        if ln.endswith(":") and ln[:-1].replace(" ", "").isalpha() and ln[:-1].isupper():
+            words = ln[:-1].split()
+            if words[-1].lower() not in lower:
+                names.add(tuple(w.lower() if w == "OF" else w.capitalize() for w in words))
+    return names
+
+
+def character_names_task(corpus_path=None, n_train=2000, n_validation=500, n_test=500, seed=1234):
+    """{"train" | "validation" | "test": list of {"tokens", "tags"}} built deterministically from the bundled
+    corpus: spoken lines split into words and punctuation, where a run of words that spells a speaker's name
+    (``Romeo``, ``Lady Capulet``, ``Duke of York``, the longest match first) is a PER entity (B-PER, I-PER) and every other word O.
+    Half the lines hold a name. Names are capitalised like many other words (every verse line starts with a
+    capital), so the tagger has to learn which capitalised words are people. Splits come from disjoint blocks."""
+    if corpus_path is None:
+        corpus_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "corpus",
+                                   "tinyshakespeare.txt")
+    with open(corpus_path, encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f]
+    names = _speaker_names(lines)
+    longest = max(map(len, names))
+    seen, sentences = set(), []
+    for ln in lines:
+        if not ln or ln.endswith(":") or ln in seen:
+            continue
+        seen.add(ln)
+        words = re.findall(r"\w+|[^\w\s]+", ln)
+        if len(words) < 4:
+            continue
+        tags, i = ["O"] * len(words), 0
+        while i < len(words):
+            for n in range(min(longest, len(words) - i), 0, -1):
+                if tuple(words[i:i + n]) in names:
+                    tags[i:i + n] = ["B-PER"] + ["I-PER"] * (n - 1)
+                    i += n
+                    break
+            else:
+                i += 1
+        sentences.append({"tokens": words, "tags": tags})
+    block = 50
+    pools = {"train": [], "validation": [], "test": []}
+    for k in range(0, len(sentences), block):
+        pools[("train", "train", "train", "train", "validation", "test")[(k // block) % 6]].extend(
+            sentences[k:k + block])
+    rng = random.Random(seed)
+    out = {}
+    for name, n in (("train", n_train), ("validation", n_validation), ("test", n_test)):
+        with_name = [s for s in pools[name] if "B-PER" in s["tags"]]
+        without = [s for s in pools[name] if "B-PER" not in s["tags"]]
+        rng.shuffle(with_name)
+        rng.shuffle(without)
+        if min(len(with_name), len(without)) < n - n // 2:
+            raise DataError(f"the corpus has only {len(with_name)} lines with a name for the {name} split, "
+                            f"{n - n // 2} asked")
+        rows = with_name[:n - n // 2] + without[:n // 2]
+        rng.shuffle(rows)
+        out[name] = rows
+    return out
