@@ -6,6 +6,9 @@
     batching.py        tokenising (single / pair), dynamic padding, TaskLoader, evaluation batches
     metrics.py         accuracy, F1, MCC, Pearson, Spearman
     word_order.py      the bundled task generated from the corpus
+    qa.py              question answering: SQuAD JSON / JSONL examples, windowed features, answer positions
+    qa_eval.py         question answering: window logits back to answer text, SQuAD exact match / F1
+    next_line.py       the bundled question-answering task generated from the corpus
     errors.py          DataError: one line naming the file, the row and the field
 
 A new family (question answering, token tagging, ...) is a new module beside classification.py.
