@@ -80,7 +80,8 @@ def _squad_with(change):
      r"14 \(the context there reads ' the ma'\)"),
     (lambda p: p.pop("context"), r"d\.json data\[0\]\.paragraphs\[0\]: no context \(field 'context'"),
     (lambda p: p["qas"][0].update(question="  "), r"qas\[0\]: no question \(field 'question'"),
-    (lambda p: p["qas"][1].update(id="q1"), r"qas\[1\]: id 'q1' repeats the one at data\[0\]\.paragraphs\[0\]\.qas\[0\]"),
+    (lambda p: p["qas"][1].update(id="q1"),
+     r"qas\[1\]: id 'q1' repeats the one at data\[0\]\.paragraphs\[0\]\.qas\[0\]"),
     (lambda p: p["qas"][1].update(answers=[{"text": "Verona", "answer_start": 46}]),
      r"qas\[1\]: is_impossible is true but the question has answers"),
     (lambda p: p["qas"][0]["answers"][0].update(answer_start="8"), r"answer 0 has answer_start '8'"),
@@ -262,7 +263,7 @@ def test_postprocess_picks_the_best_valid_span_across_windows():
     ("The  Cat!", "cat"),
     ("an apple", "apple"),
     ("A-team's theatre, the end.", "ateams theatre end"),   # articles only as whole words
-    ("“Quoted” — ¿qué?", "“quoted” — ¿qué"),                # the official script strips ASCII punctuation only
+    ("“Quoted” — ¿qué?", "“quoted” — ¿qué"),   # the official script strips ASCII punctuation only
     ("  Anne\tThe\nGreat  ", "anne great"),
     ("", ""),
 ])
