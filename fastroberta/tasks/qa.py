@@ -138,19 +138,48 @@ def _example(path, where, record, context, pairs, is_impossible, need_answers):
     return QAExample(str(qid), question, context, answers, where)
 
 
+def _read_qa_hf(spec, split, need_answers):
+    """``hf:squad`` / ``hf:squad_v2`` / ``hf:<dataset>[:<config>]``, ``@<split>`` to pick a split: rows with the
+    JSONL fields."""
+    name, _, hf_split = spec[3:].partition("@")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--{split} {spec}: reading Hugging Face datasets needs the `datasets` package "
+                        "(pip install datasets), or give SQuAD .json / .jsonl files") from None
+    path, _, config = name.partition(":")
+    try:
+        rows = datasets.load_dataset(path, config or None, split=hf_split or split)
+    except Exception as e:  # network, unknown dataset / split: all end the run the same way
+        raise DataError(f"--{split} {spec}: loading split {hf_split or split!r} failed: "
+                        f"{str(e).splitlines()[0]}") from None
+    examples = []
+    for i, row in enumerate(rows):
+        where = f"row {i}"
+        context = _text_field(spec, where, row, "context")
+        raw = row.get("answers")
+        pairs = None if raw is None else list(zip(raw.get("text", []), raw.get("answer_start", [])))
+        examples.append(_example(spec, where, row, context, pairs, None, need_answers))
+    return examples
+
+
 def read_qa(path, split="train", need_answers=True):
-    """The examples of a SQuAD-format .json file or a .jsonl file (one question per line); DataError naming the
-    file, the record (``data[i].paragraphs[j].qas[k]`` or ``line n``) and the field on any problem."""
-    if not os.path.isfile(path):
+    """The examples of a SQuAD-format .json file, a .jsonl file (one question per line) or ``hf:<dataset>``;
+    DataError naming the file, the record (``data[i].paragraphs[j].qas[k]``, ``line n`` or ``row n``) and the
+    field on any problem."""
+    if path.startswith("hf:"):
+        examples = _read_qa_hf(path, split, need_answers)
+    elif not os.path.isfile(path):
         raise DataError(f"--{split} {path!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".json":
-        examples = _read_squad_json(path, need_answers)
-    elif ext in (".jsonl", ".ndjson"):
-        examples = _read_qa_jsonl(path, need_answers)
     else:
-        raise DataError(f"--{split} {path!r}: unknown format {ext or '(no extension)'}; question answering reads "
-                        "SQuAD .json or .jsonl")
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".json":
+            examples = _read_squad_json(path, need_answers)
+        elif ext in (".jsonl", ".ndjson"):
+            examples = _read_qa_jsonl(path, need_answers)
+        else:
+            raise DataError(f"--{split} {path!r}: unknown format {ext or '(no extension)'}; question answering "
+                            "reads SQuAD .json or .jsonl")
     if not examples:
         raise DataError(f"--{split} {path!r} holds no questions")
     seen = {}
@@ -159,6 +188,25 @@ def read_qa(path, split="train", need_answers=True):
             raise DataError(f"{path} {e.where}: id {e.id!r} repeats the one at {seen[e.id]}; ids must be unique")
         seen[e.id] = e.where
     return examples
+
+
+@dataclass(frozen=True)
+class QATask:
+    """A question-answering preset of fastroberta-finetune. ``version_2``: unanswerable questions exist (SQuAD
+    2.0: the no-answer threshold is picked on validation and the best model chosen by best_f1); None: decided by
+    the data (any unanswerable question in the training or validation split)."""
+    name: str
+    version_2: Optional[bool]
+    hf: Optional[str] = None
+    regression = False
+
+    @property
+    def metric(self):
+        return "best_f1" if self.version_2 else "f1"
+
+
+QA_TASKS = {"squad": QATask("squad", False, "squad"), "squad_v2": QATask("squad_v2", True, "squad_v2"),
+            "qa": QATask("qa", None)}
 
 
 @dataclass
