@@ -85,3 +85,18 @@ def test_qa_configuration_errors(qa_dir, tmp_path):
         run(qa_dir, tmp_path / "b", "v1", "squad", "--metric", "accuracy")
     with pytest.raises(ConfigError, match="--n-best must be"):
         run(qa_dir, tmp_path / "c", "v1", "qa", "--n-best", "0")
+
+
+def test_qa_resume_matches_an_uninterrupted_run(qa_dir, tmp_path):
+    extra = ("--steps", "6", "--eval-every", "3", "--dropout", "0.1")
+    run(qa_dir, tmp_path / "full", "v2", "qa", *extra)
+    first = run(qa_dir, tmp_path / "cut", "v2", "qa", *extra, "--stop-at-step", "4")
+    assert first["step"] == 4 and first["hf"] is None
+    run(qa_dir, tmp_path / "cut", "v2", "qa", *extra, "--resume")
+    keys = ("step", "loss", "lr", "eval_f1", "eval_best_f1", "eval_best_f1_thresh")
+    full, cut = (read_metrics(str(tmp_path / name / "metrics.jsonl")) for name in ("full", "cut"))
+    assert [[r.get(k) for k in keys] for r in cut] == [[r.get(k) for k in keys] for r in full]
+    assert (tmp_path / "cut" / "predictions.json").read_text() == (tmp_path / "full" / "predictions.json").read_text()
+    a, b = (RobertaForQuestionAnswering.from_pretrained(str(tmp_path / name / "hf"), kernels="torch").state_dict()
+            for name in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
