@@ -100,3 +100,25 @@ def test_qa_resume_matches_an_uninterrupted_run(qa_dir, tmp_path):
     a, b = (RobertaForQuestionAnswering.from_pretrained(str(tmp_path / name / "hf"), kernels="torch").state_dict()
             for name in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_bundled_qa_task_and_squad_defaults(qa_dir, tmp_path, monkeypatch):
+    def settings(*argv):
+        args = ft.build_parser().parse_args(["--model", str(qa_dir), "--precision", "fp32", "--output",
+                                             str(tmp_path / "out"), *argv])
+        return args, ft.resolve_settings(args)
+
+    args, s = settings("--task", "qa", "--max-seq-len", "64", "--max-question-len", "24", "--doc-stride", "16")
+    assert args.train is None and args.epochs == 6.0
+    tokenizer, special = ft.load_checked_tokenizer(s)
+    data, names = ft.load_data(args, s, tokenizer, special)
+    assert names is None and s.task.version_2 is False and s.task.metric == "f1"
+    examples = {name: part[2][0] for name, part in data.items()}
+    assert [len(examples[n]) for n in ("train", "validation", "test")] == [1500, 300, 300]
+    assert len(data["train"][0]) > 1500 and data["train"][1].shape == (len(data["train"][0]), 2)  # windows
+    args, s = settings("--task", "squad_v2")
+    assert (args.train, args.validation, args.max_seq_len, s.task.metric) == ("hf:squad_v2", "hf:squad_v2", 64,
+                                                                              "best_f1")
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)   # as without the package
+    with pytest.raises(ConfigError, match=r"--train hf:squad_v2: reading Hugging Face datasets needs the `datasets`"):
+        ft.load_data(args, s, tokenizer, special)
