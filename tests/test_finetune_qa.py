@@ -61,8 +61,14 @@ def test_qa_run_evaluates_by_f1_and_writes_official_predictions(qa_dir, tmp_path
     assert sorted(predictions) == sorted(test_ids) and all(isinstance(v, str) for v in predictions.values())
     test_metrics = json.loads((out / "test_metrics.json").read_text())
     assert test_metrics["total"] == len(test_ids) and summary["test"] == test_metrics
-    model = RobertaForQuestionAnswering.from_pretrained(str(out / "hf"), kernels="torch")
-    assert model.qa_outputs.out_features == 2
+    model = RobertaForQuestionAnswering.from_pretrained(str(out / "hf"), kernels="torch").eval()
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForQuestionAnswering.from_pretrained(str(out / "hf")).eval()
+    ids = torch.tensor([[0, 40, 50, 2, 2, 60, 70, 80, 2]])
+    with torch.no_grad():
+        a, b = model(ids), theirs(input_ids=ids)
+    torch.testing.assert_close(a.start_logits, b.start_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.end_logits, b.end_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_squad_v2_run_picks_the_threshold_on_validation(qa_dir, tmp_path):
