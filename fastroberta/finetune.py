@@ -1,11 +1,14 @@
-"""fastroberta-finetune: sequence classification / regression (GLUE and your own data), multiple choice (RACE,
-SWAG) and token classification (NER) fine-tuning under DeepSpeed.
+"""fastroberta-finetune: sequence classification / regression (GLUE and your own data), extractive question
+answering (SQuAD 1.1 / 2.0 and your own SQuAD .json / .jsonl data), multiple choice (RACE, SWAG) and token
+classification (NER) fine-tuning under DeepSpeed.
 
     fastroberta-finetune                                   # the default pretraining run on the bundled word-order task
     fastroberta-finetune --model runs/fastroberta-base --task mrpc --train hf:glue:mrpc --output runs/mrpc
     fastroberta-finetune --model roberta-base --task classification --train train.csv --validation dev.csv \\
         --text-fields title,body --label-field topic --output runs/topics
     fastroberta-finetune --model roberta-base --task ner --train train.txt --validation valid.txt --test test.txt
+    fastroberta-finetune --model runs/fastroberta-base --task squad_v2 --output runs/squad2   # with `datasets`
+    fastroberta-finetune --task qa                         # the bundled next-line question-answering task
     deepspeed --num_gpus 8 --module fastroberta.finetune --model ... --zero-stage 2 ...
 
 The same structure and flag policy as ``fastroberta-train``: check the configuration, read and tokenise the
@@ -14,8 +17,10 @@ split and checkpoints, then predict the test split. The model with the best vali
 
 Output folder: ``metrics.jsonl`` (one JSON object per logged step; evaluations add ``eval_<metric>``),
 ``hf/`` (the best model by the task's metric, with its tokenizer: loadable by
-``transformers.AutoModelForSequenceClassification``, or the AutoModelFor... class of the task's family), ``best.json`` (its step and metrics), ``predictions.jsonl``
-(for ``--test``), ``checkpoints/`` (DeepSpeed checkpoints for ``--resume``), ``ds_config.json``, ``run.json``.
+``transformers.AutoModelForSequenceClassification``, or the AutoModelFor... class of the task's family), ``best.json``
+(its step and metrics), ``predictions.jsonl`` (for ``--test``; question answering: ``predictions.json``, {id: answer
+text}, the official SQuAD scripts' input), ``checkpoints/`` (DeepSpeed checkpoints for ``--resume``),
+``ds_config.json``, ``run.json``.
 """
 import argparse
 import json
@@ -34,6 +39,7 @@ import torch
 from fastroberta.config import PRESETS, RobertaConfig
 from fastroberta.tasks import TASKS, DataError, Task, get_task, task_for_data  # noqa: F401  (Task: for callers)
 from fastroberta.tasks.families import FAMILY_TASKS
+from fastroberta.tasks.qa import QA_TASKS
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, load_checkpoint, save_checkpoint,
                                               warn_changed_settings)
 from fastroberta.training.cli import HelpFormatter, add_shared_flags, check_positive, check_shared_flags, say
@@ -70,7 +76,8 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Fine-tune a RoBERTa encoder for sequence classification or regression (GLUE or your own "
-                    "CSV / TSV / JSONL data), multiple choice (RACE, SWAG) or token classification (NER: CoNLL, "
+                    "CSV / TSV / JSONL data), extractive question answering (SQuAD 1.1 / 2.0 or your own SQuAD "
+                    ".json / .jsonl data), multiple choice (RACE, SWAG) or token classification (NER: CoNLL, "
                     "JSONL) with the Triton kernels under DeepSpeed. With no arguments: the "
                     f"default pretraining run ({DEFAULT_MODEL}) on the bundled word-order task.",
         formatter_class=HelpFormatter)
@@ -87,22 +94,29 @@ def build_parser():
     g.add_argument("--dropout", type=float, default=None,
                    help="hidden, attention and classifier dropout (default: the model's config)")
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", default=None, choices=list(TASKS) + list(FAMILY_TASKS),
+    g.add_argument("--task", default=None, choices=list(TASKS) + list(QA_TASKS) + list(FAMILY_TASKS),
                    help="a GLUE task (fields, classes, metric preset), word-order (generated from the bundled "
-                        "corpus), or classification / regression for your own data; multiple choice: race, swag "
-                        "or multiple-choice (either form; without --train the generated which-line-follows task); "
-                        "token classification: ner (CoNLL-2003's tags) or token-classification (the training "
-                        "split's tags; without --train the generated character-names task). Default: word-order when no "
+                        "corpus), or classification / regression for your own data; extractive question "
+                        "answering: squad, squad_v2 (unanswerable questions, no-answer threshold picked on "
+                        "validation) or qa for SQuAD .json / .jsonl data (the bundled next-line task without "
+                        "--train; SQuAD 2.0 rules when the data holds unanswerable questions); multiple choice: "
+                        "race, swag or multiple-choice (either form; without --train the generated "
+                        "which-line-follows task); token classification: ner (CoNLL-2003's tags) or "
+                        "token-classification (the training split's tags; without --train the generated "
+                        "character-names task). Default: word-order when no "
                         "--train is given; with a .csv/.tsv/.jsonl --train, inferred from its labels "
                         "(classification for names or integers, regression for fractional numbers); with "
                         "hf:glue:<task>, that task")
     g.add_argument("--train", default=None,
-                   help="training examples: a .csv, .tsv or .jsonl file, or hf:glue:<task> / hf:<dataset>[:<config>]"
-                        "[@split] with the datasets package (default: hf:glue:<task> for GLUE tasks)")
+                   help="training examples: a .csv, .tsv or .jsonl file (question answering: SQuAD .json or .jsonl "
+                        "of id, context, question, answers{text, answer_start}), or hf:glue:<task> / "
+                        "hf:<dataset>[:<config>][@split] with the datasets package (default: hf:glue:<task> for "
+                        "GLUE tasks, hf:squad / hf:squad_v2)")
     g.add_argument("--validation", default=None,
                    help="validation examples, same forms (default: the validation split of an hf: --train)")
     g.add_argument("--test", default=None,
-                   help="examples to predict into predictions.jsonl (labels optional: scored when present)")
+                   help="examples to predict into predictions.jsonl, or predictions.json for question answering "
+                        "(labels / answers optional: scored when present)")
     g.add_argument("--text-fields", default=None,
                    help="the text field, or two separated by a comma for sentence pairs (default: the task's; "
                         "text for custom tasks)")
@@ -112,13 +126,21 @@ def build_parser():
                         "task's: MCC for CoLA, F1 for MRPC/QQP, Pearson for STS-B and regression, else accuracy)")
     g.add_argument("--max-seq-len", type=int, default=None,
                    help="longer inputs are truncated (pairs: longest first); batches pad to their longest row, "
-                        "rounded up by --pad-to-multiple-of (default: 128, or the model's limit if lower)")
+                        "rounded up by --pad-to-multiple-of (default: 128, 384 for question answering, or the "
+                        "model's limit if lower); question answering cuts longer contexts into windows instead")
     g.add_argument("--pad-to-multiple-of", type=int, default=None,
                    help="round each batch's length up to a multiple of this many tokens, never past "
                         "--max-seq-len (default: 8, or 64 with --compile, so that a compiled model meets few "
                         "distinct lengths; 1 pads to the longest row exactly)")
     g.add_argument("--group-by-length", action="store_true",
                    help="batch examples of similar length together (less padding, less randomness)")
+    g = p.add_argument_group("question answering")
+    g.add_argument("--doc-stride", type=int, default=128,
+                   help="tokens shared by consecutive windows of a context longer than --max-seq-len allows")
+    g.add_argument("--max-question-len", type=int, default=64, help="longer questions keep their first tokens")
+    g.add_argument("--n-best", type=int, default=20,
+                   help="start and end candidates per window paired when predicting an answer")
+    g.add_argument("--max-answer-len", type=int, default=30, help="the longest answer predicted, in tokens")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=32, help="examples per process per forward pass")
     g.add_argument("--epochs", type=float, default=None,
@@ -180,7 +202,8 @@ def resolve_model_source(model, from_scratch, tokenizer):
 def resolve_settings(args):
     """Check ``args`` and work out every derived setting; ConfigError says what is wrong. No heavy work."""
     s = base_settings(args)
-    for name in ("micro_batch_size", "max_seq_len", "steps", "eval_batch_size", "pad_to_multiple_of"):
+    for name in ("micro_batch_size", "max_seq_len", "steps", "eval_batch_size", "pad_to_multiple_of",
+                 "max_question_len", "n_best", "max_answer_len"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     check_shared_flags(args)
     if args.epochs is not None and not args.epochs > 0:
@@ -192,7 +215,11 @@ def resolve_settings(args):
     if args.max_seq_len is not None and args.max_seq_len < 8:
         raise ConfigError(f"--max-seq-len must be at least 8, got {args.max_seq_len}")
 
+    if args.doc_stride < 0:
+        raise ConfigError(f"--doc-stride must be >= 0, got {args.doc_stride}")
+
     s.family = FAMILY_TASKS.get(args.task)
+    s.qa = args.task in QA_TASKS
     if s.family is not None:
         for flag in ("text_fields", "label_field", "metric"):
             if getattr(args, flag) is not None:
@@ -200,6 +227,13 @@ def resolve_settings(args):
         s.task_inferred, s.task = False, s.family.task
         if args.train is None and args.task in ("race", "swag", "ner"):
             raise ConfigError(f"--task {args.task} needs --train (files in its format)")
+    elif s.qa:
+        if args.metric or args.text_fields or args.label_field:
+            raise ConfigError(f"--task {args.task} reads fixed fields and is judged by F1: drop --metric, "
+                              "--text-fields and --label-field")
+        s.task_inferred, s.task = False, QA_TASKS[args.task]
+        if args.train is None and s.task.hf is not None:
+            args.train = f"hf:{s.task.hf}"
     else:
         args.task, s.task_inferred = task_for_data(args.task, args.train, args.label_field)
         s.task = get_task(args.task, args.text_fields, args.label_field, args.metric)
@@ -210,6 +244,7 @@ def resolve_settings(args):
     if args.epochs is None:
         # The generated word-order task is small (2,000 lines): ten passes, about 15 s for the demo encoder.
         args.epochs = 10.0 if args.task == "word-order" and args.train is None else 3.0
+        args.epochs = 6.0 if args.task == "qa" and args.train is None else args.epochs
     if args.validation is None and args.train is not None and args.train.startswith("hf:"):
         args.validation = args.train.partition("@")[0]
 
@@ -225,7 +260,7 @@ def resolve_settings(args):
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {args.model!r}: {e}") from None
     if args.max_seq_len is None:
-        args.max_seq_len = min(128, s.config.max_seq_len)
+        args.max_seq_len = min(384 if s.qa else 128, s.config.max_seq_len)
     if args.max_seq_len > s.config.max_seq_len:
         raise ConfigError(f"--max-seq-len {args.max_seq_len} exceeds the model's position table "
                           f"({s.config.max_seq_len} tokens)")
@@ -258,10 +293,13 @@ def load_checked_tokenizer(s):
 
 
 def load_data(args, s, tokenizer, special):
-    """{"train" | "validation" | "test": (ids, labels or None, Split)} and the class names (None: regression)."""
+    """{"train" | "validation" | "test": (ids, labels or None, Split)} and the class names (None: regression or
+    question answering)."""
     from fastroberta.tasks import (Split, encode_labels, label_names, read_split, tokenize, word_order_task)
     if s.family is not None:
         return load_family_data(args, s, tokenizer, special)
+    if s.qa:
+        return load_qa_data(args, s, tokenizer, special), None
     splits = {}
     if args.task == "word-order" and args.train is None:
         generated = word_order_task()
@@ -306,8 +344,50 @@ def load_family_data(args, s, tokenizer, special):
     return out, names
 
 
+def load_qa_data(args, s, tokenizer, special):
+    """{"train" | "validation" | "test": (ids, [N, 2] start / end positions or None, (examples, features))}:
+    the windows of each split. ``s.task`` gets SQuAD 2.0 rules when --task qa data holds unanswerable questions."""
+    import dataclasses
+    from fastroberta.tasks.next_line import next_line_task
+    from fastroberta.tasks.qa import QAExample, qa_features, read_qa
+    examples = {}
+    if args.task == "qa" and args.train is None:
+        for name, rows in next_line_task().items():
+            if name == "train" or getattr(args, name) is None:
+                examples[name] = [QAExample(r["id"], r["question"], r["context"],
+                                            list(zip(r["answers"]["text"], r["answers"]["answer_start"])),
+                                            f"next-line:{name} {r['id']}") for r in rows]
+    for name in ("train", "validation", "test"):
+        spec = getattr(args, name)
+        if spec is not None:
+            examples[name] = read_qa(spec, name, need_answers=name != "test")
+    if s.task.version_2 is None:
+        unanswerable = any(e.is_impossible for name in ("train", "validation") for e in examples.get(name, ()))
+        s.task = dataclasses.replace(s.task, version_2=unanswerable)
+    out = {}
+    for name, split in examples.items():
+        features = qa_features(split, tokenizer, special, args.max_seq_len, args.doc_stride, args.max_question_len)
+        positions = None
+        if features.start_positions is not None:
+            positions = np.stack([features.start_positions, features.end_positions], axis=1)
+        out[name] = (features.input_ids, positions, (split, features))
+    return out
+
+
+def qa_model_inputs(batch, device):
+    """``model_inputs`` of a question-answering batch: its [B, 2] labels become start and end positions."""
+    batch = dict(batch)
+    positions = batch.pop("labels", None)
+    if positions is not None:
+        batch["start_positions"], batch["end_positions"] = positions[:, 0], positions[:, 1]
+    return model_inputs(batch, device)
+
+
+
 def model_class(s):
     import fastroberta.model as models
+    if s.qa:
+        return models.RobertaForQuestionAnswering
     return getattr(models, s.family.model_class if s.family is not None else "RobertaForSequenceClassification")
 
 
@@ -334,10 +414,32 @@ def build_family_model(args, s, names):
     return model, ("a new head" if new_head else "the checkpoint's head")
 
 
+
+def build_qa_model(args, s):
+    from fastroberta.model import RobertaForQuestionAnswering
+    overrides = {"num_labels": 2, "id2label": None, "problem_type": None}
+    if args.dropout is not None:
+        overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    if s.model_kind == "pretrained":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                model = RobertaForQuestionAnswering.from_pretrained(s.model_path, kernels=args.kernels, **overrides)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ConfigError(f"--model {args.model!r} cannot be loaded: {str(e).splitlines()[0]}") from None
+        new_head = any("newly initialised" in str(w.message) for w in caught)
+        return model, ("a new question-answering head" if new_head else "the checkpoint's question-answering head")
+    import dataclasses
+    config = dataclasses.replace(s.config, **overrides)
+    return RobertaForQuestionAnswering(config, kernels=args.kernels), "random initialisation (from scratch)"
+
+
 def build_model(args, s, names):
     from fastroberta.model import RobertaForSequenceClassification
     if s.family is not None:
         return build_family_model(args, s, names)
+    if s.qa:
+        return build_qa_model(args, s)
     overrides = {"num_labels": 1 if names is None else len(names),
                  "problem_type": "regression" if s.task.regression else "single_label_classification",
                  "id2label": None if names is None else dict(enumerate(names))}
@@ -391,7 +493,7 @@ def clear_previous_run(args, s):
         return
     os.makedirs(s.output, exist_ok=True)
     if args.overwrite and s.resume_from is None:
-        for name in (CHECKPOINT_DIR, "hf", "best.json", "predictions.jsonl"):
+        for name in (CHECKPOINT_DIR, "hf", "best.json", "predictions.jsonl", "predictions.json"):
             path = os.path.join(s.output, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -422,22 +524,34 @@ def model_inputs(batch, device):
     return inputs
 
 
+def sequence_logits(out, batch):
+    return list(out.logits.float().cpu().numpy())
+
+
+def span_logits(out, batch):
+    """Per row, its [length, 2] start and end logits, cut to the row's real tokens."""
+    both = torch.stack([out.start_logits, out.end_logits], dim=-1).float().cpu().numpy()
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    return [row[:n] for row, n in zip(both, lengths)]
+
+
 def predict(module_call, ids, batch_size, pad_id, device, rank, world_size, pad_multiple=1, pad_limit=None,
-            family=None):
+            family=None, take=sequence_logits):
     """Logits (float32 numpy, one row per example, in order) of the whole split, every rank evaluating its
-    share and the shares gathered on all ranks; batches padded as ``tasks.collate`` says. With a task
-    ``family``: its batches, and a list of what its ``row`` makes of each example's logits."""
+    share and the shares gathered on all ranks; batches padded as ``tasks.collate`` says. ``take`` turns a
+    batch's output into its rows: ``span_logits`` gives a list of [length, 2] arrays (question answering). With
+    a task ``family``: its batches, and a list of what its ``row`` makes of each example's logits."""
     import torch.distributed as dist
     from fastroberta.tasks import eval_batches
     idx, rows = [], []
     with torch.no_grad(), preserved_rng():
         for real, batch in eval_batches(ids, batch_size, pad_id, rank, world_size, pad_multiple, pad_limit,
                                         family.collate if family is not None else None):
-            logits = module_call(**model_inputs(batch, device)).logits.float().cpu()
+            logits = take(module_call(**model_inputs(batch, device)), batch)
             for i, row in zip(real, logits):
                 if i >= 0:
                     idx.append(i)
-                    rows.append(row.numpy() if family is None else family.row(row, ids[i]))
+                    rows.append(row if family is None else family.row(torch.from_numpy(row), ids[i]))
     parts = [(idx, rows)]
     if world_size > 1:
         parts = [None] * world_size
@@ -446,7 +560,21 @@ def predict(module_call, ids, batch_size, pad_id, device, rank, world_size, pad_
     for part_idx, part_rows in parts:
         for i, row in zip(part_idx, part_rows):
             out[i] = row
-    return np.stack(out) if family is None else out
+    return out if take is span_logits or family is not None else np.stack(out)
+
+
+def qa_scores(task, args, spans, examples, features, threshold=None):
+    """(predictions {id: text}, SQuAD metrics) of a split's window logits; SQuAD 2.0 answers "" above the
+    no-answer ``threshold`` (default: the best_f1_thresh found on this split, when it has answers)."""
+    from fastroberta.tasks.qa_eval import answer_texts, no_answer_scores, postprocess_qa, squad_metrics
+    best = postprocess_qa(examples, features, [r[:, 0] for r in spans], [r[:, 1] for r in spans], args.n_best,
+                          args.max_answer_len)
+    scores = no_answer_scores(best) if task.version_2 else None
+    has_answers = all(e.answers is not None for e in examples)
+    metrics = squad_metrics(examples, answer_texts(best), scores) if has_answers else None
+    if scores is not None and threshold is None:
+        threshold = metrics["best_f1_thresh"] if metrics is not None else 0.0
+    return answer_texts(best, scores, threshold), metrics
 
 
 def scores(task, logits, labels):
@@ -467,14 +595,16 @@ def gathered_state(engine, s):
 
 
 def export_model(state, config, tokenizer, max_seq_len, out_dir, cls=None):
-    """Write ``state`` as a Hugging Face folder with the tokenizer, replacing ``out_dir`` only once complete."""
+    """Write ``state`` as a Hugging Face folder with the tokenizer, replacing ``out_dir`` only once complete;
+    ``cls`` is the model class (default: RobertaForSequenceClassification)."""
     from fastroberta.model import RobertaForSequenceClassification
     from fastroberta.data.tokenizer import save_tokenizer
+    cls = cls or RobertaForSequenceClassification
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     for d in (tmp, old):
         if os.path.isdir(d):
             shutil.rmtree(d)
-    model = (cls or RobertaForSequenceClassification)(config, kernels="torch")
+    model = cls(config, kernels="torch")
     model.load_state_dict(state, strict=True)
     model.save_pretrained(tmp)
     save_tokenizer(tokenizer, tmp, model_max_length=config.max_seq_len)
@@ -539,11 +669,13 @@ def evaluate(engine, s, args, val, pad_id, device):
     was_training = engine.module.training
     engine.eval()
     logits = predict(engine, val[0], s.eval_batch_size, pad_id, device, s.rank, s.world_size,
-                     args.pad_to_multiple_of, args.max_seq_len, s.family)
+                     args.pad_to_multiple_of, args.max_seq_len, s.family, span_logits if s.qa else sequence_logits)
     if was_training:
         engine.train()
     if s.family is not None:
         return s.family.scores(logits, val, s.names)
+    if s.qa:
+        return qa_scores(s.task, args, logits, *val[2])[1]
     return scores(s.task, logits, val[1])[1]
 
 
@@ -580,7 +712,8 @@ def finetune_loop(args, s, engine, loader, val, special, config, tokenizer, devi
         with StopRequest() as stop:
             while state.step < end_step:
                 lr = engine.get_lr()[0]
-                result = optimizer_step(engine, batches, s, device, model_inputs, stop_requested=stop.requested,
+                result = optimizer_step(engine, batches, s, device, qa_model_inputs if s.qa else model_inputs,
+                                        stop_requested=stop.requested,
                                         step=state.step + 1, last_good="resume from the last checkpoint")
                 state.step += 1
                 step = state.step
@@ -637,7 +770,8 @@ def finish(args, s, engine, data, names, config, tokenizer, special, device, sta
                 export_model(weights, config, tokenizer, args.max_seq_len, hf_dir, model_class(s))
         summary["hf"] = hf_dir
         if "test" in data:
-            summary["test"] = write_predictions(args, s, data["test"], names, hf_dir, device, special)
+            write = write_qa_predictions if s.qa else write_predictions
+            summary["test"] = write(args, s, data["test"], names, hf_dir, device, special, state)
         say(s, f"done: step {state.step}" + (f", best {metric} {best['metric']:.4f} at step {best['step']}"
                                               if best["metric"] is not None else "")
             + f" in {time.perf_counter() - t0:.0f}s; the model is in {hf_dir}")
@@ -646,7 +780,7 @@ def finish(args, s, engine, data, names, config, tokenizer, special, device, sta
     return summary
 
 
-def write_predictions(args, s, test, names, hf_dir, device, special):
+def write_predictions(args, s, test, names, hf_dir, device, special, state=None):
     """Rank 0 predicts the test split with the kept model (hf/) into predictions.jsonl; returns the test metrics
     when the split has labels, else None."""
     import torch.distributed as dist
@@ -677,6 +811,36 @@ def write_predictions(args, s, test, names, hf_dir, device, special):
                 f.write(json.dumps(row) + "\n")
         os.replace(tmp, os.path.join(s.output, "predictions.jsonl"))
         if labels is not None:
+            result = metrics
+            say(s, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            with open(os.path.join(s.output, "test_metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+    dist.barrier()
+    return result
+
+
+def write_qa_predictions(args, s, test, names, hf_dir, device, special, state):
+    """Rank 0 answers the test split with the kept model (hf/) into predictions.json ({id: answer text}, the
+    official SQuAD scripts' input; SQuAD 2.0 with the best_f1_thresh of the kept model's validation); returns
+    the test metrics when the split has answers, else None."""
+    import torch.distributed as dist
+    from fastroberta.model import RobertaForQuestionAnswering
+    from fastroberta.tasks.qa_eval import write_predictions as write_answers
+    result = None
+    if s.rank == 0:
+        model = RobertaForQuestionAnswering.from_pretrained(hf_dir, kernels=args.kernels).to(device).eval()
+        ids, _, (examples, features) = test
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.precision)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            spans = predict(model, ids, s.eval_batch_size, special["pad"], device, 0, 1, args.pad_to_multiple_of,
+                            args.max_seq_len, take=span_logits)
+        kept = state.best["metrics"] or {}
+        threshold = kept.get("best_f1_thresh", 0.0) if s.task.version_2 else None
+        predictions, metrics = qa_scores(s.task, args, spans, examples, features, threshold)
+        tmp = os.path.join(s.output, "predictions.json.tmp")
+        write_answers(predictions, tmp)
+        os.replace(tmp, os.path.join(s.output, "predictions.json"))
+        if metrics is not None:
             result = metrics
             say(s, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             with open(os.path.join(s.output, "test_metrics.json"), "w") as f:
@@ -717,10 +881,14 @@ def run(args, s):
     device, s.threads = init_distributed(s.on_cuda, s.local_rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     clear_previous_run(args, s)
-    kind = ("regression" if names is None else f"{len(names)} classes") if s.family is None else \
-        (f"{len(names)} tags" if names else f"{len(data['train'][0][0])} choices")
-    say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} examples, "
-           f"{kind} ({time.perf_counter() - t0:.1f}s)")
+    if s.qa:
+        kind = "question answering (SQuAD 2.0 rules)" if s.task.version_2 else "question answering"
+    elif s.family is not None:
+        kind = f"{len(names)} tags" if names else f"{len(data['train'][0][0])} choices"
+    else:
+        kind = "regression" if names is None else f"{len(names)} classes"
+    say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} "
+           f"{'windows' if s.qa else 'examples'}, {kind} ({time.perf_counter() - t0:.1f}s)")
 
     model, origin, n_params = build_classifier(args, s, names)
     engine = build_engine(model, s, args, lr_scheduler(s.warmup_steps, s.total_steps))

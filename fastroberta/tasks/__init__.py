@@ -10,6 +10,9 @@
                        accuracy, the bundled "which line follows" task
     token_tags.py      the token-classification (NER) family: CoNLL / JSONL readers, first-sub-word labels,
                        per-word predictions, seqeval-style entity P/R/F1, the bundled "character names" task
+    qa.py              question answering: SQuAD JSON / JSONL examples, windowed features, answer positions
+    qa_eval.py         question answering: window logits back to answer text, SQuAD exact match / F1
+    next_line.py       the bundled question-answering task generated from the corpus
     errors.py          DataError: one line naming the file, the row and the field
 
 A new family (question answering, token tagging, ...) is a new module beside classification.py.
