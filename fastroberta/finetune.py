@@ -33,7 +33,8 @@ from fastroberta.config import PRESETS, RobertaConfig
 from fastroberta.tasks import TASKS, DataError, Task, get_task, task_for_data  # noqa: F401  (Task: for callers)
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, load_checkpoint, save_checkpoint,
                                               warn_changed_settings)
-from fastroberta.training.cli import HelpFormatter, add_shared_flags, check_positive, check_shared_flags, say
+from fastroberta.training.cli import (HelpFormatter, add_shared_flags, check_positive, check_shared_flags,
+                                      parse_command_line, say)
 from fastroberta.training.distributed import init_distributed
 from fastroberta.training.ds_config import write_config
 from fastroberta.training.engine import build_engine, grad_norm_of
@@ -44,7 +45,8 @@ from fastroberta.training.output import OutputLock, atomic_write
 from fastroberta.training.progress import progress_bar
 from fastroberta.training.rng import preserved_rng, rng_state, seed_everything
 from fastroberta.training.schedule import lr_scheduler
-from fastroberta.training.settings import base_settings, resolve_engine_config, resolve_kernels, resolve_output
+from fastroberta.training.settings import (announced_on_resume, base_settings, resolve_engine_config,
+                                          resolve_kernels, resolve_output)
 from fastroberta.training.step import nonfinite_stop_message, optimizer_step
 from fastroberta.training.stop import StopRequest
 
@@ -439,7 +441,8 @@ def start_or_resume(args, s, engine, loader, config, origin, names):
         state.best = client["best"]
         # "nonfinite": the key checkpoints written before the shared training core used.
         state.guard.streak = client.get("nonfinite_streak", client.get("nonfinite", 0))
-        warn_changed_settings(lambda msg: say(s, msg), PROG, client["run"], run_info)
+        warn_changed_settings(lambda msg: say(s, msg), PROG, client["run"],
+                              announced_on_resume(args, run_info))
         say(s, f"resumed from {os.path.join(*s.resume_from)} at step {state.step}")
     if s.rank == 0:
         write_config(s.ds_config, os.path.join(s.output, "ds_config.json"))
@@ -607,7 +610,8 @@ def write_predictions(args, s, test, names, hf_dir, device, special):
 def finetune(argv=None):
     """Run fine-tuning; returns a summary dict. Raises ConfigError (DataError) for a configuration or data that
     cannot work (before training starts) and TrainingError when a run must stop."""
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv,
+                              lambda a: os.path.join("runs", f"finetune-{a.task}"))
     s = resolve_settings(args)
     for w in s.warnings:
         say(s, f"{PROG}: warning: {w}")

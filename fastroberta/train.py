@@ -34,7 +34,8 @@ from fastroberta.data.packing import PACKING_MODES
 from fastroberta.run_defaults import DEFAULT_PRESET, apply_run_defaults, help_for
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, last_good_checkpoint, load_checkpoint,
                                               save_checkpoint, warn_changed_settings)
-from fastroberta.training.cli import HelpFormatter, add_shared_flags, check_positive, check_shared_flags, say
+from fastroberta.training.cli import (HelpFormatter, add_shared_flags, check_positive, check_shared_flags,
+                                      parse_command_line, say)
 from fastroberta.training.distributed import all_ranks_true, init_distributed
 from fastroberta.training.ds_config import write_config
 from fastroberta.training.engine import build_engine, grad_norm_of
@@ -45,7 +46,8 @@ from fastroberta.training.output import OutputLock
 from fastroberta.training.progress import progress_bar
 from fastroberta.training.rng import preserved_rng, rng_state, seed_everything
 from fastroberta.training.schedule import lr_scheduler
-from fastroberta.training.settings import base_settings, resolve_engine_config, resolve_kernels, resolve_output
+from fastroberta.training.settings import (announced_on_resume, base_settings, resolve_engine_config,
+                                          resolve_kernels, resolve_output)
 from fastroberta.training.step import nonfinite_stop_message, optimizer_step
 from fastroberta.training.stop import StopRequest
 
@@ -315,7 +317,8 @@ def start_or_resume(args, s, engine, loader, model_config):
         state.step = state.saved_step = client["step"]
         state.tokens_seen, state.samples_seen = client["tokens_seen"], client["samples_seen"]
         state.guard.streak = client.get("nonfinite_streak", 0)
-        warn_changed_settings(lambda msg: say(s, msg), PROG, client["run"], run_info)
+        warn_changed_settings(lambda msg: say(s, msg), PROG, client["run"],
+                              announced_on_resume(args, run_info))
         say(s, f"resumed from {os.path.join(*s.resume_from)} at step {state.step}")
     if s.rank == 0:
         if args.overwrite:
@@ -520,7 +523,8 @@ def export_finished(engine, s, args, prepared, stopped_by_signal, step):
 def train(argv=None):
     """Run training; returns a summary dict (final step, last logged metrics, paths). Raises ConfigError for
     a configuration that cannot work (before any work) and TrainingError when a run must stop."""
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv,
+                              lambda a: os.path.join("runs", f"fastroberta-{a.model or DEFAULT_PRESET}"))
     s = resolve_settings(args)
     # One run per output folder: rank 0 holds the lock for the run's lifetime, taken before anything is read
     # or written there. A second run on the folder refuses at once.

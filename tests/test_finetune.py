@@ -231,7 +231,8 @@ def test_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
     run(model_dir, tmp_path / "full", *extra)
     first = run(model_dir, tmp_path / "cut", *extra, "--stop-at-step", "5")
     assert first["step"] == 5 and first["hf"] is None
-    run(model_dir, tmp_path / "cut", *extra, "--resume")
+    # Only --resume and the folder: run.json holds every other flag of the run (fp32 pinned, task, data...).
+    assert ft.finetune(["--resume", "--output", str(tmp_path / "cut")])["step"] == 16
     full = read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
     cut = read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))
     keys = ("step", "loss", "lr", "eval_accuracy")
