@@ -33,8 +33,8 @@ from fastroberta.config import PRESETS, RobertaConfig
 from fastroberta.tasks import TASKS, DataError, Task, get_task, task_for_data  # noqa: F401  (Task: for callers)
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, load_checkpoint, save_checkpoint,
                                               warn_changed_settings)
-from fastroberta.training.cli import (HelpFormatter, add_shared_flags, check_positive, check_shared_flags,
-                                      parse_command_line, say)
+from fastroberta.training.cli import (HelpFormatter, add_shared_flags, announce_start, check_positive,
+                                      check_shared_flags, parse_command_line, say)
 from fastroberta.training.distributed import init_distributed
 from fastroberta.training.ds_config import write_config
 from fastroberta.training.engine import build_engine, grad_norm_of
@@ -631,16 +631,19 @@ def run(args, s):
     test predictions."""
     import torch.distributed as dist
     from fastroberta.tasks import TaskLoader
-    t0 = time.perf_counter()
+    t0 = s.started  # the run's clock includes start-up: Python's imports and DeepSpeed's start
     tokenizer, special = load_checked_tokenizer(s)
     data, names = load_data(args, s, tokenizer, special)
     train_ids, train_labels, _ = data["train"]
     plan_schedule(args, s, len(train_ids))
+    # Every input is read and checked by now, before DeepSpeed starts.
+    say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} examples, "
+           f"{'regression' if names is None else f'{len(names)} classes'} ({time.perf_counter() - t0:.1f}s since "
+           "start)")
+    announce_start(s)
     device, s.threads = init_distributed(s.on_cuda, s.local_rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     clear_previous_run(args, s)
-    say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} examples, "
-           f"{'regression' if names is None else f'{len(names)} classes'} ({time.perf_counter() - t0:.1f}s)")
 
     model, origin, n_params = build_classifier(args, s, names)
     engine = build_engine(model, s, args, lr_scheduler(s.warmup_steps, s.total_steps))

@@ -34,8 +34,8 @@ from fastroberta.data.packing import PACKING_MODES
 from fastroberta.run_defaults import DEFAULT_PRESET, apply_run_defaults, help_for
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, last_good_checkpoint, load_checkpoint,
                                               save_checkpoint, warn_changed_settings)
-from fastroberta.training.cli import (HelpFormatter, add_shared_flags, check_positive, check_shared_flags,
-                                      parse_command_line, say)
+from fastroberta.training.cli import (HelpFormatter, add_shared_flags, announce_start, check_positive,
+                                      check_shared_flags, parse_command_line, say)
 from fastroberta.training.distributed import all_ranks_true, init_distributed
 from fastroberta.training.ds_config import write_config
 from fastroberta.training.engine import build_engine, grad_norm_of
@@ -209,13 +209,17 @@ def _prepare_dataset(args, s):
 
 
 def prepare_data(args, s):
-    """Tokenizer and token shards (cached); one process per node prepares them, the others then read its cache.
-    Returns the PreparedDataset and the held-out baselines (what context-blind guessing scores)."""
+    """Tokenizer and token shards (cached): local rank 0 of each node prepares them before DeepSpeed starts, so
+    that a corpus that cannot work is said at once; the other ranks get None and read its cache in share_data."""
+    return _prepare_dataset(args, s) if s.local_rank == 0 else None
+
+
+def share_data(args, s, prepared):
+    """After the process group started: the other ranks read what local rank 0 prepared. Returns the
+    PreparedDataset and the held-out baselines (what context-blind guessing scores)."""
     import torch.distributed as dist
-    if s.local_rank == 0:
-        prepared = _prepare_dataset(args, s)
     dist.barrier()
-    if s.local_rank != 0:
+    if prepared is None:
         prepared = _prepare_dataset(args, s)
     return prepared, run_report.baselines(prepared)
 
@@ -538,18 +542,22 @@ def train(argv=None):
 
 def run(args, s):
     """The run as a straight line: process group, data, model, engine, resume, loop, export, report."""
-    t0 = time.perf_counter()
+    t0 = s.started  # the run's clock includes start-up: Python's imports and DeepSpeed's start
     for w in s.warnings:
         say(s, f"{PROG}: warning: {w}")
+    say(s, f"preparing data: {args.data or 'the bundled corpus'} (tokenizer and token shards, cached for later "
+           "runs)")
+    prepared = prepare_data(args, s)
+    announce_start(s)
     device, s.threads = init_distributed(s.on_cuda, s.local_rank)
     if s.threads:
         say(s, f"cpu threads: {s.threads[1]}")
     # DeepSpeed's INFO lines (its whole config, every step's bookkeeping) would bury the progress bar.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-    prepared, base = prepare_data(args, s)
+    prepared, base = share_data(args, s, prepared)
     say(s, f"data ready: vocab {prepared.vocab_size}; held-out baselines: unigram {base['unigram']:.3f}, uniform "
-           f"{base['uniform']:.3f} nats ({time.perf_counter() - t0:.1f}s)")
+           f"{base['uniform']:.3f} nats ({time.perf_counter() - t0:.1f}s since start)")
     model = build_mlm_model(s, args, prepared)
     engine = build_engine(model, s, args, None if s.use_ds_scheduler else lr_scheduler(s.warmup_steps, args.steps))
     say(s, f"engine ready: {model.num_parameters() / 1e6:.1f}M parameters, {s.precision}, ZeRO {s.zero_stage}, "

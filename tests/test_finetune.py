@@ -324,8 +324,10 @@ def _error(capsys, argv):
     ("regression_text", "is not a number"),
     ("datasets", "needs the `datasets` package"),
     ("one_class", "only one value"),
+    ("bad_json", 't.jsonl line 2 is not valid JSON: Expecting \',\' delimiter at the end of the line: a closing '
+                 'brace or quote missing?'),
 ])
-def test_bad_data_is_one_line(model_dir, tmp_path, capsys, case, expected):
+def test_bad_data_is_one_line(model_dir, tmp_path, capsys, monkeypatch, case, expected):
     good = str(model_dir / "data" / "train.jsonl")
     task, train, val = "classification", good, str(model_dir / "data" / "validation.jsonl")
     if case == "missing_field":
@@ -346,6 +348,10 @@ def test_bad_data_is_one_line(model_dir, tmp_path, capsys, case, expected):
         task, train, val = "sst2", "hf:glue:sst2", None
     elif case == "one_class":
         train = write(tmp_path / "t.jsonl", "".join(json.dumps({"text": "x", "label": "a"}) + "\n" for _ in range(3)))
+    elif case == "bad_json":
+        train = write(tmp_path / "t.jsonl", '{"text": "x", "label": "a"}\n{"text": "y", "label": "b"\n')
+    # Every input is checked before DeepSpeed starts (its start took most of a minute on a busy 2-core machine).
+    monkeypatch.setattr(ft, "init_distributed", lambda *a: pytest.fail("DeepSpeed started before the data check"))
     argv = ["--model", str(model_dir), "--task", task, "--train", train, "--precision", "fp32",
             "--output", str(tmp_path / "out")]
     if val:

@@ -144,3 +144,16 @@ def say(s, msg, bar=None):
         bar.write(msg, file=sys.stderr)
     else:
         print(msg, file=sys.stderr, flush=True)
+
+
+def announce_start(s):
+    """The line said before DeepSpeed starts (importing it and starting its process group take seconds, on a
+    first CPU start with several processes a minute more), and the CPU preparations of training/host.py."""
+    if s.on_cuda:
+        fused = "; the first start JIT-builds DeepSpeed's fused Adam with nvcc once" \
+            if getattr(s, "optimizer", None) == "deepspeed_adam" else ""
+        say(s, f"starting DeepSpeed (CUDA, NCCL, world {s.world_size}){fused}")
+        return
+    from fastroberta.training import host
+    say(s, f"starting DeepSpeed (CPU, gloo, world {s.world_size}): {host.cpu_start_note(s.world_size)}")
+    host.skip_shm_op_for_one_process(s.world_size)
