@@ -209,19 +209,23 @@ def _prepare_dataset(args, s):
 
 
 def prepare_data(args, s):
-    """Tokenizer and token shards (cached): local rank 0 of each node prepares them before DeepSpeed starts, so
-    that a corpus that cannot work is said at once; the other ranks get None and read its cache in share_data."""
-    return _prepare_dataset(args, s) if s.local_rank == 0 else None
+    """Tokenizer and token shards (cached) and the held-out baselines (what context-blind guessing scores): local
+    rank 0 of each node prepares them before DeepSpeed starts, so that a corpus that cannot work is said at once;
+    the other ranks get (None, None) and read its cache in share_data."""
+    if s.local_rank != 0:
+        return None, None
+    prepared = _prepare_dataset(args, s)
+    return prepared, run_report.baselines(prepared)
 
 
-def share_data(args, s, prepared):
-    """After the process group started: the other ranks read what local rank 0 prepared. Returns the
-    PreparedDataset and the held-out baselines (what context-blind guessing scores)."""
+def share_data(args, s, prepared, base):
+    """After the process group started: the other ranks read what local rank 0 prepared."""
     import torch.distributed as dist
     dist.barrier()
     if prepared is None:
         prepared = _prepare_dataset(args, s)
-    return prepared, run_report.baselines(prepared)
+        base = run_report.baselines(prepared)
+    return prepared, base
 
 
 def build_model(s, args, prepared):
@@ -547,23 +551,23 @@ def run(args, s):
         say(s, f"{PROG}: warning: {w}")
     say(s, f"preparing data: {args.data or 'the bundled corpus'} (tokenizer and token shards, cached for later "
            "runs)")
-    prepared = prepare_data(args, s)
+    prepared, base = prepare_data(args, s)
+    if prepared is not None:
+        say(s, f"data ready: vocab {prepared.vocab_size}; held-out baselines: unigram {base['unigram']:.3f}, "
+               f"uniform {base['uniform']:.3f} nats ({time.perf_counter() - t0:.1f}s since start)")
     announce_start(s)
     device, s.threads = init_distributed(s.on_cuda, s.local_rank)
     if s.threads:
         say(s, f"cpu threads: {s.threads[1]}")
     # DeepSpeed's INFO lines (its whole config, every step's bookkeeping) would bury the progress bar.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-    prepared, base = share_data(args, s, prepared)
-    say(s, f"data ready: vocab {prepared.vocab_size}; held-out baselines: unigram {base['unigram']:.3f}, uniform "
-           f"{base['uniform']:.3f} nats ({time.perf_counter() - t0:.1f}s since start)")
+    prepared, base = share_data(args, s, prepared, base)
     model = build_mlm_model(s, args, prepared)
     engine = build_engine(model, s, args, None if s.use_ds_scheduler else lr_scheduler(s.warmup_steps, args.steps))
     say(s, f"engine ready: {model.num_parameters() / 1e6:.1f}M parameters, {s.precision}, ZeRO {s.zero_stage}, "
            f"world {s.world_size}, global batch {s.global_batch_size} = {s.micro_batch_size} x "
            f"{s.grad_accum_steps} accumulation x {s.world_size}, peak lr {s.lr:.2e}, warmup {s.warmup_steps} "
-           f"({time.perf_counter() - t0:.1f}s)")
+           f"({time.perf_counter() - t0:.1f}s since start)")
     loader = make_train_loader(args, s, prepared)
     state = start_or_resume(args, s, engine, loader, model.config)
     stopped_by_signal = train_loop(args, s, engine, loader, prepared, base, device, state, t0)

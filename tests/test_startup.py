@@ -30,6 +30,7 @@ def test_first_lines_come_before_deepspeed_starts(small, tmp_path, capsys, monke
                   "--seq-len", "32", "--precision", "fp32", "--no-progress", "--output", str(tmp_path / "out")])
     lines = seen["err"].splitlines()
     assert lines[0] == "preparing data: the bundled corpus (tokenizer and token shards, cached for later runs)"
+    assert lines[1].startswith("data ready: vocab ")
     if not torch.cuda.is_available():
         assert lines[-1] == "starting DeepSpeed (CPU, gloo, world 1): one process: no communication op to build"
         import deepspeed.ops
