@@ -585,6 +585,9 @@ def finish(args, s, engine, data, names, config, tokenizer, special, device, sta
                                               if best["metric"] is not None else "")
             + f" in {time.perf_counter() - t0:.0f}s (start-up included); the model is in {hf_dir}")
         summary["baseline"] = report_baseline(s, data, names, best["metrics"], summary["test"])
+        if s.rank == 0:
+            from fastroberta.plot import draw_run
+            summary["loss_png"] = draw_run(s.output, lambda msg: say(s, msg))
     elif stopped:
         say(s, f"stopped by signal at step {state.step}; resume with --resume")
     return summary

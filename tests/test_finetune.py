@@ -446,6 +446,8 @@ def test_a_model_at_chance_is_said_to_miss_the_majority_baseline(model_dir, tmp_
                     "data"], err
     assert summary["baseline"]["beaten"] is False and summary["baseline"]["predicts"] == "yes"
     assert "the run takes 2 steps, few for fine-tuning" in err
+    assert err.splitlines()[-1] in (f"loss curve: {out / 'loss.png'}", "loss.png not drawn: matplotlib is not "
+                                    f"installed (pip install matplotlib, then python -m fastroberta.plot {out})")
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["text"] for p in preds] == ["the same words"] * 8 and [p["label"] for p in preds[:4]] == \
         ["yes", "yes", "yes", "no"]
