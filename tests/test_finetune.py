@@ -468,3 +468,14 @@ def test_a_small_training_split_gets_enough_epochs_by_default(model_dir, tmp_pat
     s = ft.resolve_settings(args)
     ft.plan_schedule(args, s, 300)
     assert s.total_steps == 27 and "few for fine-tuning" in capsys.readouterr().err
+
+
+def test_progress_is_plain_lines_off_a_terminal(model_dir, tmp_path, capsys):
+    """Without --no-progress and with stderr not a terminal (a pipe, a log file), the progress display is plain
+    lines, as fastroberta-train's: no tqdm carriage returns."""
+    d = model_dir / "data"
+    ft.finetune(["--model", str(model_dir), "--task", "classification", "--train", str(d / "train.jsonl"),
+                 "--precision", "fp32", "--micro-batch-size", "16", "--steps", "2", "--max-seq-len", "32",
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "\r" not in err and "finetune: step 2/2 (100%)" in err, err

@@ -139,3 +139,12 @@ def test_plot_command_draws_a_run_folder_or_says_what_is_missing(tmp_path, capsy
     assert plot.main([str(run)]) == 0
     assert capsys.readouterr().out == f"loss curve: {run / 'loss.png'}\n"
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("threads, cores, local_size, busy, expected", [
+    (1, 2, 1, 5, "1 of 2 cores (all 2 busy with other processes, about 5 running)"),
+    (3, 4, 1, 1, "3 of 4 cores (1 of them busy with other processes)"),
+    (1, 2, 2, 0, "1 of 2 cores (2 local processes share them)"),
+])
+def test_cpu_threads_line_reads_plainly(threads, cores, local_size, busy, expected):
+    assert host.threads_reason(threads, cores, local_size, busy) == expected + "; set OMP_NUM_THREADS to choose"

@@ -83,12 +83,21 @@ def set_cpu_threads(local_size=1, environ=None):
     if threads == torch.get_num_threads():
         return None
     torch.set_num_threads(threads)
+    return threads, threads_reason(threads, cores, local_size, busy)
+
+
+def threads_reason(threads, cores, local_size, busy):
+    """The cpu-threads line: the choice and why. ``busy`` counts runnable processes, which may exceed the cores
+    (a load of 5 on 2 cores): then all cores are busy, and the count is given as what it is."""
     reasons = []
     if local_size > 1:
-        reasons.append(f"{local_size} local processes")
-    if busy:
-        reasons.append(f"about {busy} core(s) busy with other processes")
-    return threads, f"{threads} of {cores} cores ({', '.join(reasons)}); set OMP_NUM_THREADS to choose"
+        reasons.append(f"{local_size} local processes share them")
+    if busy >= cores:
+        reasons.append(f"all {cores} busy with other processes, about {busy} running")
+    elif busy:
+        reasons.append(f"{busy} of them busy with other processes")
+    return (f"{threads} of {cores} cores ({'; '.join(reasons)}); set OMP_NUM_THREADS to choose" if reasons else
+            f"{threads} of {cores} cores; set OMP_NUM_THREADS to choose")
 
 
 @contextlib.contextmanager
