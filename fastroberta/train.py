@@ -1,6 +1,6 @@
 """fastroberta-train: RoBERTa masked-LM pretraining under DeepSpeed.
 
-    fastroberta-train                      # demo model on the bundled corpus: about 3 minutes on 2 CPU cores
+    fastroberta-train                      # demo model on the bundled corpus: about 3 minutes of training on 2 quiet CPU cores
     fastroberta-train --model base --data corpus/ --global-batch-size 2048 --steps 100000 --output runs/base
     deepspeed --num_gpus 8 --module fastroberta.train --model base --data corpus/ --zero-stage 2 ...
 
@@ -66,7 +66,7 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG,
         description="RoBERTa masked-LM pretraining with Triton kernels under DeepSpeed. With no arguments: the "
-                    "demo preset on the bundled corpus, about 3 minutes on 2 CPU cores, ending with its held-out "
+                    "demo preset on the bundled corpus, about 3 minutes of training on 2 quiet CPU cores, ending with its held-out "
                     "loss against the unigram baseline and a few fill-mask predictions.",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
