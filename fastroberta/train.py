@@ -66,8 +66,8 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG,
         description="RoBERTa masked-LM pretraining with Triton kernels under DeepSpeed. With no arguments: the "
-                    "demo preset on the bundled corpus, about 3 minutes of training on 2 quiet CPU cores, ending with its held-out "
-                    "loss against the unigram baseline and a few fill-mask predictions.",
+                    "demo preset on the bundled corpus, about 3 minutes of training on 2 quiet CPU cores, ending "
+                    "with its held-out loss against the unigram baseline and a few fill-mask predictions.",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=f"preset, one of {', '.join(PRESETS)} (default: {DEFAULT_PRESET}, "
