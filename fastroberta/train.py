@@ -128,6 +128,12 @@ def default_lr(size_class, global_batch):
     return ref_lr * math.sqrt(min(1.0, global_batch / ref_batch))
 
 
+def default_output_of(args):
+    """The run folder when --output is not given (resolve_settings names it the same way)."""
+    name = os.path.splitext(os.path.basename(args.config))[0] if args.config else args.model or DEFAULT_PRESET
+    return os.path.join("runs", f"fastroberta-{name}")
+
+
 def resolve_settings(args):
     """Check ``args`` and work out every derived setting; ConfigError says what is wrong. No heavy work."""
     s = base_settings(args)
@@ -175,7 +181,7 @@ def resolve_settings(args):
     s.warmup_steps = args.warmup_steps if args.warmup_steps is not None else \
         max(1, round(WARMUP_FRACTION * args.steps))
     s.warmup_steps = min(s.warmup_steps, args.steps)
-    resolve_output(args, s, os.path.join("runs", f"fastroberta-{s.model_name}"))
+    resolve_output(args, s, default_output_of(args))
     if args.data is not None and not args.data.startswith("hf:") and not os.path.exists(args.data):
         raise ConfigError(f"--data {args.data!r} does not exist")
     if args.tokenizer is not None and not os.path.exists(args.tokenizer):
@@ -531,8 +537,7 @@ def export_finished(engine, s, args, prepared, stopped_by_signal, step):
 def train(argv=None):
     """Run training; returns a summary dict (final step, last logged metrics, paths). Raises ConfigError for
     a configuration that cannot work (before any work) and TrainingError when a run must stop."""
-    args = parse_command_line(build_parser(), argv,
-                              lambda a: os.path.join("runs", f"fastroberta-{a.model or DEFAULT_PRESET}"))
+    args = parse_command_line(build_parser(), argv, default_output_of)
     s = resolve_settings(args)
     # One run per output folder: rank 0 holds the lock for the run's lifetime, taken before anything is read
     # or written there. A second run on the folder refuses at once.
