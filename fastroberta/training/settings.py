@@ -34,12 +34,12 @@ def _process_start():
 
 
 def base_settings(args):
-    """A settings namespace with where this process runs: on_cuda, rank, world_size, local_rank, and the seed."""
+    """A settings namespace with when this process started, where it runs (on_cuda, rank, world_size,
+    local_rank), the seed, and the warnings to say before start-up (first: the flags a --resume changes)."""
     rank, world_size = world()
     local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
     return argparse.Namespace(started=_process_start(), on_cuda=torch.cuda.is_available(), rank=rank,
-                              world_size=world_size,
-                              local_rank=local_rank, seed=args.seed,
+                              world_size=world_size, local_rank=local_rank, seed=args.seed,
                               warnings=[line for _, line in getattr(args, "changed_on_resume", [])])
 
 
