@@ -1,6 +1,6 @@
 """fastroberta-train: RoBERTa masked-LM pretraining under DeepSpeed.
 
-    fastroberta-train                      # demo model on the bundled corpus: about 3 minutes of training on 2 quiet CPU cores
+    fastroberta-train                      # demo model on the bundled corpus: about 3 min of training on 2 cores
     fastroberta-train --model base --data corpus/ --global-batch-size 2048 --steps 100000 --output runs/base
     deepspeed --num_gpus 8 --module fastroberta.train --model base --data corpus/ --zero-stage 2 ...
 
