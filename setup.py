@@ -30,15 +30,17 @@ setup(
         # whose BERT-family models dispatch attention and build masks through registries it can join.
         "transformers": ["transformers>=5.0"],
         # accelerate: transformers.Trainer needs it (tests/test_hf_kernels.py runs a few Trainer steps).
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "accelerate>=1.1"],
+        # matplotlib: loss.png at the end of a run (the README's set-up installs this extra).
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "accelerate>=1.1", "matplotlib"],
         "bench": ["pytest-benchmark", "transformers>=4.40", "matplotlib"],
-        # loss.png at the end of a training run; without it the trainer draws nothing and carries on.
+        # loss.png alone; without matplotlib a run draws nothing, says how to get it and carries on.
         "plot": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [
             "fastroberta-train = fastroberta.train:main",
             "fastroberta-finetune = fastroberta.finetune:main",
+            "fastroberta-plot = fastroberta.plot:main",
         ]
     },
     license="Apache-2.0",

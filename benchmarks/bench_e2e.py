@@ -451,9 +451,20 @@ def run(profile, out_root, models=None, seq_lens=None, precisions=None, competit
         write_result(result, out_dir, plot=False)
     result["complete"] = all(not r["status"].startswith("skipped") for r in result["results"])
     write_result(result, out_dir, plot=True)
-    log("e2e: " + ", ".join(f"{r['competitor']} {r['tokens_per_s']:.0f} {rate}" if r.get("tokens_per_s")
-                            else f"{r['competitor']} {r['status'][:40]}" for r in result["results"]))
+    log(summary_line(result["results"], rate))
     return result
+
+
+def summary_line(results, rate):
+    """``e2e: pretraining (MLM): <competitor> <rate>, ...; fine-tuning (classification): ...``: the same
+    competitor names run in each task, so each group is named."""
+    groups = {}
+    for r in results:
+        groups.setdefault(r.get("task", "mlm"), []).append(
+            f"{r['competitor']} {r['tokens_per_s']:.0f} {rate}" if r.get("tokens_per_s")
+            else f"{r['competitor']} {r['status'][:40]}")
+    names = {"mlm": "pretraining (MLM)", "finetune": "fine-tuning (classification)"}
+    return "e2e: " + "; ".join(f"{names.get(task, task)}: {', '.join(items)}" for task, items in groups.items())
 
 
 # ------------------------------------------------------------------------------------------------- writers

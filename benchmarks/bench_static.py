@@ -17,6 +17,7 @@ key mask vs none) are what they are for. Writes ``static.json`` and ``static.md`
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -227,15 +228,27 @@ def markdown(result, baseline=None, other=None):
     return "\n".join(lines) + "\n"
 
 
+class NoMatch(ValueError):
+    """--only selects no case (or is not a regular expression)."""
+
+
 def run(out_dir=OUT_DIR, only=None, workers=None, baseline=None, timeout_s=4 * 3600, triton_site=None, compare=None):
     """Compile, analyse, write static.json and static.md; returns the result dict. ``triton_site``: compile
     with the Triton installed there (``sm90.run_workers``); ``compare``: a static.json made with another Triton
     version, whose differences static.md lists."""
     workers = workers or max(1, min(2, os.cpu_count() or 1))
+    if only is not None:
+        try:
+            re.compile(only)
+        except re.error as e:
+            raise NoMatch(f"--only {only!r} is not a regular expression ({e})") from None
     start = time.monotonic()
     toolchain = {}
     results, _ = sm90.run_workers("static", workers, timeout_s, only=only, triton_site=triton_site,
                                   toolchain=toolchain)
+    if only is not None and not results:  # before anything is written: the committed report stays as it is
+        raise NoMatch(f"--only {only!r} matches no kernel case; cases read 'kernel dtype case', e.g. "
+                      "'attn_fwd fp16 D=64' or 'layer_norm_bwd fp16 N=768' (see static.md)")
     failed = [r for r in results if not r["ok"]]
     rows = [_row(r) for r in results if r["ok"]]
     ratio_rows = ratios(rows)
@@ -276,6 +289,9 @@ def main_from_args(args):
                      triton_site=getattr(args, "triton", None), compare=getattr(args, "compare", None))
     except sm90.Unavailable as e:
         print(f"static: cannot compile for sm_90 on this machine: {e}", file=sys.stderr)
+        return False
+    except NoMatch as e:
+        print(f"static: error: {e}", file=sys.stderr)
         return False
     for name, ok, detail in result["verdicts"]:
         print(f"[{'ok' if ok else 'MISSED'}] {name}: {detail}")

@@ -42,7 +42,8 @@ from fastroberta.tasks.families import FAMILY_TASKS
 from fastroberta.tasks.qa import QA_TASKS
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, load_checkpoint, save_checkpoint,
                                               warn_changed_settings)
-from fastroberta.training.cli import HelpFormatter, add_shared_flags, check_positive, check_shared_flags, say
+from fastroberta.training.cli import (HelpFormatter, add_shared_flags, announce_start, check_positive,
+                                      check_shared_flags, parse_command_line, say)
 from fastroberta.training.distributed import init_distributed
 from fastroberta.training.ds_config import write_config
 from fastroberta.training.engine import build_engine, grad_norm_of
@@ -53,12 +54,14 @@ from fastroberta.training.output import OutputLock, atomic_write
 from fastroberta.training.progress import progress_bar
 from fastroberta.training.rng import preserved_rng, rng_state, seed_everything
 from fastroberta.training.schedule import lr_scheduler
-from fastroberta.training.settings import base_settings, resolve_engine_config, resolve_kernels, resolve_output
+from fastroberta.training.settings import (announced_on_resume, base_settings, resolve_engine_config,
+                                          resolve_kernels, resolve_output)
 from fastroberta.training.step import nonfinite_stop_message, optimizer_step
 from fastroberta.training.stop import StopRequest
 
 DEFAULT_MODEL = os.path.join("runs", "fastroberta-demo")  # where a plain `fastroberta-train` writes
 PROG = "fastroberta-finetune"
+MIN_DEFAULT_STEPS = 100  # the default epochs grow to at least this many steps on a small training split
 
 
 def default_lr(hidden_size):
@@ -145,7 +148,7 @@ def build_parser():
     g.add_argument("--micro-batch-size", type=int, default=32, help="examples per process per forward pass")
     g.add_argument("--epochs", type=float, default=None,
                    help="passes over the training split (default: 3, and 10 for the small bundled word-order "
-                        "task; see --steps)")
+                        f"task; on a small split as many as make {MIN_DEFAULT_STEPS} steps; see --steps)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps, instead of --epochs")
     g.add_argument("--warmup-ratio", type=float, default=0.06, help="share of the steps in linear warmup")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --micro-batch-size")
@@ -241,6 +244,7 @@ def resolve_settings(args):
             args.train = f"hf:{':'.join(TASKS[args.task].hf)}"
         if args.train is None and args.task != "word-order":
             raise ConfigError(f"--task {args.task} needs --train (a .csv, .tsv or .jsonl file, or hf:<dataset>)")
+    s.epochs_given = args.epochs is not None
     if args.epochs is None:
         # The generated word-order task is small (2,000 lines): ten passes, about 15 s for the demo encoder.
         args.epochs = 10.0 if args.task == "word-order" and args.train is None else 3.0
@@ -479,7 +483,20 @@ def plan_schedule(args, s, train_examples):
     if s.steps_per_epoch == 0:
         raise DataError(f"the training split holds {train_examples} examples, fewer than one global batch "
                         f"({s.global_batch_size}); lower --global-batch-size")
+    if args.steps is None and not s.epochs_given and args.epochs * s.steps_per_epoch < MIN_DEFAULT_STEPS:
+        # A small training split at the default 3 epochs is a few dozen steps, too few to learn from (300 rows:
+        # 27 steps, every prediction the majority class); the default takes enough epochs for MIN_DEFAULT_STEPS.
+        # run.json records the epochs taken, so a --resume plans the same schedule.
+        epochs = math.ceil(MIN_DEFAULT_STEPS / s.steps_per_epoch)
+        say(s, f"{PROG}: {train_examples} training examples make {s.steps_per_epoch} steps per epoch at global "
+               f"batch {s.global_batch_size}: {args.epochs:g} epochs would be {round(args.epochs * s.steps_per_epoch)}"
+               f" steps, too few to learn from; taking {epochs} epochs ({epochs * s.steps_per_epoch} steps). "
+               "--epochs or --steps sets it")
+        args.epochs = float(epochs)
     s.total_steps = args.steps if args.steps is not None else max(1, round(args.epochs * s.steps_per_epoch))
+    if s.total_steps < MIN_DEFAULT_STEPS:
+        say(s, f"{PROG}: warning: the run takes {s.total_steps} steps, few for fine-tuning; the summary compares "
+               "the result with the majority-class baseline")
     if args.stop_at_step is not None and args.stop_at_step > s.total_steps:
         raise ConfigError(f"--stop-at-step {args.stop_at_step} is beyond the run's {s.total_steps} steps")
     s.eval_every = s.steps_per_epoch if args.eval_every is None else args.eval_every
@@ -642,7 +659,8 @@ def start_or_resume(args, s, engine, loader, config, origin, names):
         state.best = client["best"]
         # "nonfinite": the key checkpoints written before the shared training core used.
         state.guard.streak = client.get("nonfinite_streak", client.get("nonfinite", 0))
-        warn_changed_settings(lambda msg: say(s, msg), PROG, client["run"], run_info)
+        warn_changed_settings(lambda msg: say(s, msg), PROG, client["run"],
+                              announced_on_resume(args, run_info))
         say(s, f"resumed from {os.path.join(*s.resume_from)} at step {state.step}")
     if s.rank == 0:
         write_config(s.ds_config, os.path.join(s.output, "ds_config.json"))
@@ -774,10 +792,44 @@ def finish(args, s, engine, data, names, config, tokenizer, special, device, sta
             summary["test"] = write(args, s, data["test"], names, hf_dir, device, special, state)
         say(s, f"done: step {state.step}" + (f", best {metric} {best['metric']:.4f} at step {best['step']}"
                                               if best["metric"] is not None else "")
-            + f" in {time.perf_counter() - t0:.0f}s; the model is in {hf_dir}")
+            + f" in {time.perf_counter() - t0:.0f}s (start-up included); the model is in {hf_dir}")
+        if s.family is None and not s.qa:  # the majority class / mean of sequence labels
+            summary["baseline"] = report_baseline(s, data, names, best["metrics"], summary["test"])
+        if s.rank == 0:
+            from fastroberta.plot import draw_run
+            summary["loss_png"] = draw_run(s.output, lambda msg: say(s, msg))
     elif stopped:
         say(s, f"stopped by signal at step {state.step}; resume with --resume")
     return summary
+
+
+def report_baseline(s, data, names, validation, test):
+    """The result next to what ignoring the input scores (the training split's majority class, or its mean for
+    regression), on validation and on a labelled test split; says plainly when the model did not beat it.
+    Returns {"predicts": ..., "<split>": baseline metrics, "beaten": bool or None}."""
+    from fastroberta.tasks import baseline_metrics
+    metric = s.task.metric
+    result = {"predicts": None, "beaten": None}
+    parts, verdict = [], None
+    for split, model_metrics in (("validation", validation), ("test", test)):
+        if model_metrics is None or data.get(split) is None or data[split][1] is None:
+            continue
+        predicts, base = baseline_metrics(s.task, data["train"][1], data[split][1])
+        result["predicts"] = predicts if names is None else names[int(predicts)]
+        result[split] = base
+        parts.append(f"{base[metric]:.4f} on {split} (the model: {model_metrics[metric]:.4f})")
+        if verdict is None:  # validation decides when there is one: the kept model was chosen on it
+            beaten = model_metrics[metric] > base[metric]
+            result["beaten"] = beaten
+            verdict = (f"the model beats it on {split} by {model_metrics[metric] - base[metric]:+.4f}" if beaten else
+                       f"the model did NOT beat it on {split}: it learned nothing it can use from the text; train "
+                       "longer (--epochs, --steps), try another --lr, or give more data")
+    if not parts:
+        return result
+    what = "the mean predictor (the training labels' mean for every example)" if names is None else \
+        f"always {result['predicts']!r} (the training split's majority class)"
+    say(s, f"baseline, {what}: {metric} " + ", ".join(parts) + f"; {verdict}")
+    return result
 
 
 def write_predictions(args, s, test, names, hf_dir, device, special, state=None):
@@ -801,7 +853,8 @@ def write_predictions(args, s, test, names, hf_dir, device, special, state=None)
             preds, metrics = scores(s.task, logits, labels if labels is not None else np.zeros(len(ids)))
             rows = []
             for i, p in enumerate(preds):
-                row = {"index": i, "prediction": float(p) if names is None else names[int(p)]}
+                row = {"index": i, **dict(zip(("text", "text_pair"), split.texts[i])),
+                       "prediction": float(p) if names is None else names[int(p)]}
                 if labels is not None:
                     row["label"] = float(labels[i]) if names is None else names[int(labels[i])]
                 rows.append(row)
@@ -852,7 +905,8 @@ def write_qa_predictions(args, s, test, names, hf_dir, device, special, state):
 def finetune(argv=None):
     """Run fine-tuning; returns a summary dict. Raises ConfigError (DataError) for a configuration or data that
     cannot work (before training starts) and TrainingError when a run must stop."""
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv,
+                              lambda a: os.path.join("runs", f"finetune-{a.task}"))
     s = resolve_settings(args)
     for w in s.warnings:
         say(s, f"{PROG}: warning: {w}")
@@ -872,15 +926,13 @@ def run(args, s):
     test predictions."""
     import torch.distributed as dist
     from fastroberta.tasks import TaskLoader
-    t0 = time.perf_counter()
+    t0 = s.started  # the run's clock includes start-up: Python's imports and DeepSpeed's start
     tokenizer, special = load_checked_tokenizer(s)
     data, names = load_data(args, s, tokenizer, special)
     s.names = names
     train_ids, train_labels, _ = data["train"]
     plan_schedule(args, s, len(train_ids))
-    device, s.threads = init_distributed(s.on_cuda, s.local_rank)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    clear_previous_run(args, s)
+    # Every input is read and checked by now, before DeepSpeed starts.
     if s.qa:
         kind = "question answering (SQuAD 2.0 rules)" if s.task.version_2 else "question answering"
     elif s.family is not None:
@@ -888,7 +940,11 @@ def run(args, s):
     else:
         kind = "regression" if names is None else f"{len(names)} classes"
     say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} "
-           f"{'windows' if s.qa else 'examples'}, {kind} ({time.perf_counter() - t0:.1f}s)")
+           f"{'windows' if s.qa else 'examples'}, {kind} ({time.perf_counter() - t0:.1f}s since start)")
+    announce_start(s)
+    device, s.threads = init_distributed(s.on_cuda, s.local_rank)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    clear_previous_run(args, s)
 
     model, origin, n_params = build_classifier(args, s, names)
     engine = build_engine(model, s, args, lr_scheduler(s.warmup_steps, s.total_steps))

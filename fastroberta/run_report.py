@@ -162,9 +162,9 @@ def plot_losses(metrics_path, png_path, unigram=None):
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if train:
-        ax.plot(*zip(*train), label="train loss (MLM)", color="tab:blue")
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
     if held:
-        ax.plot(*zip(*held), "o-", markersize=3, label="held-out loss (MLM)", color="tab:orange")
+        ax.plot(*zip(*held), "o-", markersize=3, label="held-out loss", color="tab:orange")
     if unigram is not None:
         ax.axhline(unigram, linestyle="--", color="gray", label=f"held-out unigram baseline {unigram:.2f}")
     ax.set_xlabel("optimizer step")
@@ -197,9 +197,6 @@ def end_of_run(say, output, last, base, prepared, hf_dir, samples=3):
                 say(line)
             report["fill_mask"] = [{"text": f"{b}<mask>{a}", "word": w, "top": top}
                                    for (b, w, a), top in zip(sentences, predictions)]
-    metrics = os.path.join(output, "metrics.jsonl")
-    if os.path.isfile(metrics):
-        report["loss_png"] = plot_losses(metrics, os.path.join(output, "loss.png"), base.get("unigram"))
-        if report["loss_png"]:
-            say(f"loss curve: {report['loss_png']}")
+    from fastroberta.plot import draw_run
+    report["loss_png"] = draw_run(output, say, base.get("unigram"))
     return report

@@ -1,6 +1,6 @@
 """fastroberta-train: RoBERTa masked-LM pretraining under DeepSpeed.
 
-    fastroberta-train                      # demo model on the bundled corpus: about 3 minutes on 2 CPU cores
+    fastroberta-train                      # demo model on the bundled corpus: about 3 min of training on 2 cores
     fastroberta-train --model base --data corpus/ --global-batch-size 2048 --steps 100000 --output runs/base
     deepspeed --num_gpus 8 --module fastroberta.train --model base --data corpus/ --zero-stage 2 ...
 
@@ -34,7 +34,8 @@ from fastroberta.data.packing import PACKING_MODES
 from fastroberta.run_defaults import DEFAULT_PRESET, apply_run_defaults, help_for
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, last_good_checkpoint, load_checkpoint,
                                               save_checkpoint, warn_changed_settings)
-from fastroberta.training.cli import HelpFormatter, add_shared_flags, check_positive, check_shared_flags, say
+from fastroberta.training.cli import (HelpFormatter, add_shared_flags, announce_start, check_positive,
+                                      check_shared_flags, parse_command_line, say)
 from fastroberta.training.distributed import all_ranks_true, init_distributed
 from fastroberta.training.ds_config import write_config
 from fastroberta.training.engine import build_engine, grad_norm_of
@@ -45,7 +46,8 @@ from fastroberta.training.output import OutputLock
 from fastroberta.training.progress import progress_bar
 from fastroberta.training.rng import preserved_rng, rng_state, seed_everything
 from fastroberta.training.schedule import lr_scheduler
-from fastroberta.training.settings import base_settings, resolve_engine_config, resolve_kernels, resolve_output
+from fastroberta.training.settings import (announced_on_resume, base_settings, resolve_engine_config,
+                                          resolve_kernels, resolve_output)
 from fastroberta.training.step import nonfinite_stop_message, optimizer_step
 from fastroberta.training.stop import StopRequest
 
@@ -64,8 +66,8 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG,
         description="RoBERTa masked-LM pretraining with Triton kernels under DeepSpeed. With no arguments: the "
-                    "demo preset on the bundled corpus, about 3 minutes on 2 CPU cores, ending with its held-out "
-                    "loss against the unigram baseline and a few fill-mask predictions.",
+                    "demo preset on the bundled corpus, about 3 minutes of training on 2 quiet CPU cores, ending "
+                    "with its held-out loss against the unigram baseline and a few fill-mask predictions.",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=f"preset, one of {', '.join(PRESETS)} (default: {DEFAULT_PRESET}, "
@@ -126,6 +128,12 @@ def default_lr(size_class, global_batch):
     return ref_lr * math.sqrt(min(1.0, global_batch / ref_batch))
 
 
+def default_output_of(args):
+    """The run folder when --output is not given (resolve_settings names it the same way)."""
+    name = os.path.splitext(os.path.basename(args.config))[0] if args.config else args.model or DEFAULT_PRESET
+    return os.path.join("runs", f"fastroberta-{name}")
+
+
 def resolve_settings(args):
     """Check ``args`` and work out every derived setting; ConfigError says what is wrong. No heavy work."""
     s = base_settings(args)
@@ -173,7 +181,7 @@ def resolve_settings(args):
     s.warmup_steps = args.warmup_steps if args.warmup_steps is not None else \
         max(1, round(WARMUP_FRACTION * args.steps))
     s.warmup_steps = min(s.warmup_steps, args.steps)
-    resolve_output(args, s, os.path.join("runs", f"fastroberta-{s.model_name}"))
+    resolve_output(args, s, default_output_of(args))
     if args.data is not None and not args.data.startswith("hf:") and not os.path.exists(args.data):
         raise ConfigError(f"--data {args.data!r} does not exist")
     if args.tokenizer is not None and not os.path.exists(args.tokenizer):
@@ -207,15 +215,23 @@ def _prepare_dataset(args, s):
 
 
 def prepare_data(args, s):
-    """Tokenizer and token shards (cached); one process per node prepares them, the others then read its cache.
-    Returns the PreparedDataset and the held-out baselines (what context-blind guessing scores)."""
-    import torch.distributed as dist
-    if s.local_rank == 0:
-        prepared = _prepare_dataset(args, s)
-    dist.barrier()
+    """Tokenizer and token shards (cached) and the held-out baselines (what context-blind guessing scores): local
+    rank 0 of each node prepares them before DeepSpeed starts, so that a corpus that cannot work is said at once;
+    the other ranks get (None, None) and read its cache in share_data."""
     if s.local_rank != 0:
-        prepared = _prepare_dataset(args, s)
+        return None, None
+    prepared = _prepare_dataset(args, s)
     return prepared, run_report.baselines(prepared)
+
+
+def share_data(args, s, prepared, base):
+    """After the process group started: the other ranks read what local rank 0 prepared."""
+    import torch.distributed as dist
+    dist.barrier()
+    if prepared is None:
+        prepared = _prepare_dataset(args, s)
+        base = run_report.baselines(prepared)
+    return prepared, base
 
 
 def build_model(s, args, prepared):
@@ -315,7 +331,8 @@ def start_or_resume(args, s, engine, loader, model_config):
         state.step = state.saved_step = client["step"]
         state.tokens_seen, state.samples_seen = client["tokens_seen"], client["samples_seen"]
         state.guard.streak = client.get("nonfinite_streak", 0)
-        warn_changed_settings(lambda msg: say(s, msg), PROG, client["run"], run_info)
+        warn_changed_settings(lambda msg: say(s, msg), PROG, client["run"],
+                              announced_on_resume(args, run_info))
         say(s, f"resumed from {os.path.join(*s.resume_from)} at step {state.step}")
     if s.rank == 0:
         if args.overwrite:
@@ -520,7 +537,7 @@ def export_finished(engine, s, args, prepared, stopped_by_signal, step):
 def train(argv=None):
     """Run training; returns a summary dict (final step, last logged metrics, paths). Raises ConfigError for
     a configuration that cannot work (before any work) and TrainingError when a run must stop."""
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv, default_output_of)
     s = resolve_settings(args)
     # One run per output folder: rank 0 holds the lock for the run's lifetime, taken before anything is read
     # or written there. A second run on the folder refuses at once.
@@ -534,24 +551,28 @@ def train(argv=None):
 
 def run(args, s):
     """The run as a straight line: process group, data, model, engine, resume, loop, export, report."""
-    t0 = time.perf_counter()
+    t0 = s.started  # the run's clock includes start-up: Python's imports and DeepSpeed's start
     for w in s.warnings:
         say(s, f"{PROG}: warning: {w}")
+    say(s, f"preparing data: {args.data or 'the bundled corpus'} (tokenizer and token shards, cached for later "
+           "runs)")
+    prepared, base = prepare_data(args, s)
+    if prepared is not None:
+        say(s, f"data ready: vocab {prepared.vocab_size}; held-out baselines: unigram {base['unigram']:.3f}, "
+               f"uniform {base['uniform']:.3f} nats ({time.perf_counter() - t0:.1f}s since start)")
+    announce_start(s)
     device, s.threads = init_distributed(s.on_cuda, s.local_rank)
     if s.threads:
         say(s, f"cpu threads: {s.threads[1]}")
     # DeepSpeed's INFO lines (its whole config, every step's bookkeeping) would bury the progress bar.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-    prepared, base = prepare_data(args, s)
-    say(s, f"data ready: vocab {prepared.vocab_size}; held-out baselines: unigram {base['unigram']:.3f}, uniform "
-           f"{base['uniform']:.3f} nats ({time.perf_counter() - t0:.1f}s)")
+    prepared, base = share_data(args, s, prepared, base)
     model = build_mlm_model(s, args, prepared)
     engine = build_engine(model, s, args, None if s.use_ds_scheduler else lr_scheduler(s.warmup_steps, args.steps))
     say(s, f"engine ready: {model.num_parameters() / 1e6:.1f}M parameters, {s.precision}, ZeRO {s.zero_stage}, "
            f"world {s.world_size}, global batch {s.global_batch_size} = {s.micro_batch_size} x "
            f"{s.grad_accum_steps} accumulation x {s.world_size}, peak lr {s.lr:.2e}, warmup {s.warmup_steps} "
-           f"({time.perf_counter() - t0:.1f}s)")
+           f"({time.perf_counter() - t0:.1f}s since start)")
     loader = make_train_loader(args, s, prepared)
     state = start_or_resume(args, s, engine, loader, model.config)
     stopped_by_signal = train_loop(args, s, engine, loader, prepared, base, device, state, t0)

@@ -127,3 +127,21 @@ def test_static_rejects_a_triton_folder_without_triton(tmp_path, capsys):
     args = cli.build_parser().parse_args(["static", "--out", str(tmp_path), "--triton", str(tmp_path)])
     assert bench_static.main_from_args(args) is False
     assert f"--triton {tmp_path}: no Triton there" in capsys.readouterr().err
+
+
+def test_only_that_matches_nothing_is_an_error(tmp_path, capsys):
+    """`static --only` with no matching case: exit 1 and one line, nothing written (not '0 kernels compiled' and
+    every target [MISSED])."""
+    for only, expected in (("ln_fwd fp16", "matches no kernel case"), ("attn_fwd (", "is not a regular expression")):
+        args = cli.build_parser().parse_args(["static", "--out", str(tmp_path), "--only", only, "--workers", "1"])
+        try:
+            ok = bench_static.main_from_args(args)
+        except sm90.Unavailable as e:  # pragma: no cover - main_from_args catches it
+            pytest.skip(str(e))
+        captured = capsys.readouterr()
+        if "cannot compile for sm_90" in captured.err:
+            pytest.skip("cannot compile for sm_90 here")
+        lines = captured.err.strip().splitlines()
+        assert ok is False and captured.out == "", captured
+        assert len(lines) == 1 and lines[0].startswith(f"static: error: --only {only!r} ") and expected in lines[0]
+        assert not (tmp_path / "static.json").exists()

@@ -256,3 +256,14 @@ def test_train_comparison_within_and_beyond_tolerance(tmp_path):
 
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], check=True)
+
+
+def test_e2e_summary_line_names_each_task():
+    """The same competitor names run in both tasks: the summary says which figures are pretraining and which
+    fine-tuning."""
+    rows = [{"task": "mlm", "competitor": "fastroberta-torch", "tokens_per_s": 1200.4},
+            {"task": "mlm", "competitor": "hf-sdpa", "status": "out of memory"},
+            {"task": "finetune", "competitor": "fastroberta-torch", "tokens_per_s": 800.0}]
+    assert bench_e2e.summary_line(rows, "smoke tok/s") == (
+        "e2e: pretraining (MLM): fastroberta-torch 1200 smoke tok/s, hf-sdpa out of memory; "
+        "fine-tuning (classification): fastroberta-torch 800 smoke tok/s")

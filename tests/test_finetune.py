@@ -231,7 +231,8 @@ def test_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
     run(model_dir, tmp_path / "full", *extra)
     first = run(model_dir, tmp_path / "cut", *extra, "--stop-at-step", "5")
     assert first["step"] == 5 and first["hf"] is None
-    run(model_dir, tmp_path / "cut", *extra, "--resume")
+    # Only --resume and the folder: run.json holds every other flag of the run (fp32 pinned, task, data...).
+    assert ft.finetune(["--resume", "--output", str(tmp_path / "cut")])["step"] == 16
     full = read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
     cut = read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))
     keys = ("step", "loss", "lr", "eval_accuracy")
@@ -323,8 +324,10 @@ def _error(capsys, argv):
     ("regression_text", "is not a number"),
     ("datasets", "needs the `datasets` package"),
     ("one_class", "only one value"),
+    ("bad_json", 't.jsonl line 2 is not valid JSON: Expecting \',\' delimiter at the end of the line: a closing '
+                 'brace or quote missing?'),
 ])
-def test_bad_data_is_one_line(model_dir, tmp_path, capsys, case, expected):
+def test_bad_data_is_one_line(model_dir, tmp_path, capsys, monkeypatch, case, expected):
     good = str(model_dir / "data" / "train.jsonl")
     task, train, val = "classification", good, str(model_dir / "data" / "validation.jsonl")
     if case == "missing_field":
@@ -345,6 +348,10 @@ def test_bad_data_is_one_line(model_dir, tmp_path, capsys, case, expected):
         task, train, val = "sst2", "hf:glue:sst2", None
     elif case == "one_class":
         train = write(tmp_path / "t.jsonl", "".join(json.dumps({"text": "x", "label": "a"}) + "\n" for _ in range(3)))
+    elif case == "bad_json":
+        train = write(tmp_path / "t.jsonl", '{"text": "x", "label": "a"}\n{"text": "y", "label": "b"\n')
+    # Every input is checked before DeepSpeed starts (its start took most of a minute on a busy 2-core machine).
+    monkeypatch.setattr(ft, "init_distributed", lambda *a: pytest.fail("DeepSpeed started before the data check"))
     argv = ["--model", str(model_dir), "--task", task, "--train", train, "--precision", "fp32",
             "--output", str(tmp_path / "out")]
     if val:
@@ -416,3 +423,59 @@ def test_transformers_checkpoint_and_from_scratch(model_dir, tmp_path):
     fresh = RobertaForSequenceClassification.from_pretrained(str(tmp_path / "c" / "hf"), kernels="torch")
     assert fresh.state_dict()[key].shape == src.state_dict()[key].shape
     assert not torch.allclose(fresh.state_dict()[key], src.state_dict()[key], atol=1e-3)
+
+
+def test_a_model_at_chance_is_said_to_miss_the_majority_baseline(model_dir, tmp_path, capsys):
+    """Every example has the same text, so no model can do better than the majority class: the summary names the
+    baseline next to the result and says that the model did not beat it; predictions carry the input text."""
+    rows = lambda labels: "".join(json.dumps({"text": "the same words", "label": y}) + "\n"  # noqa: E731
+                                  for y in labels)
+    train = write(tmp_path / "train.jsonl", rows(["yes"] * 24 + ["no"] * 8))
+    val = write(tmp_path / "val.jsonl", rows(["yes"] * 6 + ["no"] * 4))
+    test = write(tmp_path / "test.jsonl", rows(["yes"] * 3 + ["no"] * 5))
+    out = tmp_path / "out"
+    summary = ft.finetune(["--model", str(model_dir), "--task", "classification", "--train", train,
+                           "--validation", val, "--test", test, "--precision", "fp32", "--micro-batch-size", "8",
+                           "--steps", "2", "--max-seq-len", "32", "--no-progress", "--output", str(out)])
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("baseline")]
+    assert line == ["baseline, always 'yes' (the training split's majority class): accuracy 0.6000 on validation "
+                    f"(the model: {summary['best']['metric']:.4f}), 0.3750 on test (the model: "
+                    f"{summary['test']['accuracy']:.4f}); the model did NOT beat it on validation: it learned nothing "
+                    "it can use from the text; train longer (--epochs, --steps), try another --lr, or give more "
+                    "data"], err
+    assert summary["baseline"]["beaten"] is False and summary["baseline"]["predicts"] == "yes"
+    assert "the run takes 2 steps, few for fine-tuning" in err
+    assert err.splitlines()[-1] in (f"loss curve: {out / 'loss.png'}", "loss.png not drawn: matplotlib is not "
+                                    f"installed (pip install matplotlib, then python -m fastroberta.plot {out})")
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["text"] for p in preds] == ["the same words"] * 8 and [p["label"] for p in preds[:4]] == \
+        ["yes", "yes", "yes", "no"]
+
+
+def test_a_small_training_split_gets_enough_epochs_by_default(model_dir, tmp_path, capsys):
+    train = write(tmp_path / "train.jsonl", "".join(json.dumps({"text": f"words {i}", "label": i % 2}) + "\n"
+                                                    for i in range(300)))
+    argv = ["--model", str(model_dir), "--task", "classification", "--train", train, "--precision", "fp32",
+            "--output", str(tmp_path / "out")]
+    args = ft.build_parser().parse_args(argv)
+    s = ft.resolve_settings(args)
+    ft.plan_schedule(args, s, 300)
+    assert (s.steps_per_epoch, args.epochs, s.total_steps) == (9, 12.0, 108)
+    assert ("300 training examples make 9 steps per epoch at global batch 32: 3 epochs would be 27 steps, too few "
+            "to learn from; taking 12 epochs (108 steps)") in capsys.readouterr().err
+    args = ft.build_parser().parse_args(argv + ["--epochs", "3"])  # the user's choice stands
+    s = ft.resolve_settings(args)
+    ft.plan_schedule(args, s, 300)
+    assert s.total_steps == 27 and "few for fine-tuning" in capsys.readouterr().err
+
+
+def test_progress_is_plain_lines_off_a_terminal(model_dir, tmp_path, capsys):
+    """Without --no-progress and with stderr not a terminal (a pipe, a log file), the progress display is plain
+    lines, as fastroberta-train's: no tqdm carriage returns."""
+    d = model_dir / "data"
+    ft.finetune(["--model", str(model_dir), "--task", "classification", "--train", str(d / "train.jsonl"),
+                 "--precision", "fp32", "--micro-batch-size", "16", "--steps", "2", "--max-seq-len", "32",
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "\r" not in err and "finetune: step 2/2 (100%)" in err, err

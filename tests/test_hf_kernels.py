@@ -459,8 +459,11 @@ def test_hf_benchmark_smoke(tmp_path):
     import json
 
     from benchmarks import bench_hf, harness
+    lines = []
     result = bench_hf.run("smoke", tmp_path, workloads=["mlm"], competitors=["hf-sdpa", "hf+fastroberta"],
-                          log=lambda *_: None)
+                          log=lines.append)
+    figures = [line for line in lines if line.startswith("  ok:")]
+    assert len(figures) == 2 and all(" smoke ms, " in f and f.endswith(" smoke tok/s") for f in figures), lines
     rows = {r["competitor"]: r for r in result["results"]}
     assert rows["hf+fastroberta"]["status"] == "ok" and rows["hf+fastroberta"]["check_ok"]
     assert bench_hf.checks_passed(result)

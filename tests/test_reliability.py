@@ -109,7 +109,7 @@ def _write(path, text):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["empty", "no_text", "bad_json", "hf_without_datasets", "seq_len"])
+@pytest.mark.parametrize("case", ["empty", "no_text", "bad_json", "no_brace", "hf_without_datasets", "seq_len"])
 def test_bad_data_is_one_line(small, tmp_path, capsys, monkeypatch, case):  # noqa: F811
     if case == "empty":
         data, expect = _write(tmp_path / "empty.txt", "\n\n  \n"), "is empty"
@@ -118,7 +118,10 @@ def test_bad_data_is_one_line(small, tmp_path, capsys, monkeypatch, case):  # no
         expect = 'c.jsonl, line 2: the record has no "text" field'
     elif case == "bad_json":
         data = _write(tmp_path / "c.jsonl", '{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n')
-        expect = "c.jsonl, line 3: invalid JSON"
+        expect = "c.jsonl, line 3: invalid JSON (Expecting value at column 10)"
+    elif case == "no_brace":
+        data = _write(tmp_path / "c.jsonl", '{"text": "fine"}\n{"text": "fine"\n')
+        expect = "c.jsonl, line 2: invalid JSON (Expecting ',' delimiter at the end of the line: a closing brace"
     elif case == "hf_without_datasets":
         monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
         data, expect = "hf:wikitext:wikitext-2-raw-v1", "needs the 'datasets' package"
@@ -131,6 +134,8 @@ def test_bad_data_is_one_line(small, tmp_path, capsys, monkeypatch, case):  # no
     argv = argv_for(small, out, *extra)
     if case == "seq_len":
         argv += ["--seq-len", "2"]
+    # Said before DeepSpeed starts (its start took most of a minute on a busy 2-core machine).
+    monkeypatch.setattr(tr, "init_distributed", lambda *a: pytest.fail("DeepSpeed started before the data check"))
     assert tr.main(argv) == 2
     line = error_line(capsys)
     assert expect in line, line

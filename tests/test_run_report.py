@@ -118,3 +118,33 @@ def test_deepspeed_build_line_is_dropped_and_other_output_moved_to_stderr(capsys
         print("something else")
     out, err = capsys.readouterr()
     assert out == "" and err == "something else\n"
+
+
+def test_plot_command_draws_a_run_folder_or_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    from fastroberta import plot
+    run = tmp_path / "run"
+    run.mkdir()
+    assert plot.main([str(run)]) == 2
+    assert "holds no metrics.jsonl" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 7.0, "unigram_baseline": 6.5}\n'
+                                       '{"step": 2, "loss": 6.0, "eval_loss": 6.2}\n')
+    said = []
+    monkeypatch.setattr(plot, "matplotlib_missing", lambda: True)
+    assert plot.draw_run(str(run), said.append) is None
+    assert said == [f"loss.png not drawn: matplotlib is not installed (pip install matplotlib, then python -m "
+                    f"fastroberta.plot {run})"]
+    assert plot.main([str(run)]) == 2 and "needs matplotlib" in capsys.readouterr().err
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    assert plot.main([str(run)]) == 0
+    assert capsys.readouterr().out == f"loss curve: {run / 'loss.png'}\n"
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("threads, cores, local_size, busy, expected", [
+    (1, 2, 1, 5, "1 of 2 cores (all 2 busy with other processes, about 5 running)"),
+    (3, 4, 1, 1, "3 of 4 cores (1 of them busy with other processes)"),
+    (1, 2, 2, 0, "1 of 2 cores (2 local processes share them)"),
+])
+def test_cpu_threads_line_reads_plainly(threads, cores, local_size, busy, expected):
+    assert host.threads_reason(threads, cores, local_size, busy) == expected + "; set OMP_NUM_THREADS to choose"

@@ -229,3 +229,18 @@ def test_latest_moves_only_after_a_complete_checkpoint(small, tmp_path, monkeypa
     assert summary["step"] == 4 and [r["step"] for r in records] == [1, 2, 3, 4]
     assert sorted(n for n in os.listdir(ckpt) if n.startswith("global")) == ["global_step2", "global_step4"]
     assert (ckpt / "latest").read_text() == "global_step4"
+
+
+def test_resume_with_no_flags_takes_the_runs_settings_from_run_json(small, tmp_path, capsys):
+    """--resume --output RUN alone continues a run started with other flags (fp32 pinned, a short schedule):
+    run.json supplies them, and the run ends with the uninterrupted run's losses."""
+    common = ["--steps", "6", "--save-every", "3", "--eval-every", "0", "--precision", "fp32"]
+    _, straight = run(small, tmp_path / "straight", *common, config="dropout")
+    run(small, tmp_path / "parts", *common, "--stop-at-step", "3", config="dropout")
+    capsys.readouterr()
+    summary = tr.train(["--resume", "--output", str(tmp_path / "parts")])
+    assert summary["step"] == 6
+    assert "warning" not in capsys.readouterr().err, "nothing changed, so nothing to warn about"
+    resumed = read_metrics(str(tmp_path / "parts" / "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    np.testing.assert_allclose(losses(resumed), losses(straight), rtol=0, atol=1e-6)

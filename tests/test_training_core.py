@@ -2,6 +2,7 @@
 other, fastroberta-finetune's --optimizer, the shared step's sums."""
 import argparse
 import ast
+import json
 import pathlib
 
 import pytest
@@ -107,3 +108,28 @@ def test_optimizer_step_sums_its_micro_batches(monkeypatch):
     assert engine.calls == ["backward", "step", "backward", "step"]
     assert result.loss == 2.0 and result.tokens == 30 and result.samples == 6
     assert result.extra == [2.0, 8.0] and result.stop_requested and not result.skipped
+
+
+def test_resume_reads_untyped_flags_from_run_json_and_names_typed_changes(tmp_path):
+    """parse_command_line with --resume: flags not typed come from run.json; a typed flag that changes the run
+    becomes a warning line (said before DeepSpeed starts), one outside the run does not; nothing is restored
+    without --resume."""
+    from fastroberta.training.cli import parse_command_line, typed_flags
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = vars(tr.build_parser().parse_args(["--precision", "fp32", "--steps", "40", "--lr", "1e-3"]))
+    (out / "run.json").write_text(json.dumps({"args": {**saved, "stop_at_step": 20, "adam_betas": [0.9, 0.95]}}))
+    parser = tr.build_parser()
+    assert typed_flags(parser, ["--resume", "--output", str(out), "--steps", "8"]) == {"resume", "output", "steps"}
+    args = parse_command_line(parser, ["--resume", "--output", str(out)], lambda a: None)
+    assert (args.precision, args.steps, args.lr, args.stop_at_step) == ("fp32", 40, 1e-3, None)
+    assert args.adam_betas == (0.9, 0.95) and args.changed_on_resume == []
+    args = parse_command_line(parser, ["--resume", "--output", str(out), "--steps", "80", "--save-every", "5"],
+                              lambda a: None)
+    assert args.steps == 80 and args.precision == "fp32"
+    assert [line for _, line in args.changed_on_resume] == [
+        "--resume with --steps 80 (the run had 40): the run will not match an uninterrupted one"]
+    assert parse_command_line(parser, ["--output", str(out)], lambda a: None).precision == "auto"
+    (out / "run.json").write_text("{")
+    with pytest.raises(ConfigError, match="run.json cannot be read"):
+        parse_command_line(parser, ["--resume", "--output", str(out)], lambda a: None)

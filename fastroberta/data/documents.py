@@ -160,6 +160,14 @@ def _text_documents(path, progress):
                 return
 
 
+def json_error_place(exc, line):
+    """Where on its line ``json.loads(line)`` failed, in words: a column, or the end of the line (what a missing
+    closing brace or quote gives)."""
+    if exc.pos >= len(line.rstrip()):
+        return f"{exc.msg} at the end of the line: a closing brace or quote missing?"
+    return f"{exc.msg} at column {exc.colno}"
+
+
 def _jsonl_documents(path, progress):
     with _open_binary(path, progress) as (stream, report):
         for lineno, raw in enumerate(stream, 1):
@@ -168,10 +176,11 @@ def _jsonl_documents(path, progress):
             line = raw.decode("utf-8", errors="fastroberta.count_replace")
             if not line.strip():
                 continue
+            line = line.rstrip("\r\n")  # else a missing closing brace is reported at "line 2, column 1"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                raise ValueError(f"{path}, line {lineno}: invalid JSON ({json_error_place(exc, line)})") from None
             if not isinstance(record, dict) or "text" not in record:
                 raise ValueError(f'{path}, line {lineno}: the record has no "text" field')
             text = record["text"]

@@ -4,7 +4,7 @@
                        class names and label ids
     readers.py         labelled examples from CSV / TSV / JSONL files or Hugging Face datasets (Split)
     batching.py        tokenising (single / pair), dynamic padding, TaskLoader, evaluation batches
-    metrics.py         accuracy, F1, MCC, Pearson, Spearman
+    metrics.py         accuracy, F1, MCC, Pearson, Spearman; the baseline that ignores the input
     word_order.py      the bundled task generated from the corpus
     multiple_choice.py the multiple-choice family: RACE / SWAG readers, [C, L] features, [B, C, L] batches,
                        accuracy, the bundled "which line follows" task
@@ -23,13 +23,13 @@ from fastroberta.tasks.classification import (CUSTOM, GLUE, TASKS, WORD_ORDER, T
                                               label_names)
 from fastroberta.tasks.errors import DataError
 from fastroberta.tasks.inference import infer_task, task_for_data
-from fastroberta.tasks.metrics import (METRICS, accuracy, compute_metrics, f1_score, matthews_corrcoef, pearson,
-                                       spearman)
+from fastroberta.tasks.metrics import (METRICS, accuracy, baseline_metrics, compute_metrics, f1_score,
+                                       matthews_corrcoef, pearson, spearman)
 from fastroberta.tasks.readers import Split, label_values, read_file, read_hf, read_split, write_jsonl
 from fastroberta.tasks.word_order import word_order_task
 
 __all__ = ["TaskLoader", "collate", "eval_batches", "padded_length", "tokenize", "truncate_pair", "CUSTOM", "GLUE",
            "TASKS", "WORD_ORDER", "Task", "encode_labels", "get_task", "label_names", "DataError", "METRICS",
-           "accuracy", "compute_metrics", "f1_score", "matthews_corrcoef", "pearson", "spearman", "Split",
-           "read_file", "read_hf", "read_split", "write_jsonl", "word_order_task", "infer_task", "task_for_data",
-           "label_values"]
+           "accuracy", "baseline_metrics", "compute_metrics", "f1_score", "matthews_corrcoef", "pearson",
+           "spearman", "Split", "read_file", "read_hf", "read_split", "write_jsonl", "word_order_task", "infer_task",
+           "task_for_data", "label_values"]

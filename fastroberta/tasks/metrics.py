@@ -71,3 +71,16 @@ def compute_metrics(task, preds, labels):
     if task.metric == "mcc":
         out["mcc"] = matthews_corrcoef(preds, labels)
     return out
+
+
+def baseline_metrics(task, train_labels, labels):
+    """What a model that ignores its input scores on ``labels``: the training split's majority class for every
+    example (classification) or its mean (regression, whose correlations are then 0). Returns (what it predicts,
+    in words; the task's metrics)."""
+    train_labels = np.asarray(train_labels)
+    if task.regression:
+        preds = np.full(len(labels), float(train_labels.mean()))
+        return "the mean predictor", compute_metrics(task, preds, labels)
+    values, counts = np.unique(train_labels, return_counts=True)
+    majority = values[counts.argmax()]
+    return majority, compute_metrics(task, np.full(len(labels), majority), labels)

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
+from fastroberta.data.documents import json_error_place
 from fastroberta.tasks.errors import DataError
 
 
@@ -44,10 +45,11 @@ def _read_jsonl(path):
         for i, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            line = line.rstrip("\r\n")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {i} is not valid JSON: {e.msg}") from None
+                raise DataError(f"{path} line {i} is not valid JSON: {json_error_place(e, line)}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {i} must hold a JSON object, got {type(row).__name__}")
             for k in row:

@@ -95,6 +95,30 @@ def add_shared_flags(parser, defaults=None, helps=None):
     return parser
 
 
+_UNSET = object()
+
+
+def typed_flags(parser, argv):
+    """The dests of the flags the user actually typed in ``argv`` (a flag typed with its default value counts):
+    argparse fills a default only where the namespace has no value yet, so a namespace pre-filled with a marker
+    keeps it for every flag not given."""
+    marked = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parsed, _ = parser.parse_known_args(argv, namespace=marked)
+    return {dest for dest, value in vars(parsed).items() if value is not _UNSET}
+
+
+def parse_command_line(parser, argv, default_output):
+    """``parser.parse_args(argv)``; with --resume, the settings not typed come from the run folder's run.json
+    (``default_output(args)`` names the folder when --output is not given; training/settings.py,
+    restore_run_args). Sets ``args.changed_on_resume``: lines naming typed flags that change the run."""
+    args = parser.parse_args(argv)
+    args.changed_on_resume = []
+    if args.resume is not None:
+        from fastroberta.training.settings import restore_run_args
+        restore_run_args(args, typed_flags(parser, argv), args.output or default_output(args))
+    return args
+
+
 def check_positive(name, value, allow_zero=False):
     if value is None:
         return
@@ -120,3 +144,16 @@ def say(s, msg, bar=None):
         bar.write(msg, file=sys.stderr)
     else:
         print(msg, file=sys.stderr, flush=True)
+
+
+def announce_start(s):
+    """The line said before DeepSpeed starts (importing it and starting its process group take seconds, on a
+    first CPU start with several processes a minute more), and the CPU preparations of training/host.py."""
+    if s.on_cuda:
+        fused = "; the first start JIT-builds DeepSpeed's fused Adam with nvcc once" \
+            if getattr(s, "optimizer", None) == "deepspeed_adam" else ""
+        say(s, f"starting DeepSpeed (CUDA, NCCL, world {s.world_size}){fused}")
+        return
+    from fastroberta.training import host
+    say(s, f"starting DeepSpeed (CPU, gloo, world {s.world_size}): {host.cpu_start_note(s.world_size)}")
+    host.skip_shm_op_for_one_process(s.world_size)

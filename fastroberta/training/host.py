@@ -1,5 +1,5 @@
-"""The machine a CPU job runs on: how many threads each process should use when the cores are shared, and
-DeepSpeed's stray stdout line at start-up.
+"""The machine a CPU job runs on: how many threads each process should use when the cores are shared, and what
+DeepSpeed's start-up costs there (its shared-memory comm op, its stray stdout line).
 
 Threads: torch starts one intra-op thread per core in every process. Two such processes on one machine (the
 ``deepspeed`` launcher's local ranks, or two jobs of different people) then fight over every core and each runs
@@ -9,10 +9,13 @@ local ranks, and no more cores than are idle when it starts (the processes runni
 ``/proc/stat``, and the 1-minute load average; whichever is lower).
 """
 import contextlib
+import hashlib
 import io
 import os
 import sys
 import time
+
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU all-reduce over shared memory, JIT-built by its process group
 
 
 def usable_cores():
@@ -80,12 +83,21 @@ def set_cpu_threads(local_size=1, environ=None):
     if threads == torch.get_num_threads():
         return None
     torch.set_num_threads(threads)
+    return threads, threads_reason(threads, cores, local_size, busy)
+
+
+def threads_reason(threads, cores, local_size, busy):
+    """The cpu-threads line: the choice and why. ``busy`` counts runnable processes, which may exceed the cores
+    (a load of 5 on 2 cores): then all cores are busy, and the count is given as what it is."""
     reasons = []
     if local_size > 1:
-        reasons.append(f"{local_size} local processes")
-    if busy:
-        reasons.append(f"about {busy} core(s) busy with other processes")
-    return threads, f"{threads} of {cores} cores ({', '.join(reasons)}); set OMP_NUM_THREADS to choose"
+        reasons.append(f"{local_size} local processes share them")
+    if busy >= cores:
+        reasons.append(f"all {cores} busy with other processes, about {busy} running")
+    elif busy:
+        reasons.append(f"{busy} of them busy with other processes")
+    return (f"{threads} of {cores} cores ({'; '.join(reasons)}); set OMP_NUM_THREADS to choose" if reasons else
+            f"{threads} of {cores} cores; set OMP_NUM_THREADS to choose")
 
 
 @contextlib.contextmanager
@@ -101,3 +113,88 @@ def quiet_deepspeed_stdout():
         for line in buffer.getvalue().splitlines():
             if not (line.startswith("DeepSpeed ") and line.endswith(" built successfully")):
                 print(line, file=sys.stderr)
+
+
+# Start-up on CPU: DeepSpeed's process group JIT-builds SHM_OP with ninja (tens of seconds to a minute and more on
+# a busy 2-core machine) into torch's extensions folder. One process has no peer to share memory with, so it
+# needs no such op: DeepSpeed's own table of compatible ops (deepspeed.ops.__compatible_ops__, a dict it keeps so
+# that edits persist) is told so and build_shm_op returns None. Several processes do use it; they build it into
+# a folder of this environment's own (torch's default is shared by every environment of a user, and two of them
+# with other DeepSpeed or torch versions rebuild the op on every alternate start). A build killed half-way (Ctrl-C)
+# leaves torch's lock file behind, and every later start would wait on it for ever: such a lock is removed.
+
+STALE_LOCK_AGE_S = 60  # torch writes build.ninja and starts ninja within a second of taking the lock
+
+
+def extensions_dir():
+    """This environment's folder for JIT-built ops: under torch's default root, named by the interpreter's
+    prefix and the torch and DeepSpeed versions (read without importing DeepSpeed)."""
+    from importlib.metadata import version
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+    tag = hashlib.sha1(f"{sys.prefix}|{torch.__version__}|{version('deepspeed')}".encode()).hexdigest()[:10]
+    return os.path.join(get_default_build_root(), f"fastroberta-{tag}")
+
+
+def _building_in(folder):
+    """True when a process on this host runs in ``folder`` (torch runs ninja there); None where /proc cannot say."""
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    folder = os.path.realpath(folder)
+    for pid in pids:
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if cwd == folder or cwd.startswith(folder + os.sep):
+            return True
+    return False
+
+
+def clear_stale_build_lock(build_dir, now=None):
+    """Remove ``build_dir``/lock when no build holds it (no process works in the folder and the lock is older
+    than STALE_LOCK_AGE_S; without /proc, older than ten minutes). Returns the removed path or None."""
+    lock = os.path.join(build_dir, "lock")
+    try:
+        age = (time.time() if now is None else now) - os.path.getmtime(lock)
+    except OSError:
+        return None
+    building = _building_in(build_dir)
+    if age < STALE_LOCK_AGE_S or building or (building is None and age < 600):
+        return None
+    try:
+        os.remove(lock)
+    except OSError:
+        return None
+    return lock
+
+
+def shm_op_built(build_dir):
+    return os.path.isfile(os.path.join(build_dir, SHM_OP + ".so"))
+
+
+def cpu_start_note(world_size):
+    """What DeepSpeed's CPU start will build, said before it starts (cheap: DeepSpeed is not imported). For
+    several processes it points TORCH_EXTENSIONS_DIR (unless set) at this environment's folder and removes a
+    stale lock there first."""
+    if world_size == 1:
+        return "one process: no communication op to build"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    build_dir = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], SHM_OP)
+    removed = clear_stale_build_lock(build_dir)
+    note = f"; removed the lock an interrupted build left, {removed}" if removed else ""
+    if shm_op_built(build_dir):
+        return f"its shared-memory communication op is built already{note}"
+    return (f"the first start in this environment builds its shared-memory communication op once (about a "
+            f"minute on 2 cores) into {build_dir}{note}")
+
+
+def skip_shm_op_for_one_process(world_size):
+    """A single CPU process: tell DeepSpeed its shared-memory op is not to be built (see above)."""
+    if world_size != 1:
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as init_distributed does, before DeepSpeed is imported
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False

@@ -2,7 +2,9 @@
 kind), which kernels, the DeepSpeed config (precision, batch, optimizer, learning rate) and the output folder
 (resume or overwrite). Each function checks what it resolves and raises ConfigError with what is wrong."""
 import argparse
+import json
 import os
+import time
 
 import torch
 
@@ -16,12 +18,29 @@ from fastroberta.training.output import check_output_folder
 from fastroberta.training.precision import resolve_precision
 
 
+def _process_start():
+    """time.perf_counter() at this process's start (its imports included), from /proc where Linux has it; else
+    now."""
+    now = time.perf_counter()
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return now
+    return now - age if 0 <= age < 120 else now  # a long-lived process (a test session) runs many commands
+
+
 def base_settings(args):
-    """A settings namespace with where this process runs: on_cuda, rank, world_size, local_rank, and the seed."""
+    """A settings namespace with when this process started, where it runs (on_cuda, rank, world_size,
+    local_rank), the seed, and the warnings to say before start-up (first: the flags a --resume changes)."""
     rank, world_size = world()
     local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
-    return argparse.Namespace(on_cuda=torch.cuda.is_available(), rank=rank, world_size=world_size,
-                              local_rank=local_rank, seed=args.seed, warnings=[])
+    return argparse.Namespace(started=_process_start(), on_cuda=torch.cuda.is_available(), rank=rank,
+                              world_size=world_size, local_rank=local_rank, seed=args.seed,
+                              warnings=[line for _, line in getattr(args, "changed_on_resume", [])])
 
 
 def resolve_kernels(args, on_cuda):
@@ -112,3 +131,52 @@ def resolve_output(args, s, default_output):
                                  os.path.isfile(os.path.join(s.output, "metrics.jsonl"))):
         raise ConfigError(f"{s.output} already holds a run; pass --resume to continue it, --overwrite to start "
                           "afresh, or choose another --output")
+
+
+# Flags that --resume never takes from run.json: where and how this invocation runs, not what the run is.
+NOT_RESTORED = {"resume", "overwrite", "output", "stop_at_step", "local_rank", "deepspeed", "debug", "no_progress",
+                "changed_on_resume"}
+# Flags that change no step of the run: typing another value on --resume is not worth a line.
+OUTSIDE_THE_RUN = NOT_RESTORED | {"save_every", "keep_last", "log_every", "eval_every", "eval_batches", "samples",
+                                  "tensorboard", "peak_tflops", "cache_dir", "max_nonfinite", "test",
+                                  "eval_batch_size", "compile", "kernels"}
+
+
+def _same(a, b):
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON turns tuples into lists)
+    return norm(a) == norm(b)
+
+
+def restore_run_args(args, typed, output):
+    """--resume continues the run as it was started: every flag not in ``typed`` (the dests the user gave) takes
+    its value from ``<output>/run.json``; a typed flag that changes the run (steps, batch, lr, model, precision...)
+    is listed in ``args.changed_on_resume`` with the value the run had, to be said before start-up. Without a
+    run.json (a run stopped before its first checkpoint, or another folder) nothing is restored."""
+    path = os.path.join(output, "run.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)["args"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--resume: {path} cannot be read ({e}); give the run's flags again, or start afresh "
+                          "with --overwrite") from None
+    for dest, value in saved.items():
+        if dest in NOT_RESTORED or not hasattr(args, dest):
+            continue
+        if dest not in typed:
+            setattr(args, dest, tuple(value) if isinstance(getattr(args, dest), tuple) else value)
+        elif dest not in OUTSIDE_THE_RUN and not _same(getattr(args, dest), value):
+            flag = "--" + dest.replace("_", "-")
+            had = "its default" if value is None else value
+            args.changed_on_resume.append((dest, f"--resume with {flag} {getattr(args, dest)} (the run had "
+                                                 f"{had}): the run will not match an uninterrupted one"))
+
+
+def announced_on_resume(args, run_info):
+    """``run_info`` without the settings already named before start-up (args.changed_on_resume), so that the
+    comparison with the checkpoint does not say them twice."""
+    named = {dest for dest, _ in getattr(args, "changed_on_resume", [])}
+    if named & {"steps", "epochs"}:
+        named.add("total_steps")
+    return {k: v for k, v in run_info.items() if k not in named}
