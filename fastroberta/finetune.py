@@ -34,7 +34,7 @@ from fastroberta.tasks import TASKS, DataError, Task, get_task, task_for_data  #
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, load_checkpoint, save_checkpoint,
                                               warn_changed_settings)
 from fastroberta.training.cli import HelpFormatter, add_shared_flags, check_positive, check_shared_flags, say
-from fastroberta.training.distributed import init_distributed
+from fastroberta.training.distributed import check_shared_output, init_distributed
 from fastroberta.training.ds_config import write_config
 from fastroberta.training.engine import build_engine, grad_norm_of
 from fastroberta.training.errors import ConfigError, TrainingError, run_command
@@ -633,6 +633,7 @@ def run(args, s):
     train_ids, train_labels, _ = data["train"]
     plan_schedule(args, s, len(train_ids))
     device, s.threads = init_distributed(s.on_cuda, s.local_rank)
+    check_shared_output(s.output, s.rank, s.world_size)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     clear_previous_run(args, s)
     say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} examples, "

@@ -35,7 +35,7 @@ from fastroberta.run_defaults import DEFAULT_PRESET, apply_run_defaults, help_fo
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, last_good_checkpoint, load_checkpoint,
                                               save_checkpoint, warn_changed_settings)
 from fastroberta.training.cli import HelpFormatter, add_shared_flags, check_positive, check_shared_flags, say
-from fastroberta.training.distributed import all_ranks_true, init_distributed
+from fastroberta.training.distributed import all_ranks_true, check_shared_output, init_distributed
 from fastroberta.training.ds_config import write_config
 from fastroberta.training.engine import build_engine, grad_norm_of
 from fastroberta.training.errors import ConfigError, TrainingError, run_command
@@ -538,6 +538,7 @@ def run(args, s):
     for w in s.warnings:
         say(s, f"{PROG}: warning: {w}")
     device, s.threads = init_distributed(s.on_cuda, s.local_rank)
+    check_shared_output(s.output, s.rank, s.world_size)
     if s.threads:
         say(s, f"cpu threads: {s.threads[1]}")
     # DeepSpeed's INFO lines (its whole config, every step's bookkeeping) would bury the progress bar.

@@ -50,3 +50,37 @@ def all_ranks_true(flag, device):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.item() == 0.0
+
+
+SHARED_TOKEN = ".shared-check"
+
+
+def check_shared_output(folder, rank, world_size):
+    """Refuse (TrainingError, one line) unless every rank sees the same ``folder``: rank 0 writes a random token
+    there and the others read it back. Run before anything else is written there, so that a node whose output
+    folder is a local disk never writes a checkpoint no other node can read."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+    from fastroberta.training.errors import TrainingError
+    path = os.path.join(folder, SHARED_TOKEN)
+    token = [os.urandom(16).hex(), folder] if rank == 0 else [None, None]
+    if rank == 0:
+        with open(path, "w") as f:
+            f.write(token[0])
+    dist.broadcast_object_list(token, src=0)
+    folder = token[1]  # the messages name rank 0's path
+    try:
+        with open(path) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    views = [None] * world_size
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    dist.barrier()  # everyone has read the token before rank 0 removes it
+    if rank == 0:
+        os.remove(path)
+    blind = [f"rank {r} ({host})" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise TrainingError(f"the output folder {folder} is not shared: {', '.join(blind)} cannot see what rank 0 "
+                            f"({views[0][1]}) writes there; put it on a filesystem every node mounts at the same path")
