@@ -41,6 +41,7 @@ from fastroberta.training.errors import ConfigError, TrainingError, run_command
 from fastroberta.training.metrics import MetricsLog, peak_memory_mib
 from fastroberta.training.nonfinite import NonFiniteGuard
 from fastroberta.training.output import OutputLock, atomic_write
+from fastroberta.training.watchdog import watching
 from fastroberta.training.progress import progress_bar
 from fastroberta.training.rng import preserved_rng, rng_state, seed_everything
 from fastroberta.training.schedule import lr_scheduler
@@ -616,7 +617,8 @@ def finetune(argv=None):
     # One run per output folder: rank 0 holds the lock before anything is read or written there.
     lock = OutputLock(s.output).acquire() if s.rank == 0 else None
     try:
-        return run(args, s)
+        with watching(s, args.dist_timeout, PROG):  # a lost rank ends the run in bounded time, named
+            return run(args, s)
     finally:
         if lock is not None:
             lock.release()
@@ -632,7 +634,7 @@ def run(args, s):
     data, names = load_data(args, s, tokenizer, special)
     train_ids, train_labels, _ = data["train"]
     plan_schedule(args, s, len(train_ids))
-    device, s.threads = init_distributed(s.on_cuda, s.local_rank)
+    device, s.threads = init_distributed(s.on_cuda, s.local_rank, args.dist_timeout)
     check_shared_output(s.output, s.rank, s.world_size)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     clear_previous_run(args, s)

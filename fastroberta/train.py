@@ -42,6 +42,7 @@ from fastroberta.training.errors import ConfigError, TrainingError, run_command
 from fastroberta.training.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
 from fastroberta.training.nonfinite import NonFiniteGuard, parameters_finite
 from fastroberta.training.output import OutputLock
+from fastroberta.training.watchdog import watching
 from fastroberta.training.progress import progress_bar
 from fastroberta.training.rng import preserved_rng, rng_state, seed_everything
 from fastroberta.training.schedule import lr_scheduler
@@ -526,7 +527,8 @@ def train(argv=None):
     # or written there. A second run on the folder refuses at once.
     lock = OutputLock(s.output).acquire() if s.rank == 0 else None
     try:
-        return run(args, s)
+        with watching(s, args.dist_timeout, PROG):  # a lost rank ends the run in bounded time, named
+            return run(args, s)
     finally:
         if lock is not None:
             lock.release()
@@ -537,7 +539,7 @@ def run(args, s):
     t0 = time.perf_counter()
     for w in s.warnings:
         say(s, f"{PROG}: warning: {w}")
-    device, s.threads = init_distributed(s.on_cuda, s.local_rank)
+    device, s.threads = init_distributed(s.on_cuda, s.local_rank, args.dist_timeout)
     check_shared_output(s.output, s.rank, s.world_size)
     if s.threads:
         say(s, f"cpu threads: {s.threads[1]}")

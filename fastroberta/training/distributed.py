@@ -1,5 +1,6 @@
 """The process group: rank and world size from the launcher, or a group of one for a plain process; DeepSpeed's
 CPU accelerator with gloo when there is no GPU."""
+import datetime
 import os
 import socket
 
@@ -17,9 +18,10 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def init_distributed(on_cuda, local_rank):
-    """Start (or join) the process group; returns (device, CPU thread choice or None). A plain process without
-    the launcher becomes a group of one."""
+def init_distributed(on_cuda, local_rank, timeout=None):
+    """Start (or join) the process group, whose collectives wait at most ``timeout`` seconds (None: DeepSpeed's
+    default); returns (device, CPU thread choice or None). A plain process without the launcher becomes a group
+    of one."""
     from fastroberta.training import host
     threads = None
     if not on_cuda:
@@ -40,7 +42,8 @@ def init_distributed(on_cuda, local_rank):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         with host.quiet_deepspeed_stdout():  # its CPU comm op announces itself on stdout
-            deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", verbose=False)
+            kw = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+            deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", verbose=False, **kw)
     return device, threads
 
 
