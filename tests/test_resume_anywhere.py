@@ -1,5 +1,6 @@
-"""Resume on another number of processes (DeepSpeed Universal Checkpointing) and the launcher's two-process
-runs, on CPU with gloo: every run is a real `python -m fastroberta.train` or `deepspeed --num_gpus 2` process.
+"""Resume on another number of processes (DeepSpeed Universal Checkpointing), the launcher's two-process runs and
+two one-process "nodes" on one host, on CPU with gloo: every run is a real `python -m fastroberta.train`,
+`deepspeed --num_gpus 2` or `deepspeed --hostfile hosts --no_ssh --node_rank N` process.
 
 A tiny model (hidden 32, 2 layers, seq 32), fp32, dropout 0, global batch 8, 6 steps: the losses of a run
 checkpointed on one world size and resumed on another must equal the uninterrupted run's at every step."""
@@ -40,13 +41,26 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def train(tiny, out, processes, zero, *extra):
-    """One run of fastroberta.train on ``processes`` CPU processes; returns its stdout+stderr (asserts exit 0)."""
+def train(tiny, out, processes, zero, *extra, nodes=False):
+    """One run of fastroberta.train on ``processes`` CPU processes (``nodes``: as that many one-process "nodes",
+    one launcher each, the way several machines start); returns its stdout+stderr (asserts exit 0)."""
     args = ["--config", tiny["config"], "--cache-dir", tiny["cache"], "--vocab-size", str(VOCAB), "--seq-len", "32",
             "--micro-batch-size", "2", "--global-batch-size", "8", "--steps", str(STEPS), "--lr", "5e-3",
             "--log-every", "1", "--eval-every", "0", "--eval-batches", "1", "--samples", "0", "--no-progress",
             "--precision", "fp32", "--zero-stage", str(zero), "--output", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    if nodes:
+        hosts = os.path.join(str(out), "..", "hosts")
+        with open(hosts, "w") as f:
+            f.write("localhost slots=1\n127.0.0.1 slots=1\n")
+        port = str(free_port())
+        procs = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hosts, "--no_ssh",
+                                   "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", port,
+                                   "--module", "fastroberta.train", *args], env=env, cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in range(2)]
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+        return "".join(logs)
     if processes == 1:
         cmd = [sys.executable, "-m", "fastroberta.train", *args]
     else:
@@ -91,9 +105,9 @@ def test_resume_on_another_number_of_processes(tiny, tmp_path, zero):
     assert "will not match" not in log                     # the world size is not a setting that changes results
     assert_losses_match(losses(two), reference, range(HALF + 1, STEPS + 1))
 
-    # 1 -> 2, from the reference run's halfway checkpoint.
+    # 1 -> 2 (as two one-process "nodes"), from the reference run's halfway checkpoint.
     resumed = tmp_path / "resumed"
     os.makedirs(resumed)
     subprocess.run(["cp", "-r", str(one / "checkpoints"), str(resumed)], check=True)
-    train(tiny, resumed, 2, zero, "--resume", str(resumed / "checkpoints" / f"global_step{HALF}"))
+    train(tiny, resumed, 2, zero, "--resume", str(resumed / "checkpoints" / f"global_step{HALF}"), nodes=True)
     assert_losses_match(losses(resumed), reference, range(HALF + 1, STEPS + 1))
