@@ -139,3 +139,25 @@ def test_lost_node_stops_the_other_in_bounded_time(tmp_path):
                               "4"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
+
+
+def test_watchdog_names_only_silent_ranks(tmp_path):
+    import time
+    from fastroberta.training.watchdog import ALIVE_DIR, Watchdog
+    alive = tmp_path / ALIVE_DIR
+    alive.mkdir()
+    (alive / "rank1").write_text("node2")                # left by a killed earlier run: old, but not yet stale
+    os.utime(alive / "rank1", (0, 0))
+    (alive / "rank2").write_text("node3 done")           # ended normally, long ago
+    os.utime(alive / "rank2", (0, 0))
+    dog = Watchdog(str(tmp_path), 0, 4, timeout=0.8, on_lost=None)
+    dog.host, dog.interval = "node1", 60                 # no beats from the thread during the test
+    dog.start()
+    assert (alive / "rank0").read_text() == "node1"
+    assert dog.lost_ranks() == []                        # rank 3 has not started yet: it gets timeout / 2
+    (alive / "rank3").write_text("node4")
+    time.sleep(0.5)
+    os.utime(alive / "rank3")                            # rank 3 beats, rank 1 stays silent
+    assert dog.lost_ranks() == ["rank 1 (node2)"]
+    dog.stop()
+    assert (alive / "rank0").read_text() == "node1 done"

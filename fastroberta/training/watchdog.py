@@ -4,7 +4,9 @@ Each rank's thread rewrites ``<output>/.alive/rank<N>`` (its host name) every ``
 rewritten for ``timeout / 2`` means its process or node is gone. The thread of every survivor notices that on its
 own (a NCCL collective on GPUs waits for a lost peer without end) and ends the process with one line naming the
 lost ranks and the checkpoint to resume from; a collective that fails first (gloo sees the closed socket) is
-explained the same way (``lost_ranks``). The output lock is an flock, released when the process ends.
+explained the same way (``lost_ranks``). A rank that ends (finished, or failed on its own) writes "<host> done":
+rank 0 may still be exporting the model long after the others are through. The output lock is an flock,
+released when the process ends.
 """
 import contextlib
 import os
@@ -14,6 +16,7 @@ import threading
 import time
 
 ALIVE_DIR = ".alive"
+DONE = "done"  # what a rank that ended writes in its heartbeat file
 
 
 class Watchdog:
@@ -30,7 +33,7 @@ class Watchdog:
     def _path(self, rank):
         return os.path.join(self.dir, f"rank{rank}")
 
-    def _beat(self):
+    def _beat(self):  # the host name alone: alive
         try:
             with open(self._path(self.rank), "w") as f:
                 f.write(self.host)
@@ -55,12 +58,14 @@ class Watchdog:
             if r == self.rank:
                 continue
             try:
-                age = now - os.path.getmtime(self._path(r))
+                # A file older than this run (a killed earlier one left it) counts from our start, like a missing
+                # one: that rank may simply start later than this one.
+                age = now - max(os.path.getmtime(self._path(r)), self._started)
                 with open(self._path(r)) as f:
-                    host = f.read().strip() or "?"
-            except OSError:  # never written yet: that rank is late to start, or never started
-                age, host = now - self._started - self.stale, "?"
-            if age > self.stale:
+                    host, _, state = f.read().strip().partition(" ")
+            except OSError:
+                age, host, state = now - self._started, "?", ""
+            if state != DONE and age > self.stale:
                 lost.append(f"rank {r} ({host})")
         return lost
 
@@ -88,8 +93,9 @@ class Watchdog:
         self._stop.set()
         self._thread.join()
         self._thread = None
-        try:
-            os.remove(self._path(self.rank))
+        try:  # a rank that ended (finished, or failed on its own) is not a lost one
+            with open(self._path(self.rank), "w") as f:
+                f.write(f"{self.host} {DONE}")
         except OSError:
             pass
 
