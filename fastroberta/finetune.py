@@ -44,13 +44,14 @@ from fastroberta.training.checkpoints import (CHECKPOINT_DIR, load_checkpoint, s
                                               warn_changed_settings)
 from fastroberta.training.cli import (HelpFormatter, add_shared_flags, announce_start, check_positive,
                                       check_shared_flags, parse_command_line, say)
-from fastroberta.training.distributed import init_distributed
+from fastroberta.training.distributed import check_shared_output, init_distributed
 from fastroberta.training.ds_config import write_config
 from fastroberta.training.engine import build_engine, grad_norm_of
 from fastroberta.training.errors import ConfigError, TrainingError, run_command
 from fastroberta.training.metrics import MetricsLog, peak_memory_mib
 from fastroberta.training.nonfinite import NonFiniteGuard
 from fastroberta.training.output import OutputLock, atomic_write
+from fastroberta.training.watchdog import watching
 from fastroberta.training.progress import progress_bar
 from fastroberta.training.rng import preserved_rng, rng_state, seed_everything
 from fastroberta.training.schedule import lr_scheduler
@@ -915,7 +916,8 @@ def finetune(argv=None):
     # One run per output folder: rank 0 holds the lock before anything is read or written there.
     lock = OutputLock(s.output).acquire() if s.rank == 0 else None
     try:
-        return run(args, s)
+        with watching(s, args.dist_timeout, PROG):  # a lost rank ends the run in bounded time, named
+            return run(args, s)
     finally:
         if lock is not None:
             lock.release()
@@ -942,7 +944,8 @@ def run(args, s):
     say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} "
            f"{'windows' if s.qa else 'examples'}, {kind} ({time.perf_counter() - t0:.1f}s since start)")
     announce_start(s)
-    device, s.threads = init_distributed(s.on_cuda, s.local_rank)
+    device, s.threads = init_distributed(s.on_cuda, s.local_rank, args.dist_timeout)
+    check_shared_output(s.output, s.rank, s.world_size)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     clear_previous_run(args, s)
 

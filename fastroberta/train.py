@@ -36,13 +36,14 @@ from fastroberta.training.checkpoints import (CHECKPOINT_DIR, last_good_checkpoi
                                               save_checkpoint, warn_changed_settings)
 from fastroberta.training.cli import (HelpFormatter, add_shared_flags, announce_start, check_positive,
                                       check_shared_flags, parse_command_line, say)
-from fastroberta.training.distributed import all_ranks_true, init_distributed
+from fastroberta.training.distributed import all_ranks_true, check_shared_output, init_distributed
 from fastroberta.training.ds_config import write_config
 from fastroberta.training.engine import build_engine, grad_norm_of
 from fastroberta.training.errors import ConfigError, TrainingError, run_command
 from fastroberta.training.metrics import MetricsLog, Throughput, peak_memory_mib, peak_tflops, perplexity
 from fastroberta.training.nonfinite import NonFiniteGuard, parameters_finite
 from fastroberta.training.output import OutputLock
+from fastroberta.training.watchdog import watching
 from fastroberta.training.progress import progress_bar
 from fastroberta.training.rng import preserved_rng, rng_state, seed_everything
 from fastroberta.training.schedule import lr_scheduler
@@ -543,7 +544,8 @@ def train(argv=None):
     # or written there. A second run on the folder refuses at once.
     lock = OutputLock(s.output).acquire() if s.rank == 0 else None
     try:
-        return run(args, s)
+        with watching(s, args.dist_timeout, PROG):  # a lost rank ends the run in bounded time, named
+            return run(args, s)
     finally:
         if lock is not None:
             lock.release()
@@ -561,7 +563,8 @@ def run(args, s):
         say(s, f"data ready: vocab {prepared.vocab_size}; held-out baselines: unigram {base['unigram']:.3f}, "
                f"uniform {base['uniform']:.3f} nats ({time.perf_counter() - t0:.1f}s since start)")
     announce_start(s)
-    device, s.threads = init_distributed(s.on_cuda, s.local_rank)
+    device, s.threads = init_distributed(s.on_cuda, s.local_rank, args.dist_timeout)
+    check_shared_output(s.output, s.rank, s.world_size)
     if s.threads:
         say(s, f"cpu threads: {s.threads[1]}")
     # DeepSpeed's INFO lines (its whole config, every step's bookkeeping) would bury the progress bar.

@@ -272,6 +272,30 @@ def test_ranks_are_disjoint_and_match_accumulation(prepared):
 
 
 @pytest.mark.parametrize("packing", ["full", "varlen"])
+def test_global_batch_does_not_depend_on_world_size(prepared, packing):
+    # The data-order rule (ARCHITECTURE.md): global batch N, masks included, is a function of the seed and N
+    # alone. Concatenating every rank's micro-batches of step N, in (micro-batch, rank) order, gives the same
+    # rows whatever the world size and micro-batch split.
+    kw = dict(seq_len=64, global_batch_size=16, seed=7, packing=packing)
+    steps = 3
+    union = {}
+    for world, micro in ((1, 16), (1, 4), (2, 4), (4, 2), (4, 4)):
+        loaders = [MLMDataLoader(prepared, micro_batch_size=micro, rank=r, world_size=world, **kw)
+                   for r in range(world)]
+        accum = loaders[0].grad_accum_steps
+        per_rank = [take(loader, steps * accum) for loader in loaders]
+        union[world, micro] = [{key: torch.cat([per_rank[r][s * accum + k][key] for k in range(accum)
+                                               for r in range(world)])
+                                for key in ("input_ids", "attention_mask", "labels")} for s in range(steps)]
+    reference = union[1, 16]
+    assert int((reference[0]["labels"] != IGNORE_INDEX).sum()) > 0
+    for key, batches in union.items():
+        for s in range(steps):
+            assert_batches_equal(reference[s], batches[s])
+    assert not torch.equal(reference[0]["input_ids"], reference[1]["input_ids"])
+
+
+@pytest.mark.parametrize("packing", ["full", "varlen"])
 def test_resume_gives_identical_batches(prepared, packing):
     kw = dict(seq_len=64, micro_batch_size=16, global_batch_size=64, packing=packing, seed=11)
     straight = MLMDataLoader(prepared, **kw)

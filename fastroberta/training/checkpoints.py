@@ -5,10 +5,20 @@ files, rank 0 writes ``manifest.json`` (size and SHA-256 of each file) last, ren
 ``global_step<N>`` and only then moves ``latest``. A checkpoint is intact when its manifest exists and every file
 matches it. ``--resume`` verifies before loading; when the newest checkpoint is damaged it warns and falls back to
 the newest intact one (an explicitly named damaged checkpoint is an error that names the intact one instead).
+
+Resume anywhere: every checkpoint carries ``universal_checkpoint_info``, so DeepSpeed's Universal Checkpointing
+can reshard it. A ZeRO-partitioned checkpoint saved by another number of processes is converted once
+(``ds_to_universal``) into ``<checkpoints>/universal/global_step<N>``, verified by its own manifest like every
+checkpoint, and loaded with DeepSpeed's ``load_universal``; step, LR schedule, optimizer moments and loss scale
+continue, and the data position is global (ARCHITECTURE.md, the data-order rule).
 """
+import contextlib
+import glob
+import io
 import os
 import re
 import shutil
+from argparse import Namespace
 
 import torch
 
@@ -23,6 +33,9 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"  # DeepSpeed's own pointer file name, so engine.load_checkpoint(dir) and its tools agree
 TAG_RE = re.compile(r"^global_step(\d+)$")
 TMP_SUFFIX = ".tmp"  # a checkpoint being written
+UNIVERSAL_DIR = "universal"  # <checkpoints>/universal/<tag>: a checkpoint converted for another world size
+# What DeepSpeed's converter requires of a checkpoint (deepspeed.checkpoint.constants), saved in the client state.
+UNIVERSAL_CHECKPOINT_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
 
 def checkpoint_tags(ckpt_dir):
@@ -140,7 +153,8 @@ def save_checkpoint(engine, ckpt_dir, step, rank, world_size, trainer_state, cli
     try:
         os.makedirs(tmp_dir, exist_ok=True)
         torch.save(trainer_state, os.path.join(tmp_dir, f"trainer_state_rank{rank}.pt"))
-        engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={**client_state, **UNIVERSAL_CHECKPOINT_INFO},
+                               save_latest=False)
     except (OSError, RuntimeError) as e:
         failed = e
     ok = all_ranks_true(failed is None, torch.device("cpu") if not torch.cuda.is_available()
@@ -170,6 +184,7 @@ def save_checkpoint(engine, ckpt_dir, step, rank, world_size, trainer_state, cli
             tags = [t for t in checkpoint_tags(ckpt_dir) if int(TAG_RE.match(t).group(1)) <= step]
             for old in tags[:-keep_last]:
                 shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+                shutil.rmtree(os.path.join(ckpt_dir, UNIVERSAL_DIR, old), ignore_errors=True)
     dist.barrier()
     return final_dir
 
@@ -202,18 +217,41 @@ def load_checkpoint(engine, s, loader):
     returns the client state saved with the checkpoint."""
     load_dir, tag = s.resume_from
     where = os.path.join(load_dir, tag)
+    saved = saved_world_size(where)
+    universal = saved != s.world_size and is_partitioned(where)
+    engine_dir = load_dir
+    if universal:
+        engine_dir = convert_to_universal(load_dir, tag, s.rank, engine.device)
+        if s.rank == 0:
+            print(f"resuming checkpoint {where} of {saved} processes on {s.world_size}: converted once into "
+                  f"{os.path.join(engine_dir, tag)} (DeepSpeed Universal Checkpointing)", flush=True)
+        if s.rank == 0 and s.zero_stage == 3:
+            print("warning: a ZeRO-3 checkpoint resumed on another number of processes continues close to, not "
+                  "exactly like, the uninterrupted run (about 2e-4 relative in the losses, measured on CPU)",
+                  flush=True)
+        # DeepSpeed reads this flag of its config at load time only; a later save is an ordinary checkpoint.
+        engine._config.load_universal_checkpoint = True
+    inner = getattr(engine.optimizer, "optimizer", None)
+    decay = [g.get("weight_decay") for g in inner.param_groups] if universal and inner is not None else None
     try:
-        path, client = engine.load_checkpoint(load_dir, tag=tag)
+        path, client = engine.load_checkpoint(engine_dir, tag=tag)
+        if decay is not None:
+            # ZeRO-3's universal load copies the first parameter group's settings onto every group, which would
+            # decay the biases and LayerNorm weights; the groups' own decay is the run's, not the checkpoint's.
+            for group, value in zip(inner.param_groups, decay):
+                group["weight_decay"] = value
     except Exception as e:  # DeepSpeed and torch.load raise anything from AssertionError to zip errors
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrainingError(f"checkpoint {where} cannot be loaded ({type(e).__name__}: {first}); "
                             f"{intact_hint(load_dir, tag)}") from None
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
         raise TrainingError(f"DeepSpeed could not load checkpoint {where}; {intact_hint(load_dir, tag)}")
     if not all_ranks_true(parameters_finite(engine.module), engine.device):
         raise TrainingError(f"checkpoint {where} holds non-finite weights; {intact_hint(load_dir, tag)}")
     own = os.path.join(load_dir, tag, f"trainer_state_rank{s.rank}.pt")
-    if os.path.isfile(own):
+    if os.path.isfile(own) and saved == s.world_size:
         trainer = torch.load(own, map_location="cpu", weights_only=False)
         loader.load_state_dict(trainer["loader"])
         set_rng_state(trainer["rng"])
@@ -226,9 +264,53 @@ def load_checkpoint(engine, s, loader):
     return client
 
 
+def saved_world_size(folder):
+    """How many processes wrote the checkpoint in ``folder`` (each saves its own trainer state)."""
+    return len(glob.glob(os.path.join(folder, "trainer_state_rank*.pt")))
+
+
+def is_partitioned(folder):
+    """Whether the checkpoint's optimizer state is split over its ranks (ZeRO 1-3, DeepSpeed's bf16 optimizer);
+    ZeRO 0's optimizer state is whole in the model-state file and loads on any world size as it is."""
+    return bool(glob.glob(os.path.join(folder, "*zero_pp_rank_*_optim_states.pt")))
+
+
+def convert_to_universal(ckpt_dir, tag, rank, device):
+    """Convert checkpoint ``tag`` into a universal one under ``<ckpt_dir>/universal`` (rank 0, once: an intact
+    earlier conversion is reused) and return that folder; TrainingError names a case DeepSpeed cannot convert."""
+    import deepspeed
+    from deepspeed.checkpoint import ds_to_universal
+    out_dir = os.path.join(ckpt_dir, UNIVERSAL_DIR)
+    target = os.path.join(out_dir, tag)
+    failed = None
+    if rank == 0 and verify_checkpoint(target) is not None:
+        tmp = target + TMP_SUFFIX
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            # The converter narrates every step and draws progress bars; its outcome is what matters here.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ds_to_universal.main(Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp,
+                                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                               strict=True, inject_missing_state=True))
+            write_manifest(tmp)
+            os.replace(tmp, target)
+        except Exception as e:  # the converter asserts, raises NotImplementedError, ValueError, OSError...
+            shutil.rmtree(tmp, ignore_errors=True)
+            failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    if not all_ranks_true(failed is None, device):
+        raise TrainingError(f"DeepSpeed {deepspeed.__version__} cannot convert checkpoint "
+                            f"{os.path.join(ckpt_dir, tag)} for another number of processes ({failed or 'see rank 0'}"
+                            f"); resume it on {saved_world_size(os.path.join(ckpt_dir, tag))} processes")
+    return out_dir
+
+
 def warn_changed_settings(say, prog, saved_run, run_info):
-    """Tell the user which of the run's settings differ from the checkpoint's."""
+    """Tell the user which of the run's settings differ from the checkpoint's. The number of processes and the
+    micro-batch split do not count: the global batches are the same whatever they are (the data-order rule)."""
     for k, v in run_info.items():
+        if k in ("world_size", "micro_batch_size"):
+            continue
         if saved_run.get(k) != v:
             say(f"{prog}: warning: resuming with {k}={v} (checkpoint had {saved_run.get(k)}); the run will not "
                 "match an uninterrupted one")

@@ -85,6 +85,9 @@ def add_shared_flags(parser, defaults=None, helps=None):
     g.add_argument("--no-progress", action="store_true",
                    help="no progress display (a bar on a terminal, otherwise a plain line every 15 s)")
     g.add_argument("--seed", type=int, default=0, help=helps["seed"])
+    g.add_argument("--dist-timeout", type=float, default=600, metavar="SECONDS",
+                   help="with several processes: how long a collective waits for a lost one, and the bound within "
+                        "which the others stop, naming the lost rank and the checkpoint to resume from (default: 600)")
     g.add_argument("--max-nonfinite", type=int, default=5,
                    help="stop (exit 1) after this many consecutive non-finite losses, in any precision; under "
                         "fp16 also after this many steps skipped at the minimum loss scale (0 = never)")
@@ -132,6 +135,8 @@ def check_shared_flags(args):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     for name in ("save_every", "keep_last", "eval_every", "weight_decay", "clip_grad", "max_nonfinite"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name), allow_zero=True)
+    if not args.dist_timeout > 0:
+        raise ConfigError(f"--dist-timeout must be positive (seconds), got {args.dist_timeout}")
     if args.lr is not None and not args.lr > 0:
         raise ConfigError(f"--lr must be positive, got {args.lr}")
 
