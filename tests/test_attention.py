@@ -10,6 +10,7 @@ import torch
 
 from fastroberta import RobertaConfig, RobertaForMaskedLM
 from fastroberta.kernels import attention, attention_packed, attention_varlen, reference
+from fastroberta.kernels._compile_options import COMPILE_OPTIONS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter cannot run bf16 (it computes on the raw bits); a GPU run covers it.
@@ -667,9 +668,10 @@ def test_autotune_off_launches_the_default_config_without_the_autotuner(monkeypa
         how, kwargs = launches[-1]
         assert how == "jit"
         assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]) == defaults[kind]
+        assert kwargs["enable_fp_fusion"] is True
     monkeypatch.setattr(attn, "AUTOTUNE", True)
     attn._launch(kernel, None, torch.zeros(1, dtype=torch.float16), 1, HEAD_DIM=64)
-    assert launches[-1] == ("autotuner", {"HEAD_DIM": 64})
+    assert launches[-1] == ("autotuner", {"HEAD_DIM": 64, **COMPILE_OPTIONS})  # the pinned options on both paths
 
 
 def test_autotune_off_is_read_from_the_environment():
