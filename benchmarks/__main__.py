@@ -20,6 +20,10 @@ import signal
 import sys
 import time
 
+# First of all: on a machine without CUDA, harness sets TRITON_INTERPRET before torch, Triton or any kernel module
+# is imported (building the parser imports benchmark modules that import them).
+from benchmarks import harness  # noqa: E402,F401
+
 # How a --time-budget is split between the kernel benchmarks (attention has the most cases).
 BUDGET_SHARE = {"layer_norm": 0.3, "attention": 0.45, "cross_entropy": 0.25}
 
