@@ -16,3 +16,18 @@ from time_budget import pytest_runtest_setup, pytest_sessionstart, pytest_termin
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_rendezvous():
+    """An in-process DeepSpeed run sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT and keeps listening
+    on that port for the rest of the session (its process group is reused); a training process a later test
+    starts must not inherit them, or it fails to listen on the same port (EADDRINUSE). A later in-process run
+    finds its group initialised and only sets them again."""
+    before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -127,12 +127,15 @@ STALE_LOCK_AGE_S = 60  # torch writes build.ninja and starts ninja within a seco
 
 
 def extensions_dir():
-    """This environment's folder for JIT-built ops: under torch's default root, named by the interpreter's
-    prefix and the torch and DeepSpeed versions (read without importing DeepSpeed)."""
+    """The folder for JIT-built ops of this Python, torch and DeepSpeed (read without importing DeepSpeed): under
+    torch's default root, named by their versions, so environments that could not share a build never share a
+    folder (each would rebuild over the other's), and fresh environments of the same versions (a new clone's
+    venv) reuse the build."""
     from importlib.metadata import version
     import torch
     from torch.utils.cpp_extension import get_default_build_root
-    tag = hashlib.sha1(f"{sys.prefix}|{torch.__version__}|{version('deepspeed')}".encode()).hexdigest()[:10]
+    python = f"{sys.implementation.cache_tag}-{sys.platform}"
+    tag = hashlib.sha1(f"{python}|{torch.__version__}|{version('deepspeed')}".encode()).hexdigest()[:10]
     return os.path.join(get_default_build_root(), f"fastroberta-{tag}")
 
 
