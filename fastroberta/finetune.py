@@ -833,6 +833,21 @@ def report_baseline(s, data, names, validation, test):
     return result
 
 
+def prediction_autocast(s, device):
+    """The fp32 export predicts under autocast in the run's precision, on any device (a CPU bf16 run takes the
+    path a GPU fp16/bf16 one does)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def report_test_metrics(s, metrics):
+    """Say the test split's metrics and write them to test_metrics.json; returns them."""
+    say(s, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    with open(os.path.join(s.output, "test_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
 def write_predictions(args, s, test, names, hf_dir, device, special, state=None):
     """Rank 0 predicts the test split with the kept model (hf/) into predictions.jsonl; returns the test metrics
     when the split has labels, else None."""
@@ -841,10 +856,7 @@ def write_predictions(args, s, test, names, hf_dir, device, special, state=None)
     if s.rank == 0:
         model = model_class(s).from_pretrained(hf_dir, kernels=args.kernels).to(device).eval()
         ids, labels, split = test
-        # The fp32 export predicts under autocast in the run's precision, on any device: a CPU bf16 run takes
-        # the same path as a GPU fp16/bf16 one (tests/test_finetune.py runs it).
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.precision)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with prediction_autocast(s, device):
             logits = predict(model, ids, s.eval_batch_size, special["pad"], device, 0, 1,
                              args.pad_to_multiple_of, args.max_seq_len, s.family)
         if s.family is not None:
@@ -865,10 +877,7 @@ def write_predictions(args, s, test, names, hf_dir, device, special, state=None)
                 f.write(json.dumps(row) + "\n")
         os.replace(tmp, os.path.join(s.output, "predictions.jsonl"))
         if labels is not None:
-            result = metrics
-            say(s, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            with open(os.path.join(s.output, "test_metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2)
+            result = report_test_metrics(s, metrics)
     dist.barrier()
     return result
 
@@ -884,8 +893,7 @@ def write_qa_predictions(args, s, test, names, hf_dir, device, special, state):
     if s.rank == 0:
         model = RobertaForQuestionAnswering.from_pretrained(hf_dir, kernels=args.kernels).to(device).eval()
         ids, _, (examples, features) = test
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.precision)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with prediction_autocast(s, device):
             spans = predict(model, ids, s.eval_batch_size, special["pad"], device, 0, 1, args.pad_to_multiple_of,
                             args.max_seq_len, take=span_logits)
         kept = state.best["metrics"] or {}
@@ -895,10 +903,7 @@ def write_qa_predictions(args, s, test, names, hf_dir, device, special, state):
         write_answers(predictions, tmp)
         os.replace(tmp, os.path.join(s.output, "predictions.json"))
         if metrics is not None:
-            result = metrics
-            say(s, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            with open(os.path.join(s.output, "test_metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2)
+            result = report_test_metrics(s, metrics)
     dist.barrier()
     return result
 
