@@ -113,9 +113,10 @@ def build_parser():
                         "hf:glue:<task>, that task")
     g.add_argument("--train", default=None,
                    help="training examples: a .csv, .tsv or .jsonl file (question answering: SQuAD .json or .jsonl "
-                        "of id, context, question, answers{text, answer_start}), or hf:glue:<task> / "
+                        "of id, context, question, answers{text, answer_start}; multiple choice: RACE .json / "
+                        ".jsonl / folder or SWAG .csv / .jsonl; ner: CoNLL files or .jsonl of tokens, tags), or "
                         "hf:<dataset>[:<config>][@split] with the datasets package (default: hf:glue:<task> for "
-                        "GLUE tasks, hf:squad / hf:squad_v2)")
+                        "GLUE tasks, hf:squad, hf:squad_v2, hf:race:all, hf:swag:regular, hf:conll2003)")
     g.add_argument("--validation", default=None,
                    help="validation examples, same forms (default: the validation split of an hf: --train)")
     g.add_argument("--test", default=None,
@@ -229,8 +230,8 @@ def resolve_settings(args):
             if getattr(args, flag) is not None:
                 raise ConfigError(f"--{flag.replace('_', '-')} does not apply to --task {args.task}")
         s.task_inferred, s.task = False, s.family.task
-        if args.train is None and args.task in ("race", "swag", "ner"):
-            raise ConfigError(f"--task {args.task} needs --train (files in its format)")
+        if args.train is None and s.family.hf is not None:
+            args.train = f"hf:{s.family.hf}"
     elif s.qa:
         if args.metric or args.text_fields or args.label_field:
             raise ConfigError(f"--task {args.task} reads fixed fields and is judged by F1: drop --metric, "
@@ -336,9 +337,6 @@ def load_family_data(args, s, tokenizer, special):
     for name in ("train", "validation", "test"):
         spec = getattr(args, name)
         if spec is not None:
-            if spec.startswith("hf:"):
-                raise DataError(f"--{name} {spec}: Hugging Face datasets are not read for --task {args.task} "
-                                "yet; give files")
             splits[name] = family.read(spec, name, need_labels=name != "test")
     names = family.names(splits["train"])
     out = {}

@@ -3,9 +3,11 @@ how the data is read and batched, what one evaluation row of logits becomes, the
 and the rows of predictions.jsonl. One object per family; ``FAMILY_TASKS`` maps each ``--task`` name to one.
 
     multiple choice:       --task race | swag | multiple-choice (RACE or SWAG form, told apart by the fields;
-                           without --train the generated "which line follows" task)
-    token classification:  --task ner (CoNLL-2003's nine tags) | token-classification (the training split's
-                           tags; without --train the generated "character names" task)
+                           without --train: hf:race:all, hf:swag:regular, the generated "which line follows" task)
+    token classification:  --task ner (CoNLL-2003's nine tags; without --train hf:conll2003) |
+                           token-classification (the training split's tags; without --train the generated
+                           "character names" task)
+Files or ``hf:<dataset>[:<config>][@<split>]`` (with the ``datasets`` package) for either.
 """
 import numpy as np
 
@@ -20,9 +22,10 @@ class MultipleChoiceFamily:
     collate = staticmethod(mc.collate_choices)
     metric = "accuracy"
 
-    def __init__(self, name, form):
+    def __init__(self, name, form, hf=None):
         self.task = Task(name, (), metric=self.metric)
         self.form = form
+        self.hf = hf  # the --train when none is given: a Hugging Face dataset[:config]
 
     def generated(self):
         rows = mc.next_line_task()
@@ -66,8 +69,9 @@ class TokenFamily:
     collate = staticmethod(tt.collate_tags)
     metric = "f1"
 
-    def __init__(self, name, preset=None):
+    def __init__(self, name, preset=None, hf=None):
         self.task = Task(name, (), metric=self.metric, labels=preset)
+        self.hf = hf
 
     def generated(self):
         return {k: tt.TagSplit(k, f"{self.task.name}:{k}", [r["tokens"] for r in v], [r["tags"] for r in v],
@@ -114,9 +118,9 @@ class TokenFamily:
 
 
 FAMILY_TASKS = {
-    "race": MultipleChoiceFamily("race", "race"),
-    "swag": MultipleChoiceFamily("swag", "swag"),
+    "race": MultipleChoiceFamily("race", "race", "race:all"),
+    "swag": MultipleChoiceFamily("swag", "swag", "swag:regular"),
     "multiple-choice": MultipleChoiceFamily("multiple-choice", None),
-    "ner": TokenFamily("ner", tt.CONLL2003_TAGS),
+    "ner": TokenFamily("ner", tt.CONLL2003_TAGS, "conll2003"),
     "token-classification": TokenFamily("token-classification"),
 }

@@ -19,6 +19,7 @@ import torch
 from fastroberta.tasks.batching import padded_length
 from fastroberta.tasks.errors import DataError
 from fastroberta.tasks.metrics import accuracy
+from fastroberta.tasks.readers import hf_source, load_hf
 
 SWAG_ENDINGS = ("ending0", "ending1", "ending2", "ending3")
 
@@ -187,8 +188,29 @@ def read_swag(path, split="train", need_labels=True):
     return _checked(out, split)
 
 
+def read_choices_hf(spec, split="train", need_labels=True, form=None):
+    """A ChoiceSplit from ``hf:race:all`` (RACE's rows: example_id, article, question, options, answer letter),
+    ``hf:swag:regular`` (SWAG's: sent1, sent2, ending0..3, label; -1 on the unlabelled test split) or another
+    ``hf:<dataset>[:<config>][@<split>]`` in either form (``form`` None: SWAG when the rows have ``ending0``)."""
+    rows, hf_split = load_hf(spec, split, "RACE or SWAG files")
+    source = hf_source(spec, hf_split)
+    if form is None:
+        form = "swag" if "ending0" in rows.column_names else "race"
+    out = ChoiceSplit(split, source, [], [], [], [])
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        if form == "race":
+            _race_record(row, where, need_labels, out)
+        else:
+            _swag_row({**row, "label": None} if row.get("label") == -1 else row, where, need_labels, out)
+    return _checked(out, split)
+
+
 def read_choices(path, split="train", need_labels=True, form=None):
-    """A ChoiceSplit in RACE or SWAG form; ``form`` None tells them apart by the first record's fields."""
+    """A ChoiceSplit in RACE or SWAG form, from files or ``hf:`` (``read_choices_hf``); ``form`` None tells them
+    apart by the first record's fields."""
+    if path.startswith("hf:"):
+        return read_choices_hf(path, split, need_labels, form)
     if form is None:
         if os.path.isdir(path) or not path.lower().endswith(".csv"):
             first = None

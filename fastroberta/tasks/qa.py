@@ -17,6 +17,7 @@ from typing import List, Optional
 import numpy as np
 
 from fastroberta.tasks.errors import DataError
+from fastroberta.tasks.readers import hf_source, json_lines, load_hf
 from fastroberta.training.errors import ConfigError
 
 
@@ -94,31 +95,24 @@ def _read_squad_json(path, need_answers):
     return examples
 
 
+def _row_example(path, where, row, need_answers):
+    """The example of one JSONL line or Hugging Face row: ``context``, ``question``, ``id`` and ``answers`` as
+    {"text": [...], "answer_start": [...]}."""
+    context = _text_field(path, where, row, "context")
+    raw = row.get("answers")
+    pairs = None
+    if raw is not None:
+        texts = raw.get("text") if isinstance(raw, dict) else None
+        starts = raw.get("answer_start") if isinstance(raw, dict) else None
+        if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+            raise DataError(f"{path} {where}: 'answers' must be {{\"text\": [...], \"answer_start\": [...]}} "
+                            "with one start per text")
+        pairs = list(zip(texts, starts))
+    return _example(path, where, row, context, pairs, row.get("is_impossible"), need_answers)
+
+
 def _read_qa_jsonl(path, need_answers):
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"line {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} {where} is not valid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} {where} must hold a JSON object, got {type(row).__name__}")
-            context = _text_field(path, where, row, "context")
-            raw = row.get("answers")
-            pairs = None
-            if raw is not None:
-                texts = raw.get("text") if isinstance(raw, dict) else None
-                starts = raw.get("answer_start") if isinstance(raw, dict) else None
-                if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
-                    raise DataError(f"{path} {where}: 'answers' must be {{\"text\": [...], \"answer_start\": [...]}} "
-                                    "with one start per text")
-                pairs = list(zip(texts, starts))
-            examples.append(_example(path, where, row, context, pairs, row.get("is_impossible"), need_answers))
-    return examples
+    return [_row_example(path, where, row, need_answers) for where, row in json_lines(path)]
 
 
 def _example(path, where, record, context, pairs, is_impossible, need_answers):
@@ -140,27 +134,11 @@ def _example(path, where, record, context, pairs, is_impossible, need_answers):
 
 def _read_qa_hf(spec, split, need_answers):
     """``hf:squad`` / ``hf:squad_v2`` / ``hf:<dataset>[:<config>]``, ``@<split>`` to pick a split: rows with the
-    JSONL fields."""
-    name, _, hf_split = spec[3:].partition("@")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"--{split} {spec}: reading Hugging Face datasets needs the `datasets` package "
-                        "(pip install datasets), or give SQuAD .json / .jsonl files") from None
-    path, _, config = name.partition(":")
-    try:
-        rows = datasets.load_dataset(path, config or None, split=hf_split or split)
-    except Exception as e:  # network, unknown dataset / split: all end the run the same way
-        raise DataError(f"--{split} {spec}: loading split {hf_split or split!r} failed: "
-                        f"{str(e).splitlines()[0]}") from None
-    examples = []
-    for i, row in enumerate(rows):
-        where = f"row {i}"
-        context = _text_field(spec, where, row, "context")
-        raw = row.get("answers")
-        pairs = None if raw is None else list(zip(raw.get("text", []), raw.get("answer_start", [])))
-        examples.append(_example(spec, where, row, context, pairs, None, need_answers))
-    return examples
+    JSONL fields (``answers`` as {"text": [...], "answer_start": [...]}, empty lists for an unanswerable
+    question)."""
+    rows, hf_split = load_hf(spec, split, "SQuAD .json / .jsonl files")
+    source = hf_source(spec, hf_split)
+    return [_row_example(source, f"row {i}", row, need_answers) for i, row in enumerate(rows)]
 
 
 def read_qa(path, split="train", need_answers=True):

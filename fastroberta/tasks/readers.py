@@ -39,8 +39,9 @@ def _read_table(path, delimiter):
         return header, rows
 
 
-def _read_jsonl(path):
-    rows, columns = [], []
+def json_lines(path):
+    """(``line n``, object) for each non-blank line of a JSON-lines file; DataError names the line of one that
+    is not valid JSON or not an object."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, start=1):
             if not line.strip():
@@ -52,10 +53,16 @@ def _read_jsonl(path):
                 raise DataError(f"{path} line {i} is not valid JSON: {json_error_place(e, line)}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {i} must hold a JSON object, got {type(row).__name__}")
-            for k in row:
-                if k not in columns:
-                    columns.append(k)
-            rows.append((i, row))
+            yield f"line {i}", row
+
+
+def _read_jsonl(path):
+    rows, columns = [], []
+    for where, row in json_lines(path):
+        for k in row:
+            if k not in columns:
+                columns.append(k)
+        rows.append((int(where.split()[1]), row))
     return columns, rows
 
 
@@ -99,22 +106,45 @@ def read_file(path, split, task, need_labels):
     return Split(split, path, texts, labels, lines)
 
 
-def read_hf(spec, split, task, need_labels):
-    """A Split from ``hf:glue:<task>`` or ``hf:<dataset>[:<config>]``, with ``@<split>`` to pick a split."""
-    name, _, hf_split = spec[3:].partition("@")
+def parse_hf_spec(spec):
+    """(dataset, config or None, split or None) of ``hf:<dataset>[:<config>][@<split>]``."""
+    name, _, hf_split = spec[len("hf:"):].partition("@")
+    path, _, config = name.partition(":")
+    return path, config or None, hf_split or None
+
+
+def load_hf(spec, split, files, hf_split=None):
+    """(rows, split name) of ``hf:<dataset>[:<config>][@<split>]`` through ``datasets.load_dataset``: the split
+    the spec names, else ``hf_split``, else --<split>'s own name. DataError in one line when the ``datasets``
+    package is missing (``files`` says what to give instead) or the load fails."""
+    path, config, named = parse_hf_spec(spec)
+    hf_split = named or hf_split or split
     try:
         import datasets
     except ImportError:
         raise DataError(f"--{split} {spec}: reading Hugging Face datasets needs the `datasets` package "
-                        "(pip install datasets), or give CSV / TSV / JSONL files") from None
-    parts = name.split(":")
-    path, config = parts[0], (parts[1] if len(parts) > 1 else None)
-    if not hf_split:
-        hf_split = task.hf_splits.get(split, split) if task.hf == (path, config) else split
+                        f"(pip install datasets), or give {files}") from None
     try:
-        ds = datasets.load_dataset(path, config, split=hf_split)
+        rows = datasets.load_dataset(path, config, split=hf_split)
     except Exception as e:  # network, unknown dataset / split: all end the run the same way
-        raise DataError(f"--{split} {spec}: loading split {hf_split!r} failed: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "scripts are no longer supported" in first:  # datasets >= 4 with a script-based dataset (conll2003)
+            first += "; name a copy stored as data files instead (hf:<owner>/<name>, e.g. hf:lhoestq/conll2003)"
+        raise DataError(f"--{split} {spec}: loading split {hf_split!r} failed: {first}") from None
+    return rows, hf_split
+
+
+def hf_source(spec, hf_split):
+    """How errors name a Hugging Face split, ``hf:<dataset>[:<config>]@<split>``; its rows are ``row <i>``
+    (from 0, the dataset's own index)."""
+    return f"{spec.partition('@')[0]}@{hf_split}"
+
+
+def read_hf(spec, split, task, need_labels):
+    """A Split from ``hf:glue:<task>`` or ``hf:<dataset>[:<config>]``, with ``@<split>`` to pick a split."""
+    path, config, _ = parse_hf_spec(spec)
+    default = task.hf_splits.get(split, split) if task.hf == (path, config) else split
+    ds, _ = load_hf(spec, split, "CSV / TSV / JSONL files", default)
     missing = [f for f in task.text_fields + (task.label_field,) if f not in ds.column_names]
     if missing and (need_labels or missing != [task.label_field]):
         raise DataError(f"--{split} {spec}: no field {missing[0]!r} (fields: {', '.join(ds.column_names)}); "

@@ -6,7 +6,6 @@ Words are encoded one by one with a leading space, as RoBERTa's byte-level BPE s
 as transformers' RobertaTokenizerFast(add_prefix_space=True) does for words given one by one); the label of a
 word sits on its first sub-word, the other sub-words, ``<s>`` and ``</s>`` carry -100 and are ignored by the loss.
 """
-import json
 import os
 import random
 import re
@@ -17,6 +16,7 @@ import torch
 
 from fastroberta.tasks.batching import padded_length
 from fastroberta.tasks.errors import DataError
+from fastroberta.tasks.readers import hf_source, json_lines, load_hf
 
 IGNORE = -100
 CONLL2003_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
@@ -55,38 +55,66 @@ def read_conll(path, split="train", need_labels=True):
     return _checked(TagSplit(split, path, words, tags, places), split, need_labels)
 
 
+def _tag_row(row, where, words_field, tags_field, out, names=None):
+    """Append one sentence: ``row[words_field]`` a list of words, ``row[tags_field]`` a tag per word (absent:
+    unlabelled), given as tag strings or, with ``names``, as ids into them."""
+    tokens = row.get(words_field)
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(w, str) and w.strip() for w in tokens):
+        raise DataError(f"{where}: {words_field!r} must be a non-empty list of words "
+                        f"(fields there: {', '.join(map(str, row))})")
+    labels = row.get(tags_field)
+    if labels is None:
+        labels = [None] * len(tokens)
+    elif not isinstance(labels, list) or len(labels) != len(tokens):
+        raise DataError(f"{where}: {tags_field!r} must hold one tag per word ({len(tokens)} words)")
+    if names is not None:
+        for j, t in enumerate(labels):
+            if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < len(names)):
+                raise DataError(f"{where} word {j + 1}: {tags_field!r} holds {t!r}, not a tag id 0-{len(names) - 1}"
+                                f" ({', '.join(names)})")
+        labels = [None if t is None else names[t] for t in labels]
+    out.words.append(tokens)
+    out.tags.append([None if t is None else str(t) for t in labels])
+    out.places.append([f"{where} word {j + 1}" for j in range(len(tokens))])
+
+
 def read_tag_jsonl(path, split="train", need_labels=True, words_field="tokens", tags_field="tags"):
     """Sentences of a JSON-lines file, one per line: ``tokens`` (a list of words) and ``tags`` (a tag per word)."""
-    words, tags, places = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {i}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where} is not valid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where} must hold a JSON object, got {type(row).__name__}")
-            tokens = row.get(words_field)
-            if not isinstance(tokens, list) or not tokens or not all(isinstance(w, str) and w.strip()
-                                                                     for w in tokens):
-                raise DataError(f"{where}: {words_field!r} must be a non-empty list of words "
-                                f"(fields there: {', '.join(map(str, row))})")
-            labels = row.get(tags_field)
-            if labels is None:
-                labels = [None] * len(tokens)
-            elif not isinstance(labels, list) or len(labels) != len(tokens):
-                raise DataError(f"{where}: {tags_field!r} must hold one tag per word ({len(tokens)} words)")
-            words.append(tokens)
-            tags.append([None if t is None else str(t) for t in labels])
-            places.append([f"{where} word {j + 1}" for j in range(len(tokens))])
-    return _checked(TagSplit(split, path, words, tags, places), split, need_labels)
+    out = TagSplit(split, path, [], [], [])
+    for where, row in json_lines(path):
+        _tag_row(row, f"{path} {where}", words_field, tags_field, out)
+    return _checked(out, split, need_labels)
+
+
+def hf_tag_names(feature):
+    """The tag names of a ``datasets`` tag column (a sequence of ClassLabel: ``feature.feature.names``), or None
+    when it holds strings."""
+    inner = getattr(feature, "feature", None)
+    names = getattr(inner, "names", None)
+    return list(names) if names else None
+
+
+def read_tags_hf(spec, split="train", need_labels=True):
+    """A TagSplit from ``hf:conll2003`` or another ``hf:<dataset>[:<config>][@<split>]`` with ``tokens`` and
+    ``ner_tags`` (or ``tags``): tag ids are mapped to the column's own ClassLabel names."""
+    rows, hf_split = load_hf(spec, split, "CoNLL or JSONL files")
+    source = hf_source(spec, hf_split)
+    tags_field = next((f for f in ("ner_tags", "tags") if f in rows.column_names), None)
+    if tags_field is None and need_labels:
+        raise DataError(f"--{split} {source}: no tag column 'ner_tags' or 'tags' (columns: "
+                        f"{', '.join(rows.column_names)})")
+    names = hf_tag_names(rows.features.get(tags_field)) if tags_field else None
+    out = TagSplit(split, source, [], [], [])
+    for i, row in enumerate(rows):
+        _tag_row(row, f"{source} row {i}", "tokens", tags_field, out, names)
+    return _checked(out, split, need_labels)
 
 
 def read_tags(path, split="train", need_labels=True):
-    """A TagSplit from a .jsonl (``tokens``, ``tags``) or a CoNLL file (any other extension)."""
+    """A TagSplit from a .jsonl (``tokens``, ``tags``), ``hf:`` (``read_tags_hf``) or a CoNLL file (any other
+    extension)."""
+    if path.startswith("hf:"):
+        return read_tags_hf(path, split, need_labels)
     if not os.path.isfile(path):
         raise DataError(f"--{split} {path!r} does not exist")
     if path.lower().endswith((".jsonl", ".json", ".ndjson")):
