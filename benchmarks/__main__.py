@@ -1,7 +1,7 @@
 """``python -m benchmarks {kernels,e2e,hf,train,all,report} [--smoke] [--profile P] [--out DIR] ...``
 
     kernels   layer_norm, attention and cross_entropy benchmarks (``--only`` picks some)
-    e2e       the DeepSpeed ZeRO-2 training step, pretraining (MLM) and fine-tuning (classification):
+    e2e       the DeepSpeed ZeRO-2 training step, pretraining (MLM) and fine-tuning (classification, QA):
               fastroberta (Triton / torch kernels) vs HF transformers
     hf        transformers' own RoBERTa-base training step, fastroberta.apply_kernels vs eager and SDPA
     train     two short trainer runs, Triton vs torch kernels, loss curves and tokens/s compared
@@ -153,13 +153,14 @@ def build_parser():
     k.add_argument("--dtypes", help="comma list of fp16,bf16,fp32 (default: the profile's)")
 
     def e2e_flags(p):
-        p.add_argument("--tasks", help="comma list of mlm (pretraining step) and finetune (sequence "
-                       "classification, seq 128, batch 32); default: both")
+        p.add_argument("--tasks", help="comma list of mlm (pretraining step), finetune (sequence "
+                       "classification, seq 128, batch 32) and qa (question answering, seq 384, batch 32); "
+                       "default: all three")
         p.add_argument("--models", help="comma list of base,large (default: the profile's)")
-        p.add_argument("--seq-lens", help="comma list, e.g. 128,512 (the mlm task's; finetune is seq 128)")
+        p.add_argument("--seq-lens", help="comma list, e.g. 128,512 (the mlm task's; finetune is seq 128, qa 384)")
         p.add_argument("--precisions", help="comma list of fp16,bf16")
         p.add_argument("--competitors", help="comma list of fastroberta-triton,fastroberta-torch,hf-eager,"
-                       "hf-sdpa,hf-sdpa-compile,fastroberta-triton-compile (both tasks; default: the "
+                       "hf-sdpa,hf-sdpa-compile,fastroberta-triton-compile (every task; default: the "
                        "profile's)")
         p.add_argument("--max-batch", help="competitors whose largest micro-batch at seq 512 is searched "
                        "(comma list, 'all' or 'none'; default: the profile's)")

@@ -6,6 +6,9 @@ Tasks:
     finetune   fine-tuning: RobertaForSequenceClassification (2 labels), seq 128, batch 32 (the GLUE shape);
                each sequence's length drawn uniformly from [seq/4, seq] and right-padded, as a dynamically
                padded fine-tuning batch is (``bench_hf.make_batch``, the same batches as the drop-in benchmark)
+    qa         question answering: RobertaForQuestionAnswering, seq 384, batch 32 (the SQuAD shape of
+               ``fastroberta-finetune --task squad``); padded batches as finetune's, a start and an end position
+               (start <= end) inside each row's real tokens, HF's loss on both
 Competitors (same config, same synthetic batch, same optimizer, same DeepSpeed settings):
     fastroberta-triton   fastroberta's model class for the task, kernels="triton"
     fastroberta-torch    the same, kernels="torch"   (the eager reference ops)
@@ -22,7 +25,7 @@ extension, which costs minutes of the GPU check and is the same for every compet
 random token ids, no padding (RoBERTa packs FULL-SENTENCES), 15% of the tokens labelled. Reported:
     tokens/s        real tokens per second over the timed steps (after warm-up steps)
     MFU             tokens/s x fastroberta's flops_per_token(seq_len) (the trainer's formula: 6 x matmul
-                    parameters + attention, + the MLM head on the labelled share for mlm; for finetune the
+                    parameters + attention, + the MLM head on the labelled share for mlm; for finetune and qa the
                     encoder's, per real token at the padded length) / the device's dense fp16/bf16 peak
     peak mem        torch.cuda.max_memory_allocated over the timed steps (weights, ZeRO state, activations)
     max micro-batch the largest micro-batch that runs two full steps at seq 512: doubling, then bisection to
@@ -46,25 +49,29 @@ from benchmarks import harness
 
 COMPETITORS = ("fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa", "hf-sdpa-compile",
                "fastroberta-triton-compile")
-TASKS = ("mlm", "finetune")
+TASKS = ("mlm", "finetune", "qa")
 # Extra seconds a compiled competitor's worker gets for its compile (Inductor, forward + backward graphs).
 COMPILE_S = {"smoke": 0, "check": 90, "full": 600}
 TOKENS_PER_STEP = {"base": 16384, "large": 8192, "micro": 64}
-# The fine-tuning step: (seq_len, micro-batch), and the smoke mode's.
+# The fine-tuning steps: (seq_len, micro-batch), and the smoke mode's.
 FINETUNE_SHAPE, FINETUNE_SMOKE_SHAPE = (128, 32), (32, 4)
+QA_SHAPE, QA_SMOKE_SHAPE = (384, 32), (48, 4)
 FINETUNE_LABELS = 2
+MODEL_CLASSES = {"mlm": "RobertaForMaskedLM", "finetune": "RobertaForSequenceClassification",
+                 "qa": "RobertaForQuestionAnswering"}
 SMOKE_MODEL = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                    intermediate_size=128, max_position_embeddings=66)
 
 PROFILES = {
     # models, seq_lens, precisions, competitors, max-batch competitors, warmup steps, timed steps, search s
-    "smoke": dict(models=["micro"], seq_lens=[32], precisions=["fp32"], tasks=["mlm", "finetune"],
+    "smoke": dict(models=["micro"], seq_lens=[32], precisions=["fp32"], tasks=["mlm", "finetune", "qa"],
                   competitors=["fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa"],
                   finetune_competitors=["fastroberta-triton", "fastroberta-torch", "hf-eager", "hf-sdpa"],
                   max_batch=[], warmup=1, steps=1, search_s=0, worker_s=300),
     # The GPU check's order puts what its targets compare first, in case the time budget runs out; the
-    # fine-tuning step comes after the pretraining one, and the compiled pretraining step ("last") after both.
-    "check": dict(models=["base"], seq_lens=[512], precisions=["fp16"], tasks=["mlm", "finetune"],
+    # fine-tuning steps (classification, then question answering) come after the pretraining one, and the
+    # compiled pretraining step ("last") after all of them.
+    "check": dict(models=["base"], seq_lens=[512], precisions=["fp16"], tasks=["mlm", "finetune", "qa"],
                   competitors=["fastroberta-triton", "hf-eager", "hf-sdpa", "fastroberta-torch"],
                   finetune_competitors=["fastroberta-triton", "hf-eager", "hf-sdpa"],
                   last=[("mlm", "fastroberta-triton-compile")],
@@ -101,6 +108,8 @@ def model_config(model, task="mlm"):
     cfg = RobertaConfig(**SMOKE_MODEL) if model == "micro" else RobertaConfig.preset(model)
     if task == "finetune":
         cfg.num_labels = FINETUNE_LABELS
+    elif task == "qa":
+        cfg.num_labels = 2  # start and end logits, as transformers' QA config has it
     return cfg
 
 
@@ -108,7 +117,7 @@ def _model_class(task, library):
     """fastroberta's or transformers' class for the task (both libraries use the same names)."""
     import importlib
     module = importlib.import_module(library)
-    return getattr(module, "RobertaForMaskedLM" if task == "mlm" else "RobertaForSequenceClassification")
+    return getattr(module, MODEL_CLASSES[task])
 
 
 def flops_per_token(cfg, seq_len, task="mlm"):
@@ -198,11 +207,21 @@ def synthetic_batch(batch, seq_len, vocab_size, device, label_fraction=0.15, see
 
 
 def task_batch(task, batch, seq_len, vocab_size, device):
-    """The synthetic batch of a task: packed MLM text, or a padded fine-tuning batch (bench_hf's)."""
+    """The synthetic batch of a task: packed MLM text, or a padded fine-tuning batch (bench_hf's); question
+    answering's replaces the class labels by start and end positions inside each row's real tokens."""
     if task == "mlm":
         return synthetic_batch(batch, seq_len, vocab_size, device)
     from benchmarks.bench_hf import make_batch
-    return make_batch("seqcls", batch, seq_len, vocab_size, padded=True, device=device)
+    out = make_batch("seqcls", batch, seq_len, vocab_size, padded=True, device=device)
+    if task == "qa":
+        import torch
+        del out["labels"]
+        g = torch.Generator().manual_seed(1)
+        lengths = out["attention_mask"].sum(dim=1).cpu()
+        start = (torch.rand(batch, generator=g) * (lengths - 2)).long() + 1  # past <s>, before </s>
+        end = torch.minimum(start + torch.randint(0, 30, (batch,), generator=g), lengths - 2)
+        out["start_positions"], out["end_positions"] = start.to(device), end.to(device)
+    return out
 
 
 def train_step(engine, batch):
@@ -369,16 +388,18 @@ def _split(value, default, cast=str):
 
 def cases(prof, tasks, models, seq_lens, precisions, competitors):
     """(task, model, seq_len, micro_batch, precision, competitor) in the order they run: each task's grid in turn.
-    The fine-tuning step has one shape (seq 128, batch 32; smoke: seq 32, batch 4); ``competitors``, when given,
-    replaces both tasks' lists (and the profile's ``last`` cases, which run after both grids)."""
+    Each fine-tuning step has one shape (finetune: seq 128, batch 32, smoke seq 32, batch 4; qa: seq 384, batch
+    32, smoke seq 48, batch 4) and runs the profile's ``finetune_competitors``; ``competitors``, when given,
+    replaces every task's list (and the profile's ``last`` cases, which run after every grid)."""
     out = []
     for task in tasks:
         if task == "mlm":
             shapes = [(seq, None) for seq in seq_lens]
             comps = competitors or prof["competitors"]
         else:
-            seq, mb = FINETUNE_SMOKE_SHAPE if "micro" in models else FINETUNE_SHAPE
-            shapes = [(seq, mb)]
+            smoke_shape, shape = (FINETUNE_SMOKE_SHAPE, FINETUNE_SHAPE) if task == "finetune" else \
+                (QA_SMOKE_SHAPE, QA_SHAPE)
+            shapes = [smoke_shape if "micro" in models else shape]
             comps = competitors or prof["finetune_competitors"]
         for model in models:
             for seq, mb in shapes:
@@ -463,7 +484,8 @@ def summary_line(results, rate):
         groups.setdefault(r.get("task", "mlm"), []).append(
             f"{r['competitor']} {r['tokens_per_s']:.0f} {rate}" if r.get("tokens_per_s")
             else f"{r['competitor']} {r['status'][:40]}")
-    names = {"mlm": "pretraining (MLM)", "finetune": "fine-tuning (classification)"}
+    names = {"mlm": "pretraining (MLM)", "finetune": "fine-tuning (classification)",
+             "qa": "fine-tuning (question answering)"}
     return "e2e: " + "; ".join(f"{names.get(task, task)}: {', '.join(items)}" for task, items in groups.items())
 
 
@@ -473,7 +495,8 @@ def _config_key(r):
 
 
 TASK_TITLES = {"mlm": "pretraining (masked LM, packed text)",
-               "finetune": f"fine-tuning (sequence classification, {FINETUNE_LABELS} labels, padded batches)"}
+               "finetune": f"fine-tuning (sequence classification, {FINETUNE_LABELS} labels, padded batches)",
+               "qa": "fine-tuning (question answering, start and end positions, padded batches)"}
 
 
 def e2e_markdown(result):
@@ -537,7 +560,7 @@ def plot_e2e(result, path):
             ys.append(match[0] / 1e3 if match else 0)
         ax.bar([x + i * width for x in range(len(configs))], ys, width, label=comp)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(configs))])
-    ax.set_xticklabels([f"{'FT ' if t == 'finetune' else ''}{m} L{s} {p}" for t, m, s, p in configs],
+    ax.set_xticklabels([f"{ {'finetune': 'FT ', 'qa': 'QA '}.get(t, '')}{m} L{s} {p}" for t, m, s, p in configs],
                        rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("thousand tokens / s")
     ax.set_title(f"Training step, DeepSpeed ZeRO-2 — {result['environment']['device']}", fontsize=9)

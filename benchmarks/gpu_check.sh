@@ -24,8 +24,8 @@
 #   e2e      python -m benchmarks e2e --profile check       (ZeRO-2, fp16: pretraining step base/seq 512, 4
 #            competitors, then fastroberta-triton-compile (the Triton model under torch.compile, as
 #            fastroberta-train --compile runs it) when the stage's budget has room for its compile; then the
-#            fine-tuning step, RobertaForSequenceClassification seq 128 batch 32, padded, fastroberta vs
-#            transformers' eager and SDPA)
+#            fine-tuning steps, RobertaForSequenceClassification seq 128 batch 32 and RobertaForQuestionAnswering
+#            seq 384 batch 32 (start / end positions), padded, fastroberta vs transformers' eager and SDPA)
 #   model    python -m benchmarks model --measure           (the base/512 fp16 step under torch.profiler: measured ms
 #            per op class next to the cost model's; transformers eager and SDPA, fastroberta)
 #   train    python -m benchmarks train                     (base, seq 512, fp16, ZeRO-2, Triton vs torch)
@@ -46,8 +46,9 @@
 #                               left and the budget skips the rest (they also run under the CPU interpreter)
 #   kernels     110     ~130    attention ~5 autotune keys x ~18 s, LN ~25 (Inductor, first case) + ~5, CE ~10;
 #                               its --time-budget cuts the cases that do not fit and says so
-#   e2e         180     ~180    7 workers x ~10 s DeepSpeed start + autotune of the training keys (compiles
-#                               cached by kernels) + steps; the compiled competitor only if 90 s are left
+#   e2e         180     ~210    10 workers x ~10 s DeepSpeed start + autotune of the training keys (compiles
+#                               cached by kernels) + steps; the QA step's 3 workers (the last added, not yet run on
+#                               a GPU) run when the budget has room; the compiled competitor only if 90 s are left
 #   model        45     ~40     3 profiled + 3 warm-up steps x 3 competitors, base/512 fp16 (no autotune: kernels' keys
 #                               are warm from e2e)
 #   train        90     ~80     2 trainer runs x (~20 s start + 200 steps of ~0.1 s + autotune)
@@ -107,7 +108,7 @@ SMOKE=${GPU_CHECK_SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then  # the dry run: every stage's smoke mode, tiny and on CPU
   PROFILE="--smoke"
   SMOKE_KERNELS="--only layer_norm"
-  SMOKE_E2E="--tasks mlm --competitors fastroberta-torch"
+  SMOKE_E2E="--tasks mlm,qa --competitors fastroberta-torch"
   SMOKE_HF="--workloads finetune --competitors hf-sdpa,hf+fastroberta"
   SMOKE_TRAIN="--smoke"
   MODEL_ARGS="--cases tiny --competitors hf-sdpa,fastroberta --gpus H200"

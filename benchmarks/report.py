@@ -166,19 +166,21 @@ def e2e_targets(res):
 
 
 def finetune_rows(res):
-    """The fine-tuning step against transformers' classifier: measured, no target set yet."""
-    rows = {r["competitor"]: r for r in res["results"] if r.get("task") == "finetune" and r["model"] == "base"
-            and r["precision"] == "fp16"}
-    ours = rows.get("fastroberta-triton", {}).get("tokens_per_s")
-    if not rows:
-        return []
+    """The fine-tuning steps against transformers' classifier and question-answering model: measured, no target
+    set yet."""
     out = []
-    for other in ("hf-eager", "hf-sdpa"):
-        theirs = rows.get(other, {}).get("tokens_per_s")
+    for task, what in (("finetune", "Fine-tuning"), ("qa", "QA fine-tuning")):
+        rows = {r["competitor"]: r for r in res["results"] if r.get("task") == task and r["model"] == "base"
+                and r["precision"] == "fp16"}
+        if not rows:
+            continue
+        ours = rows.get("fastroberta-triton", {}).get("tokens_per_s")
         r = next(iter(rows.values()))
-        out.append({"target": f"Fine-tuning tokens/s vs HF {other[3:]} (no target)",
-                    "measured": f"{ours / theirs:.2f}x" if ours and theirs else "-", "goal": "", "met": None,
-                    "where": f"base, seq {r['seq_len']}, batch {r['micro_batch']}, fp16, padded", "note": ""})
+        for other in ("hf-eager", "hf-sdpa"):
+            theirs = rows.get(other, {}).get("tokens_per_s")
+            out.append({"target": f"{what} tokens/s vs HF {other[3:]} (no target)",
+                        "measured": f"{ours / theirs:.2f}x" if ours and theirs else "-", "goal": "", "met": None,
+                        "where": f"base, seq {r['seq_len']}, batch {r['micro_batch']}, fp16, padded", "note": ""})
     return out
 
 

@@ -90,7 +90,7 @@ def test_e2e_smoke_step_through_deepspeed(tmp_path):
     result = json.loads((tmp_path / harness.device_slug() / "e2e.json").read_text())
     assert result["label"] == harness.SMOKE_LABEL and result["complete"]
     rows = {(r["task"], r["competitor"]): r for r in result["results"]}
-    assert set(rows) == {(t, c) for t in ("mlm", "finetune") for c in ("fastroberta-torch", "hf-sdpa")}
+    assert set(rows) == {(t, c) for t in ("mlm", "finetune", "qa") for c in ("fastroberta-torch", "hf-sdpa")}
     for r in rows.values():
         assert r["status"] == "ok", r
         assert r["tokens_per_s"] > 0 and math.isfinite(r["loss_last"])
@@ -103,13 +103,30 @@ def test_e2e_smoke_step_through_deepspeed(tmp_path):
         # A fresh head starts near the loss of a uniform guess: ln V for MLM, ln 2 for two labels.
         assert abs(mlm["loss_first"] - math.log(1000)) < 0.5
         assert abs(ft["loss_first"] - math.log(2)) < 0.3
+        # Question answering: start and end over the row's positions, a uniform guess is ln(length) for each.
+        qa = rows["qa", comp]
+        assert (qa["seq_len"], qa["micro_batch"]) == bench_e2e.QA_SMOKE_SHAPE
+        assert qa["real_tokens_per_step"] < qa["micro_batch"] * qa["seq_len"]
+        assert math.log(qa["seq_len"] / 4) - 0.3 < qa["loss_first"] < math.log(qa["seq_len"]) + 0.3
     md = (tmp_path / harness.device_slug() / "e2e.md").read_text()
     assert "| fastroberta-torch |" in md and "## fine-tuning (sequence classification" in md
+    assert "## fine-tuning (question answering" in md
     # The console: the smoke banner before the first figure, and the figures labelled as smoke.
     banner = proc.stdout.find("SMOKE RUN: a correctness check, NOT a performance result")
     first_figure = proc.stdout.find("smoke tok/s")
     assert 0 <= banner < first_figure, proc.stdout[:2000]
     assert " tokens/s" not in proc.stdout.replace("smoke tok/s", "")
+
+
+def test_qa_batch_positions_lie_inside_each_rows_real_tokens():
+    """The QA step's synthetic batch: padded rows, and a start <= end between <s> and </s> of each row."""
+    import torch
+    batch = bench_e2e.task_batch("qa", 64, 48, 1000, torch.device("cpu"))
+    assert set(batch) == {"input_ids", "attention_mask", "start_positions", "end_positions"}
+    lengths = batch["attention_mask"].sum(dim=1)
+    start, end = batch["start_positions"], batch["end_positions"]
+    assert (lengths < 48).any() and bool((1 <= start).all() and (start <= end).all() and (end <= lengths - 2).all())
+    assert len(set(start.tolist())) > 10  # spread over the rows, not one position
 
 
 def test_kernel_console_output_opens_with_the_smoke_banner(tmp_path, capsys):
@@ -177,6 +194,9 @@ def _write_device(root, device="NVIDIA H100 80GB HBM3", smoke=False):
     e2e_rows += [{"task": "finetune", "model": "base", "seq_len": 128, "micro_batch": 32, "precision": "fp16",
                   "competitor": c, "tokens_per_s": t, "mfu": 0.1, "status": "ok"} for c, t in [
         ("fastroberta-triton", 90000.0), ("hf-eager", 60000.0), ("hf-sdpa", 100000.0)]]
+    e2e_rows += [{"task": "qa", "model": "base", "seq_len": 384, "micro_batch": 32, "precision": "fp16",
+                  "competitor": c, "tokens_per_s": t, "mfu": 0.1, "status": "ok"} for c, t in [
+        ("fastroberta-triton", 80000.0), ("hf-eager", 32000.0)]]
     e2e = {"bench": "e2e", "results": e2e_rows, "complete": True, "environment": _env(device, smoke)}
     for name, data in (("layer_norm", ln), ("attention", att), ("cross_entropy", ce), ("e2e", e2e)):
         data["environment"] = _env(device, smoke)
@@ -214,6 +234,9 @@ def test_report_evaluates_the_targets_and_rewrites_the_readme_section(tmp_path):
     assert rows["Fine-tuning tokens/s vs HF eager (no target)"]["measured"] == "1.50x"
     assert rows["Fine-tuning tokens/s vs HF sdpa (no target)"]["measured"] == "0.90x"
     assert rows["Fine-tuning tokens/s vs HF sdpa (no target)"]["where"] == "base, seq 128, batch 32, fp16, padded"
+    assert rows["QA fine-tuning tokens/s vs HF eager (no target)"]["measured"] == "2.50x"
+    assert rows["QA fine-tuning tokens/s vs HF sdpa (no target)"]["measured"] == "-"  # not measured
+    assert rows["QA fine-tuning tokens/s vs HF eager (no target)"]["where"] == "base, seq 384, batch 32, fp16, padded"
     assert rows["Kernel outputs and gradients match the fp32 reference"]["met"] is True
 
     summary = (root / "SUMMARY.md").read_text()
