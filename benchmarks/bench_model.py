@@ -42,7 +42,10 @@ CASES = {
     "pretrain-base-512": dict(task="mlm", model="base", seq_len=512, batch=32),
     "pretrain-large-512": dict(task="mlm", model="large", seq_len=512, batch=32),
     "finetune-base-128": dict(task="finetune", model="base", seq_len=128, batch=32),
+    "finetune-qa-base-384": dict(task="qa", model="base", seq_len=384, batch=32),
 }
+MODEL_CLASSES = {"mlm": "RobertaForMaskedLM", "finetune": "RobertaForSequenceClassification",
+                 "qa": "RobertaForQuestionAnswering"}
 COMPETITORS = ("hf-eager", "hf-sdpa", "fastroberta", "fastroberta-compile")
 
 _aten = torch.ops.aten
@@ -246,18 +249,44 @@ TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_he
             max_position_embeddings=70)
 
 
+def model_class(competitor, task):
+    """transformers' or fastroberta's class for ``task`` (both use the same names)."""
+    import importlib
+    return getattr(importlib.import_module("transformers" if competitor.startswith("hf") else "fastroberta.model"),
+                   MODEL_CLASSES[task])
+
+
+def new_model(competitor, task, cfg):
+    """The competitor's randomly initialised model for ``task``, fp32 (question answering: 2 labels)."""
+    if task == "qa":
+        import dataclasses
+        cfg = dataclasses.replace(cfg, num_labels=2)
+    cls = model_class(competitor, task)
+    if competitor.startswith("hf"):
+        import transformers
+        return cls._from_config(transformers.RobertaConfig(**cfg.to_dict()),
+                                attn_implementation=competitor.split("-")[1])
+    return cls(cfg, kernels="triton")
+
+
+def task_targets(task, ids, generator=None):
+    """The loss inputs of a ``task`` batch: MLM labels (on meta: ``ids`` itself, only shapes matter there), a
+    class per row, or a start and an end position per row (question answering)."""
+    b, l = ids.shape
+    if task == "mlm":
+        chosen = ids if ids.device.type == "meta" else \
+            torch.where(torch.rand(b, l, device=ids.device, generator=generator) < MASK_PROB, ids, -100)
+        return {"labels": chosen}
+    if task == "qa":
+        start = torch.randint(1, l // 2, (b,), device=ids.device, generator=generator)
+        return {"start_positions": start, "end_positions": start + 3}
+    return {"labels": torch.randint(0, 2, (b,), device=ids.device, generator=generator)}
+
+
 def build(competitor, task, cfg):
     """The competitor's model for ``task`` on meta, fp16 weights (DeepSpeed's fp16), training mode."""
     with torch.device("meta"):
-        if competitor.startswith("hf"):
-            import transformers
-            cls = transformers.RobertaForMaskedLM if task == "mlm" else transformers.RobertaForSequenceClassification
-            hf_cfg = transformers.RobertaConfig(**cfg.to_dict())
-            model = cls._from_config(hf_cfg, attn_implementation=competitor.split("-")[1])
-        else:
-            from fastroberta.model import RobertaForMaskedLM, RobertaForSequenceClassification
-            cls = RobertaForMaskedLM if task == "mlm" else RobertaForSequenceClassification
-            model = cls(cfg, kernels="triton")
+        model = new_model(competitor, task, cfg)
     return model.half().train()
 
 
@@ -266,8 +295,7 @@ def count_step(competitor, task, cfg, batch, seq_len):
     model = build(competitor, task, cfg)
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     mask = torch.ones_like(ids)
-    labels = ids if task == "mlm" else torch.zeros(batch, dtype=torch.long, device="meta")
-    kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    kwargs = dict(input_ids=ids, attention_mask=mask, **task_targets(task, ids))
     if not competitor.startswith("hf"):
         kwargs["validate"] = False  # the trainer's setting: its loader checks every batch on the host
     counter = OpCounter(seq_len=seq_len, nonzero_rows=round(MASK_PROB * batch * seq_len))
@@ -441,28 +469,17 @@ def measure(case, competitor, steps=3):
     from torch.profiler import ProfilerActivity, profile
     from fastroberta.config import RobertaConfig
     cfg = RobertaConfig.preset(case["model"])
-    if competitor.startswith("hf"):
-        import transformers
-        cls = transformers.RobertaForMaskedLM if case["task"] == "mlm" else transformers.RobertaForSequenceClassification
-        model = cls._from_config(transformers.RobertaConfig(**cfg.to_dict()),
-                                 attn_implementation=competitor.split("-")[1])
-    else:
-        from fastroberta.model import RobertaForMaskedLM, RobertaForSequenceClassification
-        model = (RobertaForMaskedLM if case["task"] == "mlm" else RobertaForSequenceClassification)(cfg, "triton")
-        if competitor == "fastroberta-compile":
-            from fastroberta.compile import compile_model
-            model = compile_model(model)
+    model = new_model("fastroberta" if competitor == "fastroberta-compile" else competitor, case["task"], cfg)
+    if competitor == "fastroberta-compile":
+        from fastroberta.compile import compile_model
+        model = compile_model(model)
     model = model.cuda().half().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     b, l = case["batch"], case["seq_len"]
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(5, cfg.vocab_size, (b, l), device="cuda", generator=gen)
     mask = torch.ones_like(ids)
-    if case["task"] == "mlm":
-        labels = torch.where(torch.rand(b, l, device="cuda", generator=gen) < MASK_PROB, ids, -100)
-    else:
-        labels = torch.randint(0, 2, (b,), device="cuda", generator=gen)
-    kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    kwargs = dict(input_ids=ids, attention_mask=mask, **task_targets(case["task"], ids, gen))
     if not competitor.startswith("hf"):
         kwargs["validate"] = False
 

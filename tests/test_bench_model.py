@@ -103,6 +103,21 @@ def test_command_runs_on_a_tiny_config(tmp_path):
     assert "Assumptions" in (tmp_path / "step_model.md").read_text()
 
 
+def test_question_answering_step_counts_the_span_head_and_both_losses():
+    """The finetune-qa case's step: the 2-wide qa_outputs GEMM and a start and an end cross-entropy, the same in
+    fastroberta and transformers (the encoder is what differs)."""
+    cfg = bench_model._configs("tiny")
+    b, l = 2, 64
+    for comp in ("fastroberta", "hf-sdpa"):
+        counter, n_params = bench_model.count_step(comp, "qa", cfg, b, l)
+        forward = [r for r in counter.records if r.phase == "forward"]
+        assert [r.op for r in forward if r.kind == "loss"] == ["_log_softmax", "nll_loss_forward"] * 2
+        head = [r for r in forward if r.kind == "GEMM"][-1]
+        assert head.flops == 2 * b * l * cfg.hidden_size * 2
+        assert n_params == bench_model.count_step("fastroberta", "qa", cfg, b, l)[1]
+    assert bench_model.CASES["finetune-qa-base-384"] == dict(task="qa", model="base", seq_len=384, batch=32)
+
+
 def test_unknown_case_is_one_clear_line(capsys):
     args = cli.build_parser().parse_args(["model", "--cases", "nope"])
     assert not cli.run_model(args)
