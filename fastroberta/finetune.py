@@ -104,8 +104,9 @@ def build_parser():
                         "answering: squad, squad_v2 (unanswerable questions, no-answer threshold picked on "
                         "validation) or qa for SQuAD .json / .jsonl data (the bundled next-line task without "
                         "--train; SQuAD 2.0 rules when the data holds unanswerable questions); multiple choice: "
-                        "race, swag or multiple-choice (either form; without --train the generated "
-                        "which-line-follows task); token classification: ner (CoNLL-2003's tags) or "
+                        "race, swag (without --train: hf:race:all, hf:swag:regular) or multiple-choice (either "
+                        "form; without --train the generated which-line-follows task); token classification: ner "
+                        "(CoNLL-2003's tags; without --train: hf:conll2003) or "
                         "token-classification (the training split's tags; without --train the generated "
                         "character-names task). Default: word-order when no "
                         "--train is given; with a .csv/.tsv/.jsonl --train, inferred from its labels "
@@ -118,7 +119,8 @@ def build_parser():
                         "hf:<dataset>[:<config>][@split] with the datasets package (default: hf:glue:<task> for "
                         "GLUE tasks, hf:squad, hf:squad_v2, hf:race:all, hf:swag:regular, hf:conll2003)")
     g.add_argument("--validation", default=None,
-                   help="validation examples, same forms (default: the validation split of an hf: --train)")
+                   help="validation examples, same forms (default: the validation split of an hf: --train; "
+                        "hf:...@<split> names another)")
     g.add_argument("--test", default=None,
                    help="examples to predict into predictions.jsonl, or predictions.json for question answering "
                         "(labels / answers optional: scored when present)")

@@ -387,8 +387,11 @@ def test_a_second_run_on_the_same_output_is_refused(model_dir, tmp_path, capsys)
 def test_help_documents_every_flag():
     text = ft.build_parser().format_help()
     for action in ft.build_parser()._actions:
-        if action.help != "==SUPPRESS==" and action.option_strings:
-            assert action.help, action.option_strings
+        if action.help != "==SUPPRESS==" and action.option_strings:  # suppressed: the deepspeed launcher's
+            assert action.help and action.help.strip(), action.option_strings
+            assert all(flag in text for flag in action.option_strings), action.option_strings
+    for source in ("hf:squad", "hf:squad_v2", "hf:race:all", "hf:swag:regular", "hf:conll2003"):
+        assert source in " ".join(text.split()), source  # the default data of each benchmark task
     for flag in ("--model", "--task", "--train", "--validation", "--test", "--text-fields", "--label-field",
                  "--max-seq-len", "--group-by-length", "--precision", "--zero-stage", "--micro-batch-size",
                  "--global-batch-size", "--lr", "--epochs", "--steps", "--warmup-ratio", "--weight-decay",
