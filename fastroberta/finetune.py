@@ -30,7 +30,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -396,85 +395,43 @@ def model_class(s):
     return getattr(models, s.family.model_class if s.family is not None else "RobertaForSequenceClassification")
 
 
-def build_family_model(args, s, names):
-    """The model of a task family: the checkpoint's encoder (and its head of this family when it has one), or
-    the config's architecture from scratch."""
-    import dataclasses
-    cls = model_class(s)
-    overrides = s.family.model_overrides(names)
-    if args.dropout is not None:
-        overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout,
-                         classifier_dropout=args.dropout)
-    if s.model_kind != "pretrained":
-        return cls(dataclasses.replace(s.config, **overrides), kernels=args.kernels), \
-            "random initialisation (from scratch)"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            model = cls.from_pretrained(s.model_path, kernels=args.kernels, **overrides)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ConfigError(f"--model {args.model!r} cannot be loaded as {cls.__name__}: "
-                              f"{str(e).splitlines()[0]}") from None
-    new_head = any("newly initialised" in str(w.message) for w in caught)
-    return model, ("a new head" if new_head else "the checkpoint's head")
-
-
-
-def build_qa_model(args, s):
-    from fastroberta.model import RobertaForQuestionAnswering
-    overrides = {"num_labels": 2, "id2label": None, "problem_type": None}
-    if args.dropout is not None:
-        overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
-    if s.model_kind == "pretrained":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                model = RobertaForQuestionAnswering.from_pretrained(s.model_path, kernels=args.kernels, **overrides)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise ConfigError(f"--model {args.model!r} cannot be loaded: {str(e).splitlines()[0]}") from None
-        new_head = any("newly initialised" in str(w.message) for w in caught)
-        return model, ("a new question-answering head" if new_head else "the checkpoint's question-answering head")
-    import dataclasses
-    config = dataclasses.replace(s.config, **overrides)
-    return RobertaForQuestionAnswering(config, kernels=args.kernels), "random initialisation (from scratch)"
+def head_config(s, names):
+    """The config fields of the run's head: a family's, question answering's two logits, or the classes (or one
+    output for regression) of sequence classification."""
+    if s.family is not None:
+        return s.family.model_overrides(names)
+    if s.qa:
+        return {"num_labels": 2, "id2label": None, "problem_type": None}
+    return {"num_labels": 1 if names is None else len(names),
+            "problem_type": "regression" if s.task.regression else "single_label_classification",
+            "id2label": None if names is None else dict(enumerate(names))}
 
 
 def build_model(args, s, names):
-    from fastroberta.model import RobertaForSequenceClassification
-    if s.family is not None:
-        return build_family_model(args, s, names)
-    if s.qa:
-        return build_qa_model(args, s)
-    overrides = {"num_labels": 1 if names is None else len(names),
-                 "problem_type": "regression" if s.task.regression else "single_label_classification",
-                 "id2label": None if names is None else dict(enumerate(names))}
+    """The run's model and where its weights came from: --model's encoder, with the checkpoint's head for this
+    task when it has one of this size (one of another size, from a checkpoint fine-tuned for another task, is
+    initialised afresh, like transformers' ignore_mismatched_sizes), or the config's architecture from scratch."""
+    import dataclasses
+    from fastroberta.hf import from_hf_state_dict, load_state
+    cls = model_class(s)
+    overrides = head_config(s, names)
     if args.dropout is not None:
         overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout,
                          classifier_dropout=args.dropout)
-    if s.model_kind == "pretrained":
-        import dataclasses
-        # Load with the checkpoint's own head size; a head of another size (a checkpoint fine-tuned for another
-        # task) is then dropped: its out_proj is initialised afresh, like transformers' ignore_mismatched_sizes.
-        keep = {k: v for k, v in overrides.items() if k not in ("num_labels", "id2label", "problem_type")}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                loaded = RobertaForSequenceClassification.from_pretrained(s.model_path, kernels=args.kernels, **keep)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise ConfigError(f"--model {args.model!r} cannot be loaded: {str(e).splitlines()[0]}") from None
-        new_head = any("newly initialised" in str(w.message) for w in caught)
-        if loaded.config.num_labels == overrides["num_labels"]:
-            loaded.config = dataclasses.replace(loaded.config, **overrides)
-            loaded.num_labels = overrides["num_labels"]
-            return loaded, ("a new classification head" if new_head else "the checkpoint's classification head")
-        model = RobertaForSequenceClassification(dataclasses.replace(loaded.config, **overrides), kernels=args.kernels)
-        state = {k: v for k, v in loaded.state_dict().items() if not k.startswith("classifier.out_proj.")}
-        model.load_state_dict(state, strict=False)
-        return model, ("a new classification head" if new_head else
-                       f"the checkpoint's classification head with a new {overrides['num_labels']}-way output layer")
-    import dataclasses
-    config = dataclasses.replace(s.config, **overrides)
-    return RobertaForSequenceClassification(config, kernels=args.kernels), "random initialisation (from scratch)"
+    model = cls(dataclasses.replace(s.config, **overrides), kernels=args.kernels)
+    if s.model_kind != "pretrained":
+        return model, "random initialisation (from scratch)"
+    try:
+        state, missing, _ = from_hf_state_dict(model, load_state(s.model_path))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"--model {args.model!r} cannot be loaded as {cls.__name__}: "
+                          f"{str(e).splitlines()[0]}") from None
+    own = model.state_dict()
+    resized = sorted(k for k, v in state.items() if own[k].shape != v.shape)
+    model.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
+    if resized:
+        return model, f"the checkpoint's head resized: {', '.join(resized)} initialised afresh"
+    return model, ("a new head" if missing else "the checkpoint's head")
 
 
 def plan_schedule(args, s, train_examples):
@@ -519,7 +476,7 @@ def clear_previous_run(args, s):
                 os.remove(path)
 
 
-def build_classifier(args, s, names):
+def build_task_model(args, s, names):
     """The model with the same initial weights (and head) on every rank, then per-rank RNG streams for dropout;
     returns (model, where its weights came from, parameter count)."""
     import deepspeed
@@ -954,7 +911,7 @@ def run(args, s):
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     clear_previous_run(args, s)
 
-    model, origin, n_params = build_classifier(args, s, names)
+    model, origin, n_params = build_task_model(args, s, names)
     engine = build_engine(model, s, args, lr_scheduler(s.warmup_steps, s.total_steps))
     say(s, f"engine ready: {n_params / 1e6:.1f}M parameters from {s.model_path} ({origin}), "
            f"{s.precision}, ZeRO {s.zero_stage}, world {s.world_size}, global batch {s.global_batch_size}, "

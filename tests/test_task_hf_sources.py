@@ -163,8 +163,8 @@ def test_conll2003_tag_ids_map_through_the_columns_class_names(datasets, monkeyp
     # The names come from the features, not from a list of CoNLL's: another order maps accordingly.
     names = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
     rows = [{"tokens": ["Paris", "Hilton"], "ner_tags": [3, 4]}, {"tokens": ["in", "Paris"], "ner_tags": [0, 1]}]
-    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(
-        {("wnut", None, "train"): (rows, {"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names))})}))
+    features = {"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names))}
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({("wnut", None, "train"): (rows, features)}))
     assert read_tags("hf:wnut", "train").tags == [["B-PER", "I-PER"], ["O", "B-LOC"]]
 
 

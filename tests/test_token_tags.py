@@ -241,3 +241,28 @@ def test_finetune_token_classification_resumes_exactly(tmp_path):
     a = RobertaForTokenClassification.from_pretrained(str(tmp_path / "full" / "hf"), kernels="torch").state_dict()
     b = RobertaForTokenClassification.from_pretrained(str(tmp_path / "cut" / "hf"), kernels="torch").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_token_head_of_another_size_is_initialised_afresh_and_the_encoder_kept(tmp_path):
+    """--model a NER checkpoint with 9 tags for a 3-tag task: the encoder loads, the head's weights of the wrong
+    size are new (transformers' ignore_mismatched_sizes), and the run says so."""
+    import dataclasses
+    from fastroberta import finetune as ft
+    from fastroberta.hf import read_config
+    from fastroberta.model import RobertaForTokenClassification
+    from test_multiple_choice import tiny_model
+    model = tiny_model(tmp_path / "model", [" ".join(w) for w in WORDS] * 5)
+    cfg = dataclasses.replace(read_config(str(model / "hf")), num_labels=9)
+    torch.manual_seed(1)
+    RobertaForTokenClassification(cfg, kernels="torch").save_pretrained(str(tmp_path / "ner9"))
+    for name in (model / "hf").iterdir():
+        if name.name.startswith(("tokenizer", "vocab", "merges", "special")):
+            (tmp_path / "ner9" / name.name).write_bytes(name.read_bytes())
+    args = ft.build_parser().parse_args(["--model", str(tmp_path / "ner9"), "--task", "token-classification",
+                                         "--train", "x.jsonl", "--output", str(tmp_path / "o")])
+    s = ft.resolve_settings(args)
+    built, origin = ft.build_model(args, s, ["O", "B-PER", "I-PER"])
+    assert origin == "the checkpoint's head resized: classifier.bias, classifier.weight initialised afresh"
+    saved = RobertaForTokenClassification.from_pretrained(str(tmp_path / "ner9"), kernels="torch").state_dict()
+    assert built.config.num_labels == 3 and built.classifier.weight.shape[0] == 3
+    assert all(torch.equal(v, saved[k]) for k, v in built.state_dict().items() if not k.startswith("classifier."))
