@@ -37,8 +37,7 @@ import torch
 
 from fastroberta.config import PRESETS, RobertaConfig
 from fastroberta.tasks import TASKS, DataError, Task, get_task, task_for_data  # noqa: F401  (Task: for callers)
-from fastroberta.tasks.families import FAMILY_TASKS
-from fastroberta.tasks.qa import QA_TASKS
+from fastroberta.tasks.families import FAMILY_TASKS, logit_rows
 from fastroberta.training.checkpoints import (CHECKPOINT_DIR, load_checkpoint, save_checkpoint,
                                               warn_changed_settings)
 from fastroberta.training.cli import (HelpFormatter, add_shared_flags, announce_start, check_positive,
@@ -97,7 +96,7 @@ def build_parser():
     g.add_argument("--dropout", type=float, default=None,
                    help="hidden, attention and classifier dropout (default: the model's config)")
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", default=None, choices=list(TASKS) + list(QA_TASKS) + list(FAMILY_TASKS),
+    g.add_argument("--task", default=None, choices=list(TASKS) + list(FAMILY_TASKS),
                    help="a GLUE task (fields, classes, metric preset), word-order (generated from the bundled "
                         "corpus), or classification / regression for your own data; extractive question "
                         "answering: squad, squad_v2 (unanswerable questions, no-answer threshold picked on "
@@ -225,21 +224,15 @@ def resolve_settings(args):
         raise ConfigError(f"--doc-stride must be >= 0, got {args.doc_stride}")
 
     s.family = FAMILY_TASKS.get(args.task)
-    s.qa = args.task in QA_TASKS
     if s.family is not None:
         for flag in ("text_fields", "label_field", "metric"):
             if getattr(args, flag) is not None:
-                raise ConfigError(f"--{flag.replace('_', '-')} does not apply to --task {args.task}")
+                raise ConfigError(f"--{flag.replace('_', '-')} does not apply to --task {args.task}: it reads "
+                                  f"fixed fields and is judged by {s.family.task.metric}")
+        s.family = s.family.for_run(args)
         s.task_inferred, s.task = False, s.family.task
         if args.train is None and s.family.hf is not None:
             args.train = f"hf:{s.family.hf}"
-    elif s.qa:
-        if args.metric or args.text_fields or args.label_field:
-            raise ConfigError(f"--task {args.task} reads fixed fields and is judged by F1: drop --metric, "
-                              "--text-fields and --label-field")
-        s.task_inferred, s.task = False, QA_TASKS[args.task]
-        if args.train is None and s.task.hf is not None:
-            args.train = f"hf:{s.task.hf}"
     else:
         args.task, s.task_inferred = task_for_data(args.task, args.train, args.label_field)
         s.task = get_task(args.task, args.text_fields, args.label_field, args.metric)
@@ -267,7 +260,7 @@ def resolve_settings(args):
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {args.model!r}: {e}") from None
     if args.max_seq_len is None:
-        args.max_seq_len = min(384 if s.qa else 128, s.config.max_seq_len)
+        args.max_seq_len = min(s.family.default_max_seq_len if s.family else 128, s.config.max_seq_len)
     if args.max_seq_len > s.config.max_seq_len:
         raise ConfigError(f"--max-seq-len {args.max_seq_len} exceeds the model's position table "
                           f"({s.config.max_seq_len} tokens)")
@@ -301,12 +294,10 @@ def load_checked_tokenizer(s):
 
 def load_data(args, s, tokenizer, special):
     """{"train" | "validation" | "test": (ids, labels or None, Split)} and the class names (None: regression or
-    question answering)."""
+    a family without names)."""
     from fastroberta.tasks import (Split, encode_labels, label_names, read_split, tokenize, word_order_task)
     if s.family is not None:
         return load_family_data(args, s, tokenizer, special)
-    if s.qa:
-        return load_qa_data(args, s, tokenizer, special), None
     splits = {}
     if args.task == "word-order" and args.train is None:
         generated = word_order_task()
@@ -339,6 +330,8 @@ def load_family_data(args, s, tokenizer, special):
         spec = getattr(args, name)
         if spec is not None:
             splits[name] = family.read(spec, name, need_labels=name != "test")
+    family.decide(splits)
+    s.task = family.task
     names = family.names(splits["train"])
     out = {}
     for name, split in splits.items():
@@ -348,60 +341,16 @@ def load_family_data(args, s, tokenizer, special):
     return out, names
 
 
-def load_qa_data(args, s, tokenizer, special):
-    """{"train" | "validation" | "test": (ids, [N, 2] start / end positions or None, (examples, features))}:
-    the windows of each split. ``s.task`` gets SQuAD 2.0 rules when --task qa data holds unanswerable questions."""
-    import dataclasses
-    from fastroberta.tasks.next_line import next_line_task
-    from fastroberta.tasks.qa import QAExample, qa_features, read_qa
-    examples = {}
-    if args.task == "qa" and args.train is None:
-        for name, rows in next_line_task().items():
-            if name == "train" or getattr(args, name) is None:
-                examples[name] = [QAExample(r["id"], r["question"], r["context"],
-                                            list(zip(r["answers"]["text"], r["answers"]["answer_start"])),
-                                            f"next-line:{name} {r['id']}") for r in rows]
-    for name in ("train", "validation", "test"):
-        spec = getattr(args, name)
-        if spec is not None:
-            examples[name] = read_qa(spec, name, need_answers=name != "test")
-    if s.task.version_2 is None:
-        unanswerable = any(e.is_impossible for name in ("train", "validation") for e in examples.get(name, ()))
-        s.task = dataclasses.replace(s.task, version_2=unanswerable)
-    out = {}
-    for name, split in examples.items():
-        features = qa_features(split, tokenizer, special, args.max_seq_len, args.doc_stride, args.max_question_len)
-        positions = None
-        if features.start_positions is not None:
-            positions = np.stack([features.start_positions, features.end_positions], axis=1)
-        out[name] = (features.input_ids, positions, (split, features))
-    return out
-
-
-def qa_model_inputs(batch, device):
-    """``model_inputs`` of a question-answering batch: its [B, 2] labels become start and end positions."""
-    batch = dict(batch)
-    positions = batch.pop("labels", None)
-    if positions is not None:
-        batch["start_positions"], batch["end_positions"] = positions[:, 0], positions[:, 1]
-    return model_inputs(batch, device)
-
-
-
 def model_class(s):
     import fastroberta.model as models
-    if s.qa:
-        return models.RobertaForQuestionAnswering
     return getattr(models, s.family.model_class if s.family is not None else "RobertaForSequenceClassification")
 
 
 def head_config(s, names):
-    """The config fields of the run's head: a family's, question answering's two logits, or the classes (or one
-    output for regression) of sequence classification."""
+    """The config fields of the run's head: a family's, or the classes (or one output for regression) of
+    sequence classification."""
     if s.family is not None:
         return s.family.model_overrides(names)
-    if s.qa:
-        return {"num_labels": 2, "id2label": None, "problem_type": None}
     return {"num_labels": 1 if names is None else len(names),
             "problem_type": "regression" if s.task.regression else "single_label_classification",
             "id2label": None if names is None else dict(enumerate(names))}
@@ -499,29 +448,18 @@ def model_inputs(batch, device):
     return inputs
 
 
-def sequence_logits(out, batch):
-    return list(out.logits.float().cpu().numpy())
-
-
-def span_logits(out, batch):
-    """Per row, its [length, 2] start and end logits, cut to the row's real tokens."""
-    both = torch.stack([out.start_logits, out.end_logits], dim=-1).float().cpu().numpy()
-    lengths = batch["attention_mask"].sum(dim=1).tolist()
-    return [row[:n] for row, n in zip(both, lengths)]
-
-
 def predict(module_call, ids, batch_size, pad_id, device, rank, world_size, pad_multiple=1, pad_limit=None,
-            family=None, take=sequence_logits):
+            family=None):
     """Logits (float32 numpy, one row per example, in order) of the whole split, every rank evaluating its
-    share and the shares gathered on all ranks; batches padded as ``tasks.collate`` says. ``take`` turns a
-    batch's output into its rows: ``span_logits`` gives a list of [length, 2] arrays (question answering). With
-    a task ``family``: its batches, and a list of what its ``row`` makes of each example's logits."""
+    share and the shares gathered on all ranks; batches padded as ``tasks.collate`` says. With a task
+    ``family``: its batches, and a list of what its ``row`` makes of each example's output (its ``take``)."""
     import torch.distributed as dist
     from fastroberta.tasks import eval_batches
     idx, rows = [], []
     with torch.no_grad(), preserved_rng():
         for real, batch in eval_batches(ids, batch_size, pad_id, rank, world_size, pad_multiple, pad_limit,
                                         family.collate if family is not None else None):
+            take = family.take if family is not None else logit_rows
             logits = take(module_call(**model_inputs(batch, device)), batch)
             for i, row in zip(real, logits):
                 if i >= 0:
@@ -535,21 +473,7 @@ def predict(module_call, ids, batch_size, pad_id, device, rank, world_size, pad_
     for part_idx, part_rows in parts:
         for i, row in zip(part_idx, part_rows):
             out[i] = row
-    return out if take is span_logits or family is not None else np.stack(out)
-
-
-def qa_scores(task, args, spans, examples, features, threshold=None):
-    """(predictions {id: text}, SQuAD metrics) of a split's window logits; SQuAD 2.0 answers "" above the
-    no-answer ``threshold`` (default: the best_f1_thresh found on this split, when it has answers)."""
-    from fastroberta.tasks.qa_eval import answer_texts, no_answer_scores, postprocess_qa, squad_metrics
-    best = postprocess_qa(examples, features, [r[:, 0] for r in spans], [r[:, 1] for r in spans], args.n_best,
-                          args.max_answer_len)
-    scores = no_answer_scores(best) if task.version_2 else None
-    has_answers = all(e.answers is not None for e in examples)
-    metrics = squad_metrics(examples, answer_texts(best), scores) if has_answers else None
-    if scores is not None and threshold is None:
-        threshold = metrics["best_f1_thresh"] if metrics is not None else 0.0
-    return answer_texts(best, scores, threshold), metrics
+    return out if family is not None else np.stack(out)
 
 
 def scores(task, logits, labels):
@@ -645,13 +569,11 @@ def evaluate(engine, s, args, val, pad_id, device):
     was_training = engine.module.training
     engine.eval()
     logits = predict(engine, val[0], s.eval_batch_size, pad_id, device, s.rank, s.world_size,
-                     args.pad_to_multiple_of, args.max_seq_len, s.family, span_logits if s.qa else sequence_logits)
+                     args.pad_to_multiple_of, args.max_seq_len, s.family)
     if was_training:
         engine.train()
     if s.family is not None:
         return s.family.scores(logits, val, s.names)
-    if s.qa:
-        return qa_scores(s.task, args, logits, *val[2])[1]
     return scores(s.task, logits, val[1])[1]
 
 
@@ -688,7 +610,7 @@ def finetune_loop(args, s, engine, loader, val, special, config, tokenizer, devi
         with StopRequest() as stop:
             while state.step < end_step:
                 lr = engine.get_lr()[0]
-                result = optimizer_step(engine, batches, s, device, qa_model_inputs if s.qa else model_inputs,
+                result = optimizer_step(engine, batches, s, device, model_inputs,
                                         stop_requested=stop.requested,
                                         step=state.step + 1, last_good="resume from the last checkpoint")
                 state.step += 1
@@ -746,12 +668,11 @@ def finish(args, s, engine, data, names, config, tokenizer, special, device, sta
                 export_model(weights, config, tokenizer, args.max_seq_len, hf_dir, model_class(s))
         summary["hf"] = hf_dir
         if "test" in data:
-            write = write_qa_predictions if s.qa else write_predictions
-            summary["test"] = write(args, s, data["test"], names, hf_dir, device, special, state)
+            summary["test"] = write_predictions(args, s, data["test"], names, hf_dir, device, special, state)
         say(s, f"done: step {state.step}" + (f", best {metric} {best['metric']:.4f} at step {best['step']}"
                                               if best["metric"] is not None else "")
             + f" in {time.perf_counter() - t0:.0f}s (start-up included); the model is in {hf_dir}")
-        if s.family is None and not s.qa:  # the majority class / mean of sequence labels
+        if s.family is None:  # the majority class / mean of sequence labels
             summary["baseline"] = report_baseline(s, data, names, best["metrics"], summary["test"])
         if s.rank == 0:
             from fastroberta.plot import draw_run
@@ -806,8 +727,10 @@ def report_test_metrics(s, metrics):
 
 
 def write_predictions(args, s, test, names, hf_dir, device, special, state=None):
-    """Rank 0 predicts the test split with the kept model (hf/) into predictions.jsonl; returns the test metrics
-    when the split has labels, else None."""
+    """Rank 0 predicts the test split with the kept model (hf/) into predictions.jsonl (a family's predictions
+    file: question answering writes predictions.json, {id: answer text}, the official SQuAD scripts' input, with
+    SQuAD 2.0's no-answer threshold from the kept model's validation); returns the test metrics when the split
+    has labels, else None."""
     import torch.distributed as dist
     result = None
     if s.rank == 0:
@@ -817,48 +740,27 @@ def write_predictions(args, s, test, names, hf_dir, device, special, state=None)
             logits = predict(model, ids, s.eval_batch_size, special["pad"], device, 0, 1,
                              args.pad_to_multiple_of, args.max_seq_len, s.family)
         if s.family is not None:
-            rows = s.family.prediction_rows(logits, test, names)
-            metrics = s.family.scores(logits, test, names) if labels is not None else None
+            kept = (state.best["metrics"] if state is not None else None) or {}
+            predictions, metrics = s.family.test_results(logits, test, names, kept)
+            name = s.family.predictions_file
         else:
             preds, metrics = scores(s.task, logits, labels if labels is not None else np.zeros(len(ids)))
-            rows = []
+            metrics = metrics if labels is not None else None
+            predictions, name = [], "predictions.jsonl"
             for i, p in enumerate(preds):
                 row = {"index": i, **dict(zip(("text", "text_pair"), split.texts[i])),
                        "prediction": float(p) if names is None else names[int(p)]}
                 if labels is not None:
                     row["label"] = float(labels[i]) if names is None else names[int(labels[i])]
-                rows.append(row)
-        tmp = os.path.join(s.output, "predictions.jsonl.tmp")
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, os.path.join(s.output, "predictions.jsonl"))
-        if labels is not None:
-            result = report_test_metrics(s, metrics)
-    dist.barrier()
-    return result
-
-
-def write_qa_predictions(args, s, test, names, hf_dir, device, special, state):
-    """Rank 0 answers the test split with the kept model (hf/) into predictions.json ({id: answer text}, the
-    official SQuAD scripts' input; SQuAD 2.0 with the best_f1_thresh of the kept model's validation); returns
-    the test metrics when the split has answers, else None."""
-    import torch.distributed as dist
-    from fastroberta.model import RobertaForQuestionAnswering
-    from fastroberta.tasks.qa_eval import write_predictions as write_answers
-    result = None
-    if s.rank == 0:
-        model = RobertaForQuestionAnswering.from_pretrained(hf_dir, kernels=args.kernels).to(device).eval()
-        ids, _, (examples, features) = test
-        with prediction_autocast(s, device):
-            spans = predict(model, ids, s.eval_batch_size, special["pad"], device, 0, 1, args.pad_to_multiple_of,
-                            args.max_seq_len, take=span_logits)
-        kept = state.best["metrics"] or {}
-        threshold = kept.get("best_f1_thresh", 0.0) if s.task.version_2 else None
-        predictions, metrics = qa_scores(s.task, args, spans, examples, features, threshold)
-        tmp = os.path.join(s.output, "predictions.json.tmp")
-        write_answers(predictions, tmp)
-        os.replace(tmp, os.path.join(s.output, "predictions.json"))
+                predictions.append(row)
+        tmp = os.path.join(s.output, name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            if name.endswith(".jsonl"):
+                f.writelines(json.dumps(row) + "\n" for row in predictions)
+            else:
+                json.dump(predictions, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+        os.replace(tmp, os.path.join(s.output, name))
         if metrics is not None:
             result = report_test_metrics(s, metrics)
     dist.barrier()
@@ -897,14 +799,12 @@ def run(args, s):
     train_ids, train_labels, _ = data["train"]
     plan_schedule(args, s, len(train_ids))
     # Every input is read and checked by now, before DeepSpeed starts.
-    if s.qa:
-        kind = "question answering (SQuAD 2.0 rules)" if s.task.version_2 else "question answering"
-    elif s.family is not None:
-        kind = f"{len(names)} tags" if names else f"{len(data['train'][0][0])} choices"
+    if s.family is not None:
+        kind = s.family.describe(names, train_ids)
     else:
         kind = "regression" if names is None else f"{len(names)} classes"
     say(s, f"data ready: {', '.join(f'{k} {len(v[0])}' for k, v in data.items())} "
-           f"{'windows' if s.qa else 'examples'}, {kind} ({time.perf_counter() - t0:.1f}s since start)")
+           f"{s.family.unit if s.family else 'examples'}, {kind} ({time.perf_counter() - t0:.1f}s since start)")
     announce_start(s)
     device, s.threads = init_distributed(s.on_cuda, s.local_rank, args.dist_timeout)
     check_shared_output(s.output, s.rank, s.world_size)

@@ -87,7 +87,8 @@ def test_squad_v2_run_picks_the_threshold_on_validation(qa_dir, tmp_path):
 def test_qa_configuration_errors(qa_dir, tmp_path):
     with pytest.raises(ConfigError, match="--max-seq-len 64 leaves at most 36 context tokens .* --doc-stride 40"):
         run(qa_dir, tmp_path / "a", "v1", "qa", "--doc-stride", "40")
-    with pytest.raises(ConfigError, match="--task squad reads fixed fields and is judged by F1: drop --metric"):
+    with pytest.raises(ConfigError, match="--metric does not apply to --task squad: it reads fixed fields and is "
+                                          "judged by f1"):
         run(qa_dir, tmp_path / "b", "v1", "squad", "--metric", "accuracy")
     with pytest.raises(ConfigError, match="--n-best must be"):
         run(qa_dir, tmp_path / "c", "v1", "qa", "--n-best", "0")

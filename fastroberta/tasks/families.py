@@ -1,6 +1,11 @@
 """What ``fastroberta-finetune`` needs from a task family besides the classification one: which model class,
 how the data is read and batched, what one evaluation row of logits becomes, the metrics, the best-model metric
-and the rows of predictions.jsonl. One object per family; ``FAMILY_TASKS`` maps each ``--task`` name to one.
+and the test predictions. One object per family; ``FAMILY_TASKS`` maps each ``--task`` name to one, and
+``for_run`` gives the object a run uses (with the run's flags where the family has some).
+
+    question answering:    --task squad | squad_v2 (without --train: hf:squad, hf:squad_v2) | qa (SQuAD 2.0
+                           rules when the data holds unanswerable questions; without --train the generated
+                           next-line task)
 
     multiple choice:       --task race | swag | multiple-choice (RACE or SWAG form, told apart by the fields;
                            without --train: hf:race:all, hf:swag:regular, the generated "which line follows" task)
@@ -9,15 +14,47 @@ and the rows of predictions.jsonl. One object per family; ``FAMILY_TASKS`` maps 
                            "character names" task)
 Files or ``hf:<dataset>[:<config>][@<split>]`` (with the ``datasets`` package) for either.
 """
+import dataclasses
+
 import numpy as np
+import torch
 
 from fastroberta.tasks import multiple_choice as mc
 from fastroberta.tasks import token_tags as tt
+from fastroberta.tasks.batching import collate
 from fastroberta.tasks.classification import Task
 from fastroberta.tasks.errors import DataError
+from fastroberta.tasks.qa import QA_TASKS
 
 
-class MultipleChoiceFamily:
+def logit_rows(out, batch):
+    """Per row of a batch, the model's logits (float32 numpy)."""
+    return list(out.logits.float().cpu().numpy())
+
+
+class TaskFamily:
+    """What the families share; each overrides what differs."""
+    hf = None                                # the --train when none is given: a Hugging Face dataset[:config]
+    predictions_file = "predictions.jsonl"
+    default_max_seq_len = 128
+    unit = "examples"                        # what one feature is, for the "data ready" line
+    take = staticmethod(logit_rows)          # a batch's model output -> one array per row
+
+    def for_run(self, args):
+        """The family object a run uses."""
+        return self
+
+    def decide(self, splits):
+        """What the read splits decide about the task (question answering: SQuAD 2.0 rules or not)."""
+
+    def test_results(self, rows, data, names, kept):
+        """(what the predictions file holds, the test metrics or None when the split has no labels); ``kept``:
+        the kept model's validation metrics."""
+        metrics = self.scores(rows, data, names) if data[1] is not None else None
+        return self.prediction_rows(rows, data, names), metrics
+
+
+class MultipleChoiceFamily(TaskFamily):
     model_class = "RobertaForMultipleChoice"
     collate = staticmethod(mc.collate_choices)
     metric = "accuracy"
@@ -51,6 +88,9 @@ class MultipleChoiceFamily:
     def row(self, logits, ids):
         return logits.numpy()
 
+    def describe(self, names, train_ids):
+        return f"{len(train_ids[0])} choices"
+
     def scores(self, rows, data, names):
         return mc.choice_metrics(np.stack(rows), data[1])
 
@@ -64,7 +104,7 @@ class MultipleChoiceFamily:
         return out
 
 
-class TokenFamily:
+class TokenFamily(TaskFamily):
     model_class = "RobertaForTokenClassification"
     collate = staticmethod(tt.collate_tags)
     metric = "f1"
@@ -102,6 +142,9 @@ class TokenFamily:
     def row(self, logits, ids):
         return logits[:len(ids)].argmax(-1).numpy()
 
+    def describe(self, names, train_ids):
+        return f"{len(names)} tags"
+
     def scores(self, rows, data, names):
         split, feats = data[2]
         return tt.tag_metrics(tt.word_predictions(rows, feats.first, names), split.tags)
@@ -117,7 +160,105 @@ class TokenFamily:
         return out
 
 
+def span_rows(out, batch):
+    """Per row, its [length, 2] start and end logits, cut to the row's real tokens."""
+    both = torch.stack([out.start_logits, out.end_logits], dim=-1).float().cpu().numpy()
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    return [row[:n] for row, n in zip(both, lengths)]
+
+
+def collate_spans(ids_list, pad_id, labels=None, multiple=1, limit=None):
+    """``batching.collate``'s batch, with [N, 2] labels as the model's ``start_positions`` / ``end_positions``."""
+    batch = collate(ids_list, pad_id, None, multiple, limit)
+    if labels is not None:
+        positions = torch.as_tensor(np.asarray(labels, np.int64))
+        batch["start_positions"], batch["end_positions"] = positions[:, 0], positions[:, 1]
+    return batch
+
+
+class QuestionAnsweringFamily(TaskFamily):
+    """Extractive question answering: each context cut into windows (the features), [N, 2] start / end token
+    positions as labels, start / end logits per window, answers and the SQuAD metrics per question;
+    predictions.json is {id: answer text}, the official scripts' input."""
+    model_class = "RobertaForQuestionAnswering"
+    collate = staticmethod(collate_spans)
+    take = staticmethod(span_rows)
+    predictions_file = "predictions.json"
+    default_max_seq_len = 384
+    unit = "windows"
+
+    def __init__(self, task, doc_stride=128, max_question_len=64, n_best=20, max_answer_len=30):
+        self.task, self.hf = task, task.hf
+        self.doc_stride, self.max_question_len = doc_stride, max_question_len
+        self.n_best, self.max_answer_len = n_best, max_answer_len
+
+    def for_run(self, args):
+        return QuestionAnsweringFamily(self.task, args.doc_stride, args.max_question_len, args.n_best,
+                                       args.max_answer_len)
+
+    def generated(self):
+        from fastroberta.tasks.next_line import next_line_task
+        from fastroberta.tasks.qa import QAExample
+        if self.task.name != "qa":
+            return {}
+        return {name: [QAExample(r["id"], r["question"], r["context"],
+                                 list(zip(r["answers"]["text"], r["answers"]["answer_start"])),
+                                 f"next-line:{name} {r['id']}") for r in rows]
+                for name, rows in next_line_task().items()}
+
+    def read(self, spec, split, need_labels):
+        from fastroberta.tasks.qa import read_qa
+        return read_qa(spec, split, need_answers=need_labels)
+
+    def decide(self, splits):
+        if self.task.version_2 is None:  # --task qa: SQuAD 2.0 rules when the data holds unanswerable questions
+            unanswerable = any(e.is_impossible for name in ("train", "validation") for e in splits.get(name, ()))
+            self.task = dataclasses.replace(self.task, version_2=unanswerable)
+
+    def names(self, train):
+        return None
+
+    def model_overrides(self, names):
+        return {"num_labels": 2, "id2label": None, "problem_type": None}
+
+    def features(self, split, tokenizer, max_seq_len, special, names):
+        from fastroberta.tasks.qa import qa_features
+        feats = qa_features(split, tokenizer, special, max_seq_len, self.doc_stride, self.max_question_len)
+        positions = None
+        if feats.start_positions is not None:
+            positions = np.stack([feats.start_positions, feats.end_positions], axis=1)
+        return feats.input_ids, positions, (split, feats)
+
+    def row(self, logits, ids):
+        return logits.numpy()
+
+    def describe(self, names, train_ids):
+        return "question answering (SQuAD 2.0 rules)" if self.task.version_2 else "question answering"
+
+    def answers(self, rows, data, threshold=None):
+        """(predictions {id: text}, SQuAD metrics or None without answers) of a split's window logits; SQuAD 2.0
+        answers "" above the no-answer ``threshold`` (default: the best_f1_thresh found on this split)."""
+        from fastroberta.tasks.qa_eval import answer_texts, no_answer_scores, postprocess_qa, squad_metrics
+        examples, features = data[2]
+        best = postprocess_qa(examples, features, [r[:, 0] for r in rows], [r[:, 1] for r in rows], self.n_best,
+                              self.max_answer_len)
+        scores = no_answer_scores(best) if self.task.version_2 else None
+        has_answers = all(e.answers is not None for e in examples)
+        metrics = squad_metrics(examples, answer_texts(best), scores) if has_answers else None
+        if scores is not None and threshold is None:
+            threshold = metrics["best_f1_thresh"] if metrics is not None else 0.0
+        return answer_texts(best, scores, threshold), metrics
+
+    def scores(self, rows, data, names):
+        return self.answers(rows, data)[1]
+
+    def test_results(self, rows, data, names, kept):
+        # SQuAD 2.0: the test split is answered with the kept model's no-answer threshold from validation.
+        return self.answers(rows, data, kept.get("best_f1_thresh", 0.0) if self.task.version_2 else None)
+
+
 FAMILY_TASKS = {
+    **{name: QuestionAnsweringFamily(task) for name, task in QA_TASKS.items()},
     "race": MultipleChoiceFamily("race", "race", "race:all"),
     "swag": MultipleChoiceFamily("swag", "swag", "swag:regular"),
     "multiple-choice": MultipleChoiceFamily("multiple-choice", None),
