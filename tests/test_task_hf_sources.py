@@ -281,3 +281,16 @@ def test_finetune_ner_on_hf_conll2003_end_to_end(monkeypatch, tmp_path):
     preds = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert [p["tokens"] for p in preds] == [r["tokens"] for r in CONLL]
     assert [p["label"] for p in preds] == CONLL_TAGS
+
+
+def test_a_script_dataset_under_datasets_4_names_the_way_out(monkeypatch):
+    module = types.ModuleType("datasets")
+
+    def load_dataset(path, name=None, split=None):
+        raise RuntimeError("Dataset scripts are no longer supported, but found conll2003.py")
+    module.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    with pytest.raises(DataError, match=r"--train hf:conll2003: loading split 'train' failed: Dataset scripts are no "
+                                        r"longer supported, .*; name a copy stored as data files instead "
+                                        r"\(hf:<owner>/<name>, e.g. hf:lhoestq/conll2003\)"):
+        read_tags("hf:conll2003", "train")
