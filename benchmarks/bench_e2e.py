@@ -494,6 +494,7 @@ def _config_key(r):
     return (r.get("task", "mlm"), r["model"], r["seq_len"], r["precision"])
 
 
+PLOT_TAGS = {"finetune": "FT ", "qa": "QA "}
 TASK_TITLES = {"mlm": "pretraining (masked LM, packed text)",
                "finetune": f"fine-tuning (sequence classification, {FINETUNE_LABELS} labels, padded batches)",
                "qa": "fine-tuning (question answering, start and end positions, padded batches)"}
@@ -560,7 +561,7 @@ def plot_e2e(result, path):
             ys.append(match[0] / 1e3 if match else 0)
         ax.bar([x + i * width for x in range(len(configs))], ys, width, label=comp)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(configs))])
-    ax.set_xticklabels([f"{ {'finetune': 'FT ', 'qa': 'QA '}.get(t, '')}{m} L{s} {p}" for t, m, s, p in configs],
+    ax.set_xticklabels([f"{PLOT_TAGS.get(t, '')}{m} L{s} {p}" for t, m, s, p in configs],
                        rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("thousand tokens / s")
     ax.set_title(f"Training step, DeepSpeed ZeRO-2 — {result['environment']['device']}", fontsize=9)
