@@ -19,7 +19,7 @@ import torch
 from fastroberta.tasks.batching import padded_length
 from fastroberta.tasks.errors import DataError
 from fastroberta.tasks.metrics import accuracy
-from fastroberta.tasks.readers import hf_source, load_hf
+from fastroberta.tasks.readers import hf_source, json_lines, load_hf
 
 SWAG_ENDINGS = ("ending0", "ending1", "ending2", "ending3")
 
@@ -108,15 +108,7 @@ def _json_records(path):
         return [(path, whole)]
     if isinstance(whole, list):
         return [(f"{path} record {i + 1}", r) for i, r in enumerate(whole)]
-    out = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path} line {i}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {i} is not valid JSON: {e.msg}") from None
-    return out
+    return [(f"{path} {where}", record) for where, record in json_lines(path)]
 
 
 def read_race(path, split="train", need_labels=True):
