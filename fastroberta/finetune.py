@@ -376,7 +376,7 @@ def build_model(args, s, names):
         raise ConfigError(f"--model {args.model!r} cannot be loaded as {cls.__name__}: "
                           f"{str(e).splitlines()[0]}") from None
     own = model.state_dict()
-    resized = sorted(k for k, v in state.items() if own[k].shape != v.shape)
+    resized = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
     model.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
     if resized:
         return model, f"the checkpoint's head resized: {', '.join(resized)} initialised afresh"
@@ -456,10 +456,10 @@ def predict(module_call, ids, batch_size, pad_id, device, rank, world_size, pad_
     import torch.distributed as dist
     from fastroberta.tasks import eval_batches
     idx, rows = [], []
+    take = family.take if family is not None else logit_rows
     with torch.no_grad(), preserved_rng():
         for real, batch in eval_batches(ids, batch_size, pad_id, rank, world_size, pad_multiple, pad_limit,
                                         family.collate if family is not None else None):
-            take = family.take if family is not None else logit_rows
             logits = take(module_call(**model_inputs(batch, device)), batch)
             for i, row in zip(real, logits):
                 if i >= 0:
