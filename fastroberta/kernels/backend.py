@@ -44,14 +44,14 @@ class OpSet:
     it while tracing a model's first call)."""
 
     def __init__(self, name, layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-                 gelu_backward_bias_grad):
+                 feed_forward):
         self.name = name
         self.layer_norm = layer_norm
         self.attention = attention
         self.attention_packed = attention_packed
         self.attention_varlen = attention_varlen
         self.mlm_cross_entropy = mlm_cross_entropy
-        self.gelu_backward_bias_grad = gelu_backward_bias_grad
+        self.feed_forward = feed_forward
 
 
 def _outside_autocast(fn):
@@ -82,19 +82,21 @@ def _torch_ops():
         _check_inputs(x, weight, bias, eps, residual, dropout_p)  # the same clear errors as the kernel's
         return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
 
+    from fastroberta.fused_linear import feed_forward_and_input_eager
+    # The FFN is not wrapped: its linears follow autocast as F.linear does.
     return OpSet("torch", *(_outside_autocast(op) for op in (layer_norm, reference.attention,
                                                               reference.attention_packed, attention_varlen,
-                                                              mlm_cross_entropy,
-                                                              reference.gelu_backward_bias_grad)))
+                                                              mlm_cross_entropy)),
+                 feed_forward_and_input_eager)
 
 
 def _triton_ops():
     from .attention import attention, attention_packed, attention_varlen
     from .cross_entropy import mlm_cross_entropy
-    from .gelu import gelu_backward_bias_grad
+    from fastroberta.fused_linear import feed_forward_and_input
     from .layer_norm import layer_norm
     return OpSet("triton", layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-                 gelu_backward_bias_grad)
+                 feed_forward_and_input)
 
 
 _OPS = {}
@@ -102,7 +104,7 @@ _OPS = {}
 
 def ops_for(kernels, device):
     """The op namespace (layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-    gelu_backward_bias_grad) for ``kernels`` on ``device``."""
+    feed_forward: ``(FFN(x), x)``) for ``kernels`` on ``device``."""
     name = resolve_kernels(kernels, device)
     if name not in _OPS:
         _OPS[name] = _triton_ops() if name == "triton" else _torch_ops()
