@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastroberta.config import IGNORE_INDEX, RobertaConfig
-from fastroberta.fused_linear import linear_and_input
+from fastroberta.fused_linear import feed_forward_and_input, linear_and_input
 from fastroberta.kernels._checks import autocast_enabled, compiling
 from fastroberta.kernels.backend import KERNEL_CHOICES, KernelSwitch
 from fastroberta.kernels.layer_norm import FusedLayerNorm
@@ -119,7 +119,8 @@ class EncoderLayer(KernelSwitch, nn.Module):
                                        validate=validate).reshape(t, e)
         x = self.attn_norm(self.attn_out(ctx), residual=x, dropout_p=p_hidden)
         # The FFN as one op: on the Triton path GELU and its derivative run in the GEMMs' epilogues.
-        h, x = ops.feed_forward(x, self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight, self.ffn_out.bias)
+        h, x = feed_forward_and_input(x, self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight,
+                                      self.ffn_out.bias, ops.linear_gelu, ops.dgrad_gelu_bias_grad)
         return self.ffn_norm(h, residual=x, dropout_p=p_hidden)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastroberta.fused_linear import feed_forward_and_input, feed_forward_and_input_eager
+from fastroberta.fused_linear import feed_forward_and_input
+from fastroberta.kernels import reference
 from fastroberta.kernels.linear_gelu import dgrad_gelu_bias_grad, linear_gelu
 
 lg = importlib.import_module("fastroberta.kernels.linear_gelu")
@@ -74,8 +75,8 @@ def test_costs_count_the_extra_output_and_input():
     assert partial_sum.read == bands * 3072 * 4 and partial_sum.written == 3072 * 4
 
 
-@pytest.mark.parametrize("ffn", [feed_forward_and_input, feed_forward_and_input_eager])
-def test_feed_forward_with_residual_matches_autograd(ffn):
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_feed_forward_with_residual_matches_autograd(kernels):
     """(GELU(x W1^T + b1) W2^T + b2, x) with x also a residual: the fused backward (GELU's derivative in the
     dgrad GEMM, the residual's gradient added in the first linear's dgrad) gives plain autograd's gradients."""
     g = torch.Generator().manual_seed(2)
@@ -86,7 +87,9 @@ def test_feed_forward_with_residual_matches_autograd(ffn):
     dy = torch.randn(2, 9, e, generator=g)
     params = (x, w1, b1, w2, b2)
 
-    out, xr = ffn(*params)
+    ops = (linear_gelu, dgrad_gelu_bias_grad) if kernels == "triton" else (reference.linear_gelu,
+                                                                             reference.dgrad_gelu_bias_grad)
+    out, xr = feed_forward_and_input(*params, *ops)
     got = out * 0.5 + xr * xr
     want = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2) * 0.5 + x * x
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

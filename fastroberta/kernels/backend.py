@@ -44,14 +44,15 @@ class OpSet:
     it while tracing a model's first call)."""
 
     def __init__(self, name, layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-                 feed_forward):
+                 linear_gelu, dgrad_gelu_bias_grad):
         self.name = name
         self.layer_norm = layer_norm
         self.attention = attention
         self.attention_packed = attention_packed
         self.attention_varlen = attention_varlen
         self.mlm_cross_entropy = mlm_cross_entropy
-        self.feed_forward = feed_forward
+        self.linear_gelu = linear_gelu
+        self.dgrad_gelu_bias_grad = dgrad_gelu_bias_grad
 
 
 def _outside_autocast(fn):
@@ -82,21 +83,19 @@ def _torch_ops():
         _check_inputs(x, weight, bias, eps, residual, dropout_p)  # the same clear errors as the kernel's
         return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
 
-    from fastroberta.fused_linear import feed_forward_and_input_eager
-    # The FFN is not wrapped: its linears follow autocast as F.linear does.
     return OpSet("torch", *(_outside_autocast(op) for op in (layer_norm, reference.attention,
                                                               reference.attention_packed, attention_varlen,
-                                                              mlm_cross_entropy)),
-                 feed_forward_and_input_eager)
+                                                              mlm_cross_entropy, reference.linear_gelu,
+                                                              reference.dgrad_gelu_bias_grad)))
 
 
 def _triton_ops():
     from .attention import attention, attention_packed, attention_varlen
     from .cross_entropy import mlm_cross_entropy
-    from fastroberta.fused_linear import feed_forward_and_input
     from .layer_norm import layer_norm
+    from .linear_gelu import dgrad_gelu_bias_grad, linear_gelu
     return OpSet("triton", layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-                 feed_forward_and_input)
+                 linear_gelu, dgrad_gelu_bias_grad)
 
 
 _OPS = {}
@@ -104,7 +103,7 @@ _OPS = {}
 
 def ops_for(kernels, device):
     """The op namespace (layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-    feed_forward: ``(FFN(x), x)``) for ``kernels`` on ``device``."""
+    linear_gelu, dgrad_gelu_bias_grad) for ``kernels`` on ``device``."""
     name = resolve_kernels(kernels, device)
     if name not in _OPS:
         _OPS[name] = _triton_ops() if name == "triton" else _torch_ops()

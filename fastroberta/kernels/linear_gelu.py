@@ -220,15 +220,15 @@ def _check_2d(name, t, dtype, device):
 
 def linear_gelu(x, w, b):
     """(pre, act) = (x W^T + b, GELU(x W^T + b)) for x [rows, k], w [n, k], b [n], one float dtype; both
-    outputs [rows, n] in that dtype. The Triton kernel where ``triton_usable(x)``, eager ops elsewhere."""
+    outputs [rows, n] in that dtype. The Triton kernel where ``triton_usable(x)``, ``reference.linear_gelu``
+    elsewhere."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     _check_2d("w", w, x.dtype, x.device)
     check_tensor("b", b, dtypes=(x.dtype,), ndim=1, device=x.device)
     if w.shape[1] != x.shape[1] or b.shape[0] != w.shape[0]:
         raise ValueError(f"x {tuple(x.shape)}, w {tuple(w.shape)} and b {tuple(b.shape)} do not fit x W^T + b")
     if not triton_usable(x):
-        pre = torch.nn.functional.linear(x, w, b)
-        return pre, torch.nn.functional.gelu(pre)
+        return reference.linear_gelu(x, w, b)
     x, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w))
     return _linear_gelu_op(x, w, b.contiguous())
 
@@ -236,8 +236,8 @@ def linear_gelu(x, w, b):
 def dgrad_gelu_bias_grad(dout, w, pre):
     """(dpre, dbias) for out = GELU(pre) W^T (+ any bias): dpre = (dout W) * GELU'(pre) in pre's dtype and
     dbias = dpre's column sums in fp32 (the bias gradient of the linear that made pre). dout [rows, e],
-    w [e, n], pre [rows, n], one float dtype. The Triton kernel where ``triton_usable(pre)``, eager ops
-    elsewhere."""
+    w [e, n], pre [rows, n], one float dtype. The Triton kernel where ``triton_usable(pre)``,
+    ``reference.dgrad_gelu_bias_grad`` elsewhere."""
     check_tensor("pre", pre, dtypes=FLOAT_DTYPES, ndim=2)
     _check_2d("dout", dout, pre.dtype, pre.device)
     _check_2d("w", w, pre.dtype, pre.device)
@@ -245,6 +245,6 @@ def dgrad_gelu_bias_grad(dout, w, pre):
         raise ValueError(f"dout {tuple(dout.shape)}, w {tuple(w.shape)} and pre {tuple(pre.shape)} do not fit "
                          "(dout W) * GELU'(pre)")
     if not triton_usable(pre):
-        return reference.gelu_backward_bias_grad(dout @ w, pre)
+        return reference.dgrad_gelu_bias_grad(dout, w, pre)
     dout, w, pre = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, w, pre))
     return _dgrad_gelu_op(dout, w, pre)
