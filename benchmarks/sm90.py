@@ -17,7 +17,8 @@ A case is (group, dtype, label, kernel, args, kwargs). The modes choose which ca
 - ``test``: what tests/test_gpu_compile.py compiles by default (its docstring lists it);
 - ``full``: every autotune candidate at every flag combination (FASTROBERTA_GPU_COMPILE_FULL=1);
 - ``static``: the GPU default config of every launch the training and eval paths make, fp16 and bf16, head
-  dims 64 and 128, each attention layout (no mask, key mask, right-padded, varlen) with and without dropout;
+  dims 64 and 128, each attention layout (no mask, key mask, right-padded, varlen) with and without dropout,
+  LayerNorm, cross-entropy and the FFN's GEMMs with GELU epilogues;
   the cubin is disassembled and its loops analysed (``benchmarks/sass.py``).
 """
 import importlib
