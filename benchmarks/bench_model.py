@@ -397,6 +397,10 @@ ASSUMPTIONS = """\
   output (what Inductor's fusion could save at best). Inductor's own graph is not counted: lowering for CUDA
   needs a CUDA build of torch and a device (the machine that regenerates this file has neither); `--measure` on
   a GPU runs the compiled model for real.
+- fastroberta's FFN GEMMs are its own Triton kernels (`kernels/linear_gelu.py`: GELU in the forward GEMM's
+  epilogue, GELU' and the bias gradient in the second linear's dgrad epilogue), modelled at the same roofline as
+  cuBLAS's GEMMs; the extra tensor each reads or writes (pre-activation) counts in its bytes, in the GEMM class.
+  Their speed on a GPU is unmeasured (no GPU was lent): a Triton GEMM may fall short of cuBLAS's efficiency.
 """
 
 

@@ -17,7 +17,8 @@ A case is (group, dtype, label, kernel, args, kwargs). The modes choose which ca
 - ``test``: what tests/test_gpu_compile.py compiles by default (its docstring lists it);
 - ``full``: every autotune candidate at every flag combination (FASTROBERTA_GPU_COMPILE_FULL=1);
 - ``static``: the GPU default config of every launch the training and eval paths make, fp16 and bf16, head
-  dims 64 and 128, each attention layout (no mask, key mask, right-padded, varlen) with and without dropout;
+  dims 64 and 128, each attention layout (no mask, key mask, right-padded, varlen) with and without dropout,
+  LayerNorm, cross-entropy and the FFN's GEMMs with GELU epilogues;
   the cubin is disassembled and its loops analysed (``benchmarks/sass.py``).
 """
 import importlib
@@ -46,6 +47,8 @@ KERNELS = {  # group name: (module, kernel)
     "ce_lse_forward": ("cross_entropy", "_lse_forward_kernel"),
     "ce_logits_grad": ("cross_entropy", "_logits_grad_kernel"),
     "gelu_bwd_bias_grad": ("gelu", "_gelu_backward_bias_grad_kernel"),
+    "linear_gelu_fwd": ("linear_gelu", "_linear_gelu_fwd_tuned"),
+    "dgrad_gelu_bias_grad": ("linear_gelu", "_dgrad_gelu_tuned"),
 }
 MODES = ("test", "full", "static")
 # Attention layouts: how the launch site passes the batch's padding.
@@ -55,7 +58,7 @@ LAYOUTS = ("nomask", "mask", "right_padded", "varlen")
 def _kernel_modules():
     # The package re-exports functions under the module names, so import the modules themselves.
     return {name: importlib.import_module(f"fastroberta.kernels.{name}")
-            for name in ("layer_norm", "attention", "cross_entropy", "gelu")}
+            for name in ("layer_norm", "attention", "cross_entropy", "gelu", "linear_gelu")}
 
 
 def _torch_dtype(name):
@@ -248,6 +251,29 @@ def gelu_launches(gm, dtype_name, rows=16384, n=3072):
            dict(BLOCK_M=gm.BLOCK_M, BLOCK_N=gm.BLOCK_N, num_warps=4))
 
 
+def linear_gelu_launches(lg, dtype_name, rows=16384, e=768, n=3072, candidates=False):
+    """Arguments as ``_linear_gelu_launch`` and ``_dgrad_gelu_launch`` pass them: the base FFN's first linear
+    (x [tokens, 768] W1^T, W1 [3072, 768]) and its second linear's dgrad (dout [tokens, 768] W2, W2 [768, 3072]),
+    each with the launch's default config (and the autotune candidates if ``candidates``)."""
+    import torch
+    dtype = _torch_dtype(dtype_name)
+    x, pre = torch.empty(rows, e, dtype=dtype), torch.empty(rows, n, dtype=dtype)
+    w1, w2 = torch.empty(n, e, dtype=dtype), torch.empty(e, n, dtype=dtype)
+    partial = torch.empty(-(-rows // lg.DGRAD_BLOCK_M), n, dtype=torch.float32)
+    launches = [("linear_gelu_fwd", lg._linear_gelu_fwd_tuned,
+                 (x, w1, torch.empty(n, dtype=dtype), pre, torch.empty_like(pre), e, e, n, rows, n, e),
+                 dict(PRECISION="tf32", BLOCK_M=lg.FWD_BLOCK_M)),
+                ("dgrad_gelu_bias_grad", lg._dgrad_gelu_tuned,
+                 (x, w2, pre, torch.empty_like(pre), partial, e, n, n, n, rows, n, e),
+                 dict(PRECISION="tf32", BLOCK_M=lg.DGRAD_BLOCK_M))]
+    for group, kernel, args, kwargs in launches:
+        configs = launch_configs(kernel, args, kwargs)
+        configs = configs if candidates else configs[:1]
+        for kind, cfg in zip(["default"] + ["candidate"] * len(configs), configs):
+            opts = ", ".join(f"{k}={v}" for k, v in cfg.all_kwargs().items() if k != "num_ctas")
+            yield group, f"K={e} N={n} {kind}({opts})", kernel, args, dict(kwargs, **cfg.all_kwargs())
+
+
 def all_cases(mods, mode):
     """(group, dtype, label, kernel, args, kwargs) in a fixed order, the slow attention kernels first so that
     the workers finish together."""
@@ -269,6 +295,7 @@ def all_cases(mods, mode):
                     cases += [(g, dtype_name, *rest) for g, *rest in
                               layer_norm_launches(mods["layer_norm"], dtype_name, n, True, dropout)]
             cases += [(g, dtype_name, *rest) for g, *rest in cross_entropy_launches(mods["cross_entropy"], dtype_name)]
+            cases += [(g, dtype_name, *rest) for g, *rest in linear_gelu_launches(mods["linear_gelu"], dtype_name)]
         return cases
     full = mode == "full"
     for dtype_name in ("fp32", "fp16", "bf16"):
@@ -278,6 +305,8 @@ def all_cases(mods, mode):
         cases += [(g, dtype_name, *rest) for g, *rest in _layer_norm_cases(mods["layer_norm"], dtype_name, full)]
         cases += [(g, dtype_name, *rest) for g, *rest in cross_entropy_launches(mods["cross_entropy"], dtype_name)]
         cases += [(g, dtype_name, *rest) for g, *rest in gelu_launches(mods["gelu"], dtype_name)]
+        cases += [(g, dtype_name, *rest) for g, *rest in
+                  linear_gelu_launches(mods["linear_gelu"], dtype_name, candidates=full or dtype_name == "fp16")]
     return cases
 
 

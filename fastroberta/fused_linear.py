@@ -1,14 +1,19 @@
 """Linear layers whose input also feeds the next LayerNorm's residual: the input's two gradients are summed inside
-the dgrad GEMM.
+the dgrad GEMM; and the FFN with GELU inside its GEMMs.
 
 In a post-LN layer the input x of the QKV projection is also the residual of the attention LayerNorm, and the
 input of the FFN's first linear is also the residual of the FFN LayerNorm. Autograd would compute dx = dy W in one
 GEMM and then add the LayerNorm's dresidual in a separate pass that reads two [tokens, hidden] tensors and writes
 a third. ``linear_and_input(x, w, b)`` returns ``(x W^T + b, x)``: the caller passes the second output on as the
 residual, so both gradients reach one backward, which computes dx = dresidual + dy W as one ``addmm`` (the GEMM's
-beta = 1 epilogue reads dresidual once). ``linear_gelu_and_input`` does the same for the FFN's first linear and
-returns GELU(x W^T + b); its backward runs the GELU derivative and the bias gradient together
-(``gelu_backward_bias_grad``).
+beta = 1 epilogue reads dresidual once).
+
+``feed_forward_and_input(x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad)`` is the whole FFN,
+``(GELU(x W1^T + b1) W2^T + b2, x)``, the same way, with the [tokens, intermediate] work in two ops of the kernel
+switch: ``linear_gelu`` (the first linear, writing pre-activation and activation) and ``dgrad_gelu_bias_grad``
+(the second linear's dgrad times GELU'(pre), and the first bias's gradient). The Triton ops
+(``kernels/linear_gelu.py``) run GELU and its derivative in the GEMMs' epilogues, so those tensors make no
+elementwise pass of their own; the torch ops are cuBLAS and aten's GELU and GELU backward.
 
 Under autocast the inputs are cast once to the autocast dtype, as ``F.linear`` would; the gradients come back
 in the parameters' own dtypes.
@@ -58,27 +63,26 @@ class _LinearAndInput(torch.autograd.Function):
         return dx, dw, db
 
 
-class _LinearGeluAndInput(torch.autograd.Function):
+class _FeedForwardAndInput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, backward_op):
+    def forward(ctx, x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad):
         dtype = _compute_dtype(x)
-        xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
-        pre = F.linear(xc, wc, bc)
-        ctx.save_for_backward(xc, wc, pre)
-        ctx.has_bias, ctx.bias_dtype, ctx.backward_op = bias is not None, dtype, backward_op
-        return F.gelu(pre), x.view_as(x)
+        xc, w1c, b1c, w2c, b2c = (_cast(t, dtype) for t in (x, w1, b1, w2, b2))
+        pre, act = linear_gelu(xc.reshape(-1, xc.shape[-1]), w1c, b1c)
+        ctx.save_for_backward(xc, w1c, w2c, pre, act)
+        ctx.dgrad_gelu_bias_grad = dgrad_gelu_bias_grad
+        return F.linear(act, w2c, b2c).view(*x.shape[:-1], w2.shape[0]), x.view_as(x)
 
     @staticmethod
-    def backward(ctx, dact, dx_other):
-        x, weight, pre = ctx.saved_tensors
-        pre2 = pre.reshape(-1, pre.shape[-1])
-        dpre, db = ctx.backward_op(dact.reshape(pre2.shape).to(pre.dtype), pre2)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _dgrad(dpre, weight, dx_other, x.shape)
-        if ctx.needs_input_grad[1]:
-            dw = dpre.t() @ x.reshape(-1, x.shape[-1])
-        return dx, dw, db.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None, None
+    def backward(ctx, dout, dx_other):
+        x, w1, w2, pre, act = ctx.saved_tensors
+        dout2 = dout.reshape(-1, dout.shape[-1]).to(w2.dtype)
+        dpre, db1 = ctx.dgrad_gelu_bias_grad(dout2, w2, pre)
+        dx = _dgrad(dpre, w1, dx_other, x.shape) if ctx.needs_input_grad[0] else None
+        dw1 = dpre.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        dw2 = dout2.t() @ act if ctx.needs_input_grad[3] else None
+        db2 = dout2.sum(0) if ctx.needs_input_grad[4] else None
+        return dx, dw1, db1.to(w1.dtype) if ctx.needs_input_grad[2] else None, dw2, db2, None, None
 
 
 def linear_and_input(x, weight, bias=None):
@@ -87,7 +91,9 @@ def linear_and_input(x, weight, bias=None):
     return _LinearAndInput.apply(x, weight, bias)
 
 
-def linear_gelu_and_input(x, weight, bias, gelu_backward_bias_grad):
-    """``(F.gelu(F.linear(x, weight, bias)), x)``, like ``linear_and_input``. ``gelu_backward_bias_grad(dact,
-    pre) -> (dpre, dbias)`` on [rows, n] tensors is the backward of GELU + bias: the kernel switch's op."""
-    return _LinearGeluAndInput.apply(x, weight, bias, gelu_backward_bias_grad)
+def feed_forward_and_input(x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad):
+    """``(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), x)``; the second output as in ``linear_and_input``.
+    ``linear_gelu(x, w1, b1) -> (pre, act)`` and ``dgrad_gelu_bias_grad(dout, w2, pre) -> (dpre, db1)`` on
+    [rows, n] tensors are the kernel switch's ops (see the module docstring). Both biases are required."""
+    return _FeedForwardAndInput.apply(x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad)
+

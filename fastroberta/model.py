@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastroberta.config import IGNORE_INDEX, RobertaConfig
-from fastroberta.fused_linear import linear_and_input, linear_gelu_and_input
+from fastroberta.fused_linear import feed_forward_and_input, linear_and_input
 from fastroberta.kernels._checks import autocast_enabled, compiling
 from fastroberta.kernels.backend import KERNEL_CHOICES, KernelSwitch
 from fastroberta.kernels.layer_norm import FusedLayerNorm
@@ -118,9 +118,9 @@ class EncoderLayer(KernelSwitch, nn.Module):
             ctx = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p_attn,
                                        validate=validate).reshape(t, e)
         x = self.attn_norm(self.attn_out(ctx), residual=x, dropout_p=p_hidden)
-        # GELU's backward and ffn_in's bias gradient run as one op over the [tokens, intermediate] gradient.
-        act, x = linear_gelu_and_input(x, self.ffn_in.weight, self.ffn_in.bias, ops.gelu_backward_bias_grad)
-        h = self.ffn_out(act)
+        # The FFN as one op: on the Triton path GELU and its derivative run in the GEMMs' epilogues.
+        h, x = feed_forward_and_input(x, self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight,
+                                      self.ffn_out.bias, ops.linear_gelu, ops.dgrad_gelu_bias_grad)
         return self.ffn_norm(h, residual=x, dropout_p=p_hidden)
 
 

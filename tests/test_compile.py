@@ -140,12 +140,12 @@ def _packed(qkv):
 def test_ops_are_registered_custom_ops():
     for name in ("layer_norm", "layer_norm_backward", "attention", "attention_backward", "attention_packed",
                  "attention_packed_backward", "mlm_cross_entropy", "mlm_cross_entropy_backward",
-                 "gelu_backward_bias_grad"):
+                 "gelu_backward_bias_grad", "linear_gelu", "dgrad_gelu_bias_grad"):
         assert hasattr(torch.ops.fastroberta, name), name
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "attention_packed", "attention", "mlm_cross_entropy",
-                                "gelu_backward_bias_grad"])
+                                "gelu_backward_bias_grad", "linear_gelu", "dgrad_gelu_bias_grad"])
 def test_opcheck(op):
     """torch.library.opcheck: schema, fake (meta) implementation against the real one, autograd registration."""
     g = torch.Generator().manual_seed(0)
@@ -169,6 +169,10 @@ def test_opcheck(op):
                   0.25, None)]
     elif op == "gelu_backward_bias_grad":  # runs inside autograd's backward: no gradient of its own
         cases = [(randn(40, 136, grad=False), randn(40, 136, grad=False))]
+    elif op == "linear_gelu":  # the FFN's ops run inside fused_linear's autograd function: no gradient of their own
+        cases = [(randn(40, 24, grad=False), randn(56, 24, grad=False), randn(56, grad=False))]
+    elif op == "dgrad_gelu_bias_grad":
+        cases = [(randn(40, 24, grad=False), randn(24, 56, grad=False), randn(40, 56, grad=False))]
     else:
         targets = torch.tensor([3, 0, 49, 7], device=DEVICE)
         cases = [(randn(4, 32), randn(50, 32), randn(50), targets, 0),

@@ -33,7 +33,9 @@ What is compiled by default (about a minute on two idle cores with an empty Trit
   (TF32 dots on their own small tiles) at head dim 32 only;
 - every autotune candidate left after the kernel's pruning at head dim 64, fp16, padded with mask, without
   dropout (RoBERTa eval; shared memory does not depend on the flags, and dropout doubles compile time);
-- the two cross-entropy row kernels at the GPU block size, vocab 50265, fp16, bf16 and fp32.
+- the two cross-entropy row kernels at the GPU block size, vocab 50265, fp16, bf16 and fp32;
+- the FFN's two GEMMs with GELU epilogues (``linear_gelu.py``) at base's 768 x 3072, the default config in
+  fp16, bf16 and fp32 (TF32 dots) and every autotune candidate in fp16.
 Left out by default, for time: bf16 candidates, fp32 attention at head dims 64 and 128, and the other head
 dim x mask/varlen/dropout x config combinations. ``FASTROBERTA_GPU_COMPILE_FULL=1`` compiles all of them
 (every surviving candidate at head dims 32, 64 and 128 in fp16, bf16 and fp32, all eight layout (no mask,

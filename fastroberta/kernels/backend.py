@@ -44,14 +44,15 @@ class OpSet:
     it while tracing a model's first call)."""
 
     def __init__(self, name, layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-                 gelu_backward_bias_grad):
+                 linear_gelu, dgrad_gelu_bias_grad):
         self.name = name
         self.layer_norm = layer_norm
         self.attention = attention
         self.attention_packed = attention_packed
         self.attention_varlen = attention_varlen
         self.mlm_cross_entropy = mlm_cross_entropy
-        self.gelu_backward_bias_grad = gelu_backward_bias_grad
+        self.linear_gelu = linear_gelu
+        self.dgrad_gelu_bias_grad = dgrad_gelu_bias_grad
 
 
 def _outside_autocast(fn):
@@ -84,17 +85,17 @@ def _torch_ops():
 
     return OpSet("torch", *(_outside_autocast(op) for op in (layer_norm, reference.attention,
                                                               reference.attention_packed, attention_varlen,
-                                                              mlm_cross_entropy,
-                                                              reference.gelu_backward_bias_grad)))
+                                                              mlm_cross_entropy, reference.linear_gelu,
+                                                              reference.dgrad_gelu_bias_grad)))
 
 
 def _triton_ops():
     from .attention import attention, attention_packed, attention_varlen
     from .cross_entropy import mlm_cross_entropy
-    from .gelu import gelu_backward_bias_grad
     from .layer_norm import layer_norm
+    from .linear_gelu import dgrad_gelu_bias_grad, linear_gelu
     return OpSet("triton", layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-                 gelu_backward_bias_grad)
+                 linear_gelu, dgrad_gelu_bias_grad)
 
 
 _OPS = {}
@@ -102,7 +103,7 @@ _OPS = {}
 
 def ops_for(kernels, device):
     """The op namespace (layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-    gelu_backward_bias_grad) for ``kernels`` on ``device``."""
+    linear_gelu, dgrad_gelu_bias_grad) for ``kernels`` on ``device``."""
     name = resolve_kernels(kernels, device)
     if name not in _OPS:
         _OPS[name] = _triton_ops() if name == "triton" else _torch_ops()

@@ -11,6 +11,8 @@ query row with no real key gives zeros (never NaN), and an MLM batch without a l
     attention_varlen(q, k, v, cu_seqlens)  = attention per sequence of a packed [total_tokens, H, D] batch
     mlm_cross_entropy(h, W, b, labels)     = mean over labelled rows of logsumexp(h W^T + b) - (h W^T + b)[label]
     gelu_backward_bias_grad(dact, pre)     = (dact * GELU'(pre), its column sums in fp32)
+    linear_gelu(x, w, b)                   = (x W^T + b, GELU(x W^T + b))
+    dgrad_gelu_bias_grad(dout, w, pre)     = gelu_backward_bias_grad(dout W, pre)
 """
 import math
 
@@ -119,3 +121,15 @@ def gelu_backward_bias_grad(dact, pre):
     column sums of dpre in fp32, for [rows, n] dact and pre."""
     dpre = torch.ops.aten.gelu_backward(dact, pre)
     return dpre, dpre.sum(0, dtype=torch.float32)
+
+
+def linear_gelu(x, w, b):
+    """(pre, act) = (x W^T + b, GELU(pre)) for x [rows, k], w [n, k], b [n]: cuBLAS, then aten's erf GELU."""
+    pre = F.linear(x, w, b)
+    return pre, F.gelu(pre)
+
+
+def dgrad_gelu_bias_grad(dout, w, pre):
+    """(dpre, dbias) for out = GELU(pre) W^T: dpre = (dout W) * GELU'(pre) in pre's dtype, dbias = its column
+    sums in fp32. dout [rows, e], w [e, n], pre [rows, n]."""
+    return gelu_backward_bias_grad(dout @ w, pre)
