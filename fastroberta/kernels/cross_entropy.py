@@ -62,6 +62,14 @@ CHUNK_BYTES = 128 * 2**20
 BLOCK_V = 8192 if interpreter_active() else 4096
 ROW_ALIGN = 64  # elements; see _row_stride
 
+# The 16-bit buffer holds the logit gradient as (softmax - onehot) * DZ_SCALE, in [-2**15, 2**15]: within fp16's
+# 65,504, and softmax entries down to 2**-39 (fp16's smallest subnormal, 2**-24, over 2**15) survive.
+# grad_output / n / DZ_SCALE is applied to the GEMMs' fp32 results (see the module docstring).
+DZ_SCALE = 2.0 ** 15
+# Rows of V per fp32 partial dW product when a second chunk adds to the first: the partial buffer is
+# DW_SLICE_ROWS x E fp32 (25 MB at E = 768) instead of a second V x E one.
+DW_SLICE_ROWS = 8192
+
 
 @triton.jit
 def _lse_step(z, start, m, s, arg):
@@ -112,7 +120,7 @@ def _logits_grad_kernel(
     stride_z, V,
     BLOCK_V: tl.constexpr,
 ):
-    """One program per row: z <- (exp(z - lse) - onehot(label)) * scale, in place, scale = grad_output / n."""
+    """One program per row: z <- (exp(z - lse) - onehot(label)) * scale, in place (scale: DZ_SCALE)."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
     label = tl.load(Labels + row).to(tl.int32)
@@ -177,33 +185,60 @@ def _mlm_cross_entropy_forward(h, weight, bias, targets, chunk_rows):
     return loss, correct.sum(dtype=torch.int64), lse
 
 
+def _mm_fp32(a, b, out):
+    """out (fp32) = a @ b for a, b in the input dtype: summed in fp32 and never rounded to 16 bits."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)  # CPU has no 16-bit x 16-bit -> fp32 GEMM
+
+
 def _mlm_cross_entropy_backward(grad_loss, h, weight, bias, targets, lse, chunk_rows, need_h, need_w, need_b):
     """Launch the backward: (grad_h, grad_w, grad_b in fp32), None for each one not needed."""
-    n, V = h.shape[0], weight.shape[0]
+    n, (V, E) = h.shape[0], weight.shape
     if chunk_rows <= 0:
         chunk_rows = _default_chunk_rows(n, V, h.element_size())
-    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
-    grad_b32 = torch.zeros(V, dtype=torch.float32, device=h.device) if need_b else None
+    dev, f32 = h.device, torch.float32
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=dev) if need_h else None
+    # With no labelled row the gradients are zeros; otherwise grad_w is written whole at the end.
+    grad_w = (torch.empty if n else torch.zeros)(weight.shape, dtype=weight.dtype, device=dev) if need_w else None
+    grad_b32 = torch.zeros(V, dtype=f32, device=dev) if need_b else None
     if n and (need_h or need_w or need_b):
-        # A device tensor, not a Python float: reading grad_output on the host would sync every step.
-        scale = (grad_loss.to(torch.float32) / n).reshape(1)
+        # Device tensors, not Python floats: reading grad_output on the host would sync every step.
+        unscale = (grad_loss.to(f32) / (n * DZ_SCALE)).reshape(())
+        dz_scale = torch.full((1,), DZ_SCALE, dtype=f32, device=dev)
         block, num_warps = _launch_config(V)
-        buf = torch.empty(min(chunk_rows, n), _row_stride(V), dtype=h.dtype, device=h.device)[:, :V]
+        rows = min(chunk_rows, n)
+        buf = torch.empty(rows, _row_stride(V), dtype=h.dtype, device=dev)[:, :V]
+        dh32 = torch.empty(rows, E, dtype=f32, device=dev) if need_h else None
+        if need_w:
+            grad_w32 = torch.empty(V, E, dtype=f32, device=dev)
+            dw_part = torch.empty(min(DW_SLICE_ROWS, V), E, dtype=f32, device=dev) if n > rows else None
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             h_chunk = h[start:stop]
             dz = _chunk_logits(h_chunk, weight, bias, buf[:stop - start])
             with on_device(h):
                 _logits_grad_kernel[(stop - start,)](
-                    dz, targets[start:stop], lse[start:stop], scale,
+                    dz, targets[start:stop], lse[start:stop], dz_scale,
                     dz.stride(0), V, BLOCK_V=block, num_warps=num_warps, **COMPILE_OPTIONS)
             if need_h:
-                torch.mm(dz, weight, out=grad_h[start:stop])
+                torch.mul(_mm_fp32(dz, weight, dh32[:stop - start]), unscale, out=grad_h[start:stop])
             if need_w:
-                grad_w.addmm_(dz.t(), h_chunk)
+                if start == 0:  # the first chunk writes the fp32 accumulator, later ones add to it by slices
+                    _mm_fp32(dz.t(), h_chunk, grad_w32)
+                else:
+                    for v0 in range(0, V, DW_SLICE_ROWS):
+                        v1 = min(v0 + DW_SLICE_ROWS, V)
+                        grad_w32[v0:v1] += _mm_fp32(dz[:, v0:v1].t(), h_chunk, dw_part[:v1 - v0])
             if need_b:
-                grad_b32 += dz.sum(dim=0, dtype=torch.float32)
+                grad_b32 += dz.sum(dim=0, dtype=f32)
+        del buf, dh32
+        if need_w:
+            torch.mul(grad_w32, unscale, out=grad_w)
+        if need_b:
+            grad_b32 *= unscale
     return grad_h, grad_w, grad_b32
 
 
@@ -284,23 +319,33 @@ def _mlm_cross_entropy_cost(h, weight, bias, targets, chunk_rows):
 
 @register_cost("mlm_cross_entropy_backward")
 def _mlm_cross_entropy_backward_cost(grad_loss, h, weight, bias, targets, lse, chunk_rows, need_h, need_w, need_b):
-    V, E, s = weight.shape[0], weight.shape[1], h.element_size()
-    kernels = [KernelCost("ce_scale", "loss", 0, 4, 4)]
-    if need_w:
-        kernels.append(KernelCost("ce_zero_dweight", "loss", 0, 0, nbytes(weight)))
+    n, V, E, s = h.shape[0], weight.shape[0], weight.shape[1], h.element_size()
+    if not n:
+        return ([KernelCost("ce_zero_dweight", "loss", 0, 0, nbytes(weight))] if need_w else []) + (
+            [KernelCost("ce_zero_dbias", "loss", 0, 0, 4 * V)] if need_b else [])
+    kernels = [KernelCost("ce_unscale", "loss", 0, 4, 4), KernelCost("ce_dz_scale", "loss", 0, 0, 4)]
     if need_b:
         kernels.append(KernelCost("ce_zero_dbias", "loss", 0, 0, 4 * V))
-    for rows in _chunks(h, weight, chunk_rows):
+    for i, rows in enumerate(_chunks(h, weight, chunk_rows)):
         z, hc = rows * V * s, rows * E * s
         kernels += [KernelCost("ce_logits_addmm", "GEMM", 2 * rows * V * E, hc + nbytes(weight) + nbytes(bias), z),
                     KernelCost("ce_logits_grad", "loss", 0, z + rows * 8 + 4, z)]
-        if need_h:
-            kernels.append(KernelCost("ce_dhidden_mm", "GEMM", 2 * rows * V * E, z + nbytes(weight), hc))
-        if need_w:
-            kernels.append(KernelCost("ce_dweight_addmm", "GEMM", 2 * rows * V * E, z + hc + nbytes(weight),
-                                      nbytes(weight)))
+        if need_h:  # fp32 product, then scaled and rounded into grad_h
+            kernels += [KernelCost("ce_dhidden_mm", "GEMM", 2 * rows * V * E, z + nbytes(weight), 4 * rows * E),
+                        KernelCost("ce_dhidden_unscale", "loss", 0, 4 * rows * E + 4, hc)]
+        if need_w and i == 0:
+            kernels.append(KernelCost("ce_dweight_mm", "GEMM", 2 * rows * V * E, z + hc, 4 * V * E))
+        elif need_w:
+            for v0 in range(0, V, DW_SLICE_ROWS):
+                vs = min(DW_SLICE_ROWS, V - v0)
+                kernels += [KernelCost("ce_dweight_mm", "GEMM", 2 * rows * vs * E, rows * vs * s + hc, 4 * vs * E),
+                            KernelCost("ce_dweight_add", "loss", 0, 8 * vs * E, 4 * vs * E)]
         if need_b:
             kernels += [KernelCost("ce_dbias_sum", "loss", 0, z, 4 * V), KernelCost("ce_dbias_add", "loss", 0, 8 * V, 4 * V)]
+    if need_w:
+        kernels.append(KernelCost("ce_dweight_unscale", "loss", 0, 4 * V * E + 4, nbytes(weight)))
+    if need_b:
+        kernels.append(KernelCost("ce_dbias_unscale", "loss", 0, 4 * V + 4, 4 * V))
     return kernels
 
 
