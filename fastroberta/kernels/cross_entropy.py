@@ -246,7 +246,7 @@ def _mlm_cross_entropy_backward(grad_loss, h, weight, bias, targets, lse, chunk_
         del buf, dh32  # before grad_w is allocated: the peak is the chunk loop's, not this
         if need_w:
             del dw_part
-            grad_w = torch.mul(grad_w32, unscale, out=torch.empty_like(weight))
+            grad_w = torch.mul(grad_w32, unscale, out=torch.empty(weight.shape, dtype=weight.dtype, device=dev))
         if need_b:
             grad_b32 *= unscale
     return grad_h, grad_w, grad_b32
