@@ -30,6 +30,8 @@ SHAPES = dict(
     varlen_lengths=[512, 300, 1, 77, 512, 256, 129, 400] if ON_GPU else [64, 30, 1, 7, 40],
     # N = 15% of 32 x 512 tokens (what the model passes after selecting labelled rows), E, V = 50265 (odd).
     ce=(2458, 768, 50265) if ON_GPU else (40, 32, 301),
+    # Every row of a 32 x 512 batch labelled: the fp16 logit gradient softmax * grad_output / N is smallest here.
+    ce_all_labelled=(16384, 768, 50265) if ON_GPU else (256, 16, 64),
 )
 
 
@@ -253,6 +255,28 @@ def test_mlm_cross_entropy_keeps_the_fp16_loss_scale():
     for name, g, rg in zip(("hidden", "weight", "bias"), grads, ref):
         assert rel_err(g, rg) < TOL[torch.float16], name
         flushed = ((g == 0) & (rg.abs() > 1e-6)).sum().item()
+        assert flushed == 0, f"{flushed} entries of grad {name} flushed to zero"
+
+
+@pytest.mark.parametrize("grad_output", [1.0, 65536.0, 2.0 ** -10])
+def test_mlm_cross_entropy_fp16_gradients_at_every_loss_scale(grad_output):
+    """N = 16384 labelled rows, V = 50265, near-uniform softmax: softmax * grad_output / N is ~1e-9 per logit,
+    below fp16's smallest subnormal, at loss scale 1. Each gradient must be as close to the fp32 reference as
+    that reference rounded to fp16 is, and no entry fp16 holds as a normal number may flush to zero. (On CPU
+    these shapes flush nothing; test_cross_entropy's test_fp16_gradients_as_good_as_fp16_can_hold puts the
+    per-logit gradient as low with a smaller grad_output.)"""
+    n, e, vocab = SHAPES["ce_all_labelled"]
+    hidden = randn(n, e, dtype=torch.float16)
+    weight, bias = randn(vocab, e, dtype=torch.float16, scale=0.02), randn(vocab, dtype=torch.float16, scale=0.02)
+    labels = torch.randint(0, vocab, (n,), device=DEV)
+    dout = torch.tensor(grad_output, device=DEV)
+    grads = torch.autograd.grad(mlm_cross_entropy(hidden, weight, bias, labels), (hidden, weight, bias), dout)
+    leaves32 = [t.detach().float().requires_grad_() for t in (hidden, weight, bias)]
+    ref = torch.autograd.grad(reference.mlm_cross_entropy(*leaves32, labels), leaves32, dout)
+    for name, g, rg in zip(("hidden", "weight", "bias"), grads, ref):
+        err, best = rel_err(g, rg), rel_err(rg.half(), rg)
+        assert err <= 1.5 * best + 2e-3, f"grad {name}: relative error {err:.3g}, fp16 rounding alone {best:.3g}"
+        flushed = ((g == 0) & (rg.abs() >= 2.0 ** -14)).sum().item()
         assert flushed == 0, f"{flushed} entries of grad {name} flushed to zero"
 
 

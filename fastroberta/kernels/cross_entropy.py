@@ -26,21 +26,31 @@ How it runs:
 - Forward, per chunk: z = addmm(b, h, W^T) by cuBLAS (fp32 accumulation) into the buffer, then one program
   per row sweeps V once (``_lse_forward_kernel``) for lse, the row's loss and its argmax. Besides its inputs
   (the selected rows h are an activation the model keeps anyway), forward saves n fp32 lse values.
-- Backward, per chunk: z is recomputed, ``_logits_grad_kernel`` overwrites it in place with dz (formed in fp32
-  and rounded once to the input dtype), then dh = dz W, dW += dz^T h, db += sum(dz) (fp32).
+- Backward, per chunk: z is recomputed, ``_logits_grad_kernel`` overwrites it in place with
+  d_i = (exp(z_i - lse_i) - onehot(y_i)) * 2^15 (``DZ_SCALE``; formed in fp32, rounded once to the input
+  dtype), then cuBLAS computes d W and d^T h with fp32 outputs (``_mm_fp32``), db sums d in fp32, and
+  g / (n 2^15), a device tensor, turns them into dh (rounded once into its dtype), dW and db.
 
 Decisions, and why:
-- dz is formed in backward, with g applied before the cast, instead of in forward as Liger-Kernel does. The
-  forward cannot know g, and at V = 50,265 most softmax/n entries are ~1e-9: below fp16's smallest subnormal
-  (6e-8), so a dz stored before DeepSpeed's loss scale (2^16 and up) is applied would flush to zero and the
-  scale could not bring it back. Forming dz after g arrives costs one more logits GEMM per chunk; in return
-  nothing of size V x E is held between forward and backward, and a forward under no_grad does no gradient
-  work at all.
+- The buffer holds (softmax - onehot) * 2^15, not dz: at N = 16,384 labelled rows and V = 50,265, softmax * g/n
+  is ~1e-9 per logit at g = 1 (no loss scale), below fp16's smallest subnormal (6e-8); stored as dz it flushed
+  to zero (an H200 measured grad bias 20% off, grad hidden 2%). Unscaled it lies in [-1, 1]; 2^15 puts its top
+  at 32,768 < 65,504, and entries down to 2^-39 survive. g/n and 2^-15 are applied to the GEMMs' fp32 results,
+  so what is rounded to 16 bits is the final gradient, once: an entry flushes or overflows only where the fp32
+  gradient is itself outside fp16's range (an overflow under a loss scale is an inf DeepSpeed sees and lowers
+  the scale for). The fp32 GEMM outputs are what make 2^15 safe: an fp16 d W would overflow for |W| > 1.
+- dW accumulates across chunks in fp32: the first chunk's GEMM writes the V x E fp32 accumulator, later
+  chunks add fp32 partial products of ``DW_SLICE_ROWS`` rows of V to it, and the end writes
+  g / (n 2^15) * dW into the weight's dtype. At V = 50,265, E = 768 that is 154 MB + 25 MB held through the
+  chunk loop where a 16-bit accumulator took 77 MB (the 16-bit result is allocated after the chunk buffer is
+  freed), and, per chunk after the first, reading and writing the fp32 accumulator (~0.6 GB of traffic).
+- dz is formed in backward, instead of in forward as Liger-Kernel does (forward-time dh and dW, scaled by g in
+  backward). Forming it in backward costs one more logits GEMM per chunk; in return nothing of size V x E is
+  held between forward and backward, and a forward under no_grad does no gradient work at all.
 - Logits live in the input dtype, not fp32: that halves the chunk, and the in-place gradient feeds the two
   backward GEMMs on tensor cores as is. Rounding z to fp16/bf16 is what every 16-bit decoder (eager, Hugging
-  Face) does; lse, softmax and the loss are computed in fp32 from it.
-- dW accumulates across chunks in the weight's dtype (``addmm_``: each GEMM sums in fp32, the running total is
-  rounded once per chunk). Chunks are large, so a 32 x 512 batch with 15% labels is one or two chunks.
+  Face) does; lse, softmax and the loss are computed in fp32 from it. Chunks are large, so a 32 x 512 batch
+  with 15% labels is one or two chunks.
 """
 from typing import Optional, Tuple
 
@@ -61,6 +71,14 @@ CHUNK_BYTES = 128 * 2**20
 # interpreter pays per operation, not per element, so it takes bigger steps (V = 50,265 is still 7 steps).
 BLOCK_V = 8192 if interpreter_active() else 4096
 ROW_ALIGN = 64  # elements; see _row_stride
+
+# The 16-bit buffer holds the logit gradient as (softmax - onehot) * DZ_SCALE, in [-2**15, 2**15]: within fp16's
+# 65,504, and softmax entries down to 2**-39 (fp16's smallest subnormal, 2**-24, over 2**15) survive.
+# grad_output / n / DZ_SCALE is applied to the GEMMs' fp32 results (see the module docstring).
+DZ_SCALE = 2.0 ** 15
+# Rows of V per fp32 partial dW product when a second chunk adds to the first: the partial buffer is
+# DW_SLICE_ROWS x E fp32 (25 MB at E = 768) instead of a second V x E one.
+DW_SLICE_ROWS = 8192
 
 
 @triton.jit
@@ -112,7 +130,7 @@ def _logits_grad_kernel(
     stride_z, V,
     BLOCK_V: tl.constexpr,
 ):
-    """One program per row: z <- (exp(z - lse) - onehot(label)) * scale, in place, scale = grad_output / n."""
+    """One program per row: z <- (exp(z - lse) - onehot(label)) * scale, in place (scale: DZ_SCALE)."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
     label = tl.load(Labels + row).to(tl.int32)
@@ -177,33 +195,60 @@ def _mlm_cross_entropy_forward(h, weight, bias, targets, chunk_rows):
     return loss, correct.sum(dtype=torch.int64), lse
 
 
+def _mm_fp32(a, b, out):
+    """out (fp32) = a @ b for a, b in the input dtype: summed in fp32 and never rounded to 16 bits."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)  # CPU has no 16-bit x 16-bit -> fp32 GEMM
+
+
 def _mlm_cross_entropy_backward(grad_loss, h, weight, bias, targets, lse, chunk_rows, need_h, need_w, need_b):
     """Launch the backward: (grad_h, grad_w, grad_b in fp32), None for each one not needed."""
-    n, V = h.shape[0], weight.shape[0]
+    n, (V, E) = h.shape[0], weight.shape
     if chunk_rows <= 0:
         chunk_rows = _default_chunk_rows(n, V, h.element_size())
-    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
-    grad_b32 = torch.zeros(V, dtype=torch.float32, device=h.device) if need_b else None
+    dev, f32 = h.device, torch.float32
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=dev) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_w and not n else None
+    grad_b32 = torch.zeros(V, dtype=f32, device=dev) if need_b else None
     if n and (need_h or need_w or need_b):
-        # A device tensor, not a Python float: reading grad_output on the host would sync every step.
-        scale = (grad_loss.to(torch.float32) / n).reshape(1)
+        # Device tensors, not Python floats: reading grad_output on the host would sync every step.
+        unscale = (grad_loss.to(f32) / (n * DZ_SCALE)).reshape(())
+        dz_scale = torch.full((1,), DZ_SCALE, dtype=f32, device=dev)
         block, num_warps = _launch_config(V)
-        buf = torch.empty(min(chunk_rows, n), _row_stride(V), dtype=h.dtype, device=h.device)[:, :V]
+        rows = min(chunk_rows, n)
+        buf = torch.empty(rows, _row_stride(V), dtype=h.dtype, device=dev)[:, :V]
+        dh32 = torch.empty(rows, E, dtype=f32, device=dev) if need_h else None
+        if need_w:
+            grad_w32 = torch.empty(V, E, dtype=f32, device=dev)
+            dw_part = torch.empty(min(DW_SLICE_ROWS, V), E, dtype=f32, device=dev) if n > rows else None
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             h_chunk = h[start:stop]
             dz = _chunk_logits(h_chunk, weight, bias, buf[:stop - start])
             with on_device(h):
                 _logits_grad_kernel[(stop - start,)](
-                    dz, targets[start:stop], lse[start:stop], scale,
+                    dz, targets[start:stop], lse[start:stop], dz_scale,
                     dz.stride(0), V, BLOCK_V=block, num_warps=num_warps, **COMPILE_OPTIONS)
             if need_h:
-                torch.mm(dz, weight, out=grad_h[start:stop])
+                torch.mul(_mm_fp32(dz, weight, dh32[:stop - start]), unscale, out=grad_h[start:stop])
             if need_w:
-                grad_w.addmm_(dz.t(), h_chunk)
+                if start == 0:  # the first chunk writes the fp32 accumulator, later ones add to it by slices
+                    _mm_fp32(dz.t(), h_chunk, grad_w32)
+                else:
+                    for v0 in range(0, V, DW_SLICE_ROWS):
+                        v1 = min(v0 + DW_SLICE_ROWS, V)
+                        grad_w32[v0:v1] += _mm_fp32(dz[:, v0:v1].t(), h_chunk, dw_part[:v1 - v0])
             if need_b:
-                grad_b32 += dz.sum(dim=0, dtype=torch.float32)
+                grad_b32 += dz.sum(dim=0, dtype=f32)
+        del buf, dh32  # before grad_w is allocated: the peak is the chunk loop's, not this
+        if need_w:
+            del dw_part
+            grad_w = torch.mul(grad_w32, unscale, out=torch.empty(weight.shape, dtype=weight.dtype, device=dev))
+        if need_b:
+            grad_b32 *= unscale
     return grad_h, grad_w, grad_b32
 
 
@@ -284,23 +329,33 @@ def _mlm_cross_entropy_cost(h, weight, bias, targets, chunk_rows):
 
 @register_cost("mlm_cross_entropy_backward")
 def _mlm_cross_entropy_backward_cost(grad_loss, h, weight, bias, targets, lse, chunk_rows, need_h, need_w, need_b):
-    V, E, s = weight.shape[0], weight.shape[1], h.element_size()
-    kernels = [KernelCost("ce_scale", "loss", 0, 4, 4)]
-    if need_w:
-        kernels.append(KernelCost("ce_zero_dweight", "loss", 0, 0, nbytes(weight)))
+    n, V, E, s = h.shape[0], weight.shape[0], weight.shape[1], h.element_size()
+    if not n:
+        return ([KernelCost("ce_zero_dweight", "loss", 0, 0, nbytes(weight))] if need_w else []) + (
+            [KernelCost("ce_zero_dbias", "loss", 0, 0, 4 * V)] if need_b else [])
+    kernels = [KernelCost("ce_unscale", "loss", 0, 4, 4), KernelCost("ce_dz_scale", "loss", 0, 0, 4)]
     if need_b:
         kernels.append(KernelCost("ce_zero_dbias", "loss", 0, 0, 4 * V))
-    for rows in _chunks(h, weight, chunk_rows):
+    for i, rows in enumerate(_chunks(h, weight, chunk_rows)):
         z, hc = rows * V * s, rows * E * s
         kernels += [KernelCost("ce_logits_addmm", "GEMM", 2 * rows * V * E, hc + nbytes(weight) + nbytes(bias), z),
                     KernelCost("ce_logits_grad", "loss", 0, z + rows * 8 + 4, z)]
-        if need_h:
-            kernels.append(KernelCost("ce_dhidden_mm", "GEMM", 2 * rows * V * E, z + nbytes(weight), hc))
-        if need_w:
-            kernels.append(KernelCost("ce_dweight_addmm", "GEMM", 2 * rows * V * E, z + hc + nbytes(weight),
-                                      nbytes(weight)))
+        if need_h:  # fp32 product, then scaled and rounded into grad_h
+            kernels += [KernelCost("ce_dhidden_mm", "GEMM", 2 * rows * V * E, z + nbytes(weight), 4 * rows * E),
+                        KernelCost("ce_dhidden_unscale", "loss", 0, 4 * rows * E + 4, hc)]
+        if need_w and i == 0:
+            kernels.append(KernelCost("ce_dweight_mm", "GEMM", 2 * rows * V * E, z + hc, 4 * V * E))
+        elif need_w:
+            for v0 in range(0, V, DW_SLICE_ROWS):
+                vs = min(DW_SLICE_ROWS, V - v0)
+                kernels += [KernelCost("ce_dweight_mm", "GEMM", 2 * rows * vs * E, rows * vs * s + hc, 4 * vs * E),
+                            KernelCost("ce_dweight_add", "loss", 0, 8 * vs * E, 4 * vs * E)]
         if need_b:
             kernels += [KernelCost("ce_dbias_sum", "loss", 0, z, 4 * V), KernelCost("ce_dbias_add", "loss", 0, 8 * V, 4 * V)]
+    if need_w:
+        kernels.append(KernelCost("ce_dweight_unscale", "loss", 0, 4 * V * E + 4, nbytes(weight)))
+    if need_b:
+        kernels.append(KernelCost("ce_dbias_unscale", "loss", 0, 4 * V + 4, 4 * V))
     return kernels
 
 
