@@ -359,3 +359,17 @@ def test_model_loss_and_gradients_match_torch_kernels(monkeypatch):
     for name, p in fast.named_parameters():
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fp32_output_gemm_on_each_path():
+    """The backward's 16-bit x 16-bit -> fp32 GEMM: the CPU path (upcast) against an fp32 product, and the call
+    CUDA makes (``out_dtype``, one cuBLAS GEMM) on meta tensors, whose shape/dtype rules are CUDA's: its CPU twin."""
+    a, b = torch.randn(24, 40).half(), torch.randn(40, 16).half()
+    out = torch.empty(24, 16)
+    torch.testing.assert_close(ce._mm_fp32(a, b, out), a.float() @ b.float())
+    if not ce._MM_OUT_DTYPE:
+        pytest.skip("this torch has no mm(out_dtype=); the upcast path above is the one it runs everywhere")
+    am, bm = a.to("meta"), b.to("meta")
+    got = ce._mm_fp32(am, bm, torch.empty(24, 16, device="meta"))
+    assert got.dtype == torch.float32 and got.shape == (24, 16)
+    assert ce._mm_fp32(am.t(), bm[:24], torch.empty(40, 16, device="meta")).shape == (40, 16)

@@ -195,13 +195,20 @@ def _mlm_cross_entropy_forward(h, weight, bias, targets, chunk_rows):
     return loss, correct.sum(dtype=torch.int64), lse
 
 
+# torch.mm(..., out_dtype=) (16-bit inputs, fp32 output, one cuBLAS call) exists from torch 2.8 on; setup.py
+# allows older torch, where the inputs are upcast instead (the same arithmetic, more memory traffic).
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 def _mm_fp32(a, b, out):
-    """out (fp32) = a @ b for a, b in the input dtype: summed in fp32 and never rounded to 16 bits."""
+    """out (fp32) = a @ b for a, b in the input dtype: summed in fp32 and never rounded to 16 bits. On CUDA (and
+    on meta, where the step model counts what CUDA would run) one GEMM with an fp32 output; the CPU build has no
+    16-bit x 16-bit -> fp32 GEMM, so there the inputs are upcast."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    if a.is_cuda:
+    if _MM_OUT_DTYPE and a.device.type in ("cuda", "meta"):
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a.float(), b.float(), out=out)  # CPU has no 16-bit x 16-bit -> fp32 GEMM
+    return torch.mm(a.float(), b.float(), out=out)
 
 
 def _mlm_cross_entropy_backward(grad_loss, h, weight, bias, targets, lse, chunk_rows, need_h, need_w, need_b):
