@@ -3,9 +3,9 @@ how the data is read and batched, what one evaluation row of logits becomes, the
 and the rows of predictions.jsonl. One object per family; ``FAMILY_TASKS`` maps each ``--task`` name to one.
 
     multiple choice:       --task race | swag | multiple-choice (RACE or SWAG form, told apart by the fields;
-                           without --train the generated "which line follows" task)
+                           without --train the generated swapped-words task, swapped_words.py)
     token classification:  --task ner (CoNLL-2003's nine tags) | token-classification (the training split's
-                           tags; without --train the generated "character names" task)
+                           tags; without --train the generated swapped-words task)
 """
 import numpy as np
 
@@ -13,6 +13,7 @@ from fastroberta.tasks import multiple_choice as mc
 from fastroberta.tasks import token_tags as tt
 from fastroberta.tasks.classification import Task
 from fastroberta.tasks.errors import DataError
+from fastroberta.tasks.swapped_words import swapped_line_choices, swapped_word_tags
 
 
 class MultipleChoiceFamily:
@@ -25,7 +26,7 @@ class MultipleChoiceFamily:
         self.form = form
 
     def generated(self):
-        rows = mc.next_line_task()
+        rows = swapped_line_choices()
         return {k: mc.ChoiceSplit(k, f"{self.task.name}:{k}", [r["sent1"] for r in v],
                                   [[r[f] for f in mc.SWAG_ENDINGS] for r in v], [r["label"] for r in v],
                                   [f"{self.task.name}:{k} record {i + 1}" for i in range(len(v))])
@@ -73,7 +74,7 @@ class TokenFamily:
         return {k: tt.TagSplit(k, f"{self.task.name}:{k}", [r["tokens"] for r in v], [r["tags"] for r in v],
                                [[f"{self.task.name}:{k} record {i + 1} word {j + 1}" for j in range(len(r["tokens"]))]
                                 for i, r in enumerate(v)])
-                for k, v in tt.character_names_task().items()}
+                for k, v in swapped_word_tags().items()}
 
     def read(self, spec, split, need_labels):
         return tt.read_tags(spec, split, need_labels)
