@@ -2,7 +2,7 @@
 and from the same architecture at random initialisation (``--from-scratch``), same seed, same steps.
 
     fastroberta-train                                        # the default run: runs/fastroberta-demo
-    python -m benchmarks.pretraining_gain                    # its four families, seeds 0 and 1, on the CPU
+    python -m benchmarks.pretraining_gain                    # the four bundled tasks, seeds 0 and 1, on the CPU
     python -m benchmarks.pretraining_gain --model RUN --tasks qa --seeds 0,1,2 -- --epochs 4
 
 Every run goes through the real CLI (``python -m fastroberta.finetune``) at its defaults for the task (flags
