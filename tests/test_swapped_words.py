@@ -104,3 +104,22 @@ def test_reversing_the_answer_again_gives_the_lines_as_written():
 def test_asking_for_more_than_the_corpus_holds_is_one_line(make):
     with pytest.raises(DataError, match=r"the corpus has only \d+ usable .* for the train split, 1000000 asked"):
         make(n_train=10 ** 6)
+
+
+@pytest.mark.parametrize("task,epochs", [("multiple-choice", 3.0), ("token-classification", 10.0)])
+def test_finetune_without_train_takes_the_generated_task(tmp_path, task, epochs):
+    from fastroberta import finetune as ft
+    from test_multiple_choice import tiny_model
+    rows = swapped_line_choices(n_train=50, n_validation=10, n_test=10)["train"]
+    model = tiny_model(tmp_path / "model", [r["sent1"] for r in rows])
+    args = ft.build_parser().parse_args(["--model", str(model), "--task", task, "--precision", "fp32",
+                                         "--max-seq-len", "64", "--output", str(tmp_path / "out")])
+    s = ft.resolve_settings(args)
+    assert args.train is None and args.epochs == epochs
+    tokenizer, special = ft.load_checked_tokenizer(s)
+    data, names = ft.load_data(args, s, tokenizer, special)
+    assert [len(data[n][0]) for n in ("train", "validation", "test")] == [2000, 500, 500]
+    if task == "multiple-choice":
+        assert names is None and set(data["train"][1]) == {0, 1, 2, 3}
+    else:
+        assert names == list(TAGS)
