@@ -106,8 +106,9 @@ def build_parser():
                         "swapped-words task: find the words out of order; SQuAD 2.0 rules when the data holds "
                         "unanswerable questions); multiple choice: race, swag or multiple-choice (either form; "
                         "without --train the generated swapped-words task: pick the line as written); token "
-                        "classification: ner (CoNLL-2003's tags) or token-classification (the training split's tags; without --train the generated "
-                        "swapped-words task: tag the swapped words). Default: word-order when no "
+                        "classification: ner (CoNLL-2003's tags) or token-classification (the training split's "
+                        "tags; without --train the generated swapped-words task: tag the swapped words). "
+                        "Default: word-order when no "
                         "--train is given; with a .csv/.tsv/.jsonl --train, inferred from its labels "
                         "(classification for names or integers, regression for fractional numbers); with "
                         "hf:glue:<task>, that task")

@@ -8,7 +8,8 @@ five; it prefers a line to the same line with two words replaced by random corpu
 chance, so tasks of replaced words would show little of what it learned.) Nothing else tells the changed words apart:
 only plain words (letters, no punctuation) move, never a line's first or last word, so the capital that starts a line
 and every punctuation mark stay where the author put them, and a changed line holds the same words as the original.
-Every line, changed or not, is its whitespace-separated words joined by single spaces. Splits come from disjoint blocks of speeches."""
+Every line, changed or not, is its whitespace-separated words joined by single spaces. Splits come from disjoint
+blocks of speeches."""
 import functools
 import os
 import random
