@@ -5,6 +5,7 @@ alternatives a user would otherwise pick, on the same device in the same run.
     python -m benchmarks e2e                # DeepSpeed ZeRO-2 training step: fastroberta vs HF transformers
     python -m benchmarks train              # two short trainer runs (Triton vs torch kernels), curves compared
     python -m benchmarks report             # benchmarks/results/SUMMARY.md (+ the README section)
+    python -m benchmarks.pretraining_gain   # the bundled fine-tuning tasks: pretrained vs from scratch (CPU)
     pytest benchmarks/ --benchmark-only     # the kernel and e2e benchmarks through pytest-benchmark
     bash benchmarks/gpu_check.sh [DIR]      # all of it on one GPU within 8 minutes
 

@@ -9,19 +9,19 @@ import torch
 from fastroberta import RobertaConfig, RobertaForMaskedLM, RobertaForQuestionAnswering
 from fastroberta import finetune as ft
 from fastroberta.data.tokenizer import save_tokenizer, special_ids, train_tokenizer
-from fastroberta.tasks.next_line import next_line_task
 from fastroberta.tasks.readers import write_jsonl
+from fastroberta.tasks.swapped_words import swapped_span_questions
 from fastroberta.training.errors import ConfigError
 from fastroberta.training.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
 def qa_dir(tmp_path_factory):
-    """A tiny RoBERTa folder (random weights, a 400-entry tokenizer) and next-line JSONL splits, with and
+    """A tiny RoBERTa folder (random weights, a 400-entry tokenizer) and swapped-words JSONL splits, with and
     without unanswerable questions."""
     root = tmp_path_factory.mktemp("ft_qa")
-    plain = next_line_task(n_train=64, n_validation=16, n_test=12)
-    with_none = next_line_task(n_train=64, n_validation=16, n_test=12, unanswerable=True, seed=7)
+    plain = swapped_span_questions(n_train=64, n_validation=16, n_test=12)
+    with_none = swapped_span_questions(n_train=64, n_validation=16, n_test=12, unanswerable=True, seed=7)
     tok = train_tokenizer([r["context"] for r in plain["train"] + with_none["train"]], 400)
     sp = special_ids(tok)
     cfg = RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -116,13 +116,13 @@ def test_the_bundled_qa_task_and_squad_defaults(qa_dir, tmp_path, monkeypatch):
         return args, ft.resolve_settings(args)
 
     args, s = settings("--task", "qa", "--max-seq-len", "64", "--max-question-len", "24", "--doc-stride", "16")
-    assert args.train is None and args.epochs == 6.0
+    assert args.train is None and args.epochs == 10.0
     tokenizer, special = ft.load_checked_tokenizer(s)
     data, names = ft.load_data(args, s, tokenizer, special)
     assert names is None and s.task.version_2 is False and s.task.metric == "f1"
     examples = {name: part[2][0] for name, part in data.items()}
-    assert [len(examples[n]) for n in ("train", "validation", "test")] == [1500, 300, 300]
-    assert len(data["train"][0]) > 1500 and data["train"][1].shape == (len(data["train"][0]), 2)  # windows
+    assert [len(examples[n]) for n in ("train", "validation", "test")] == [2000, 500, 500]
+    assert len(data["train"][0]) >= 2000 and data["train"][1].shape == (len(data["train"][0]), 2)  # windows
     args, s = settings("--task", "squad_v2")
     assert (args.train, args.validation, args.max_seq_len, s.task.metric) == ("hf:squad_v2", "hf:squad_v2", 64,
                                                                               "best_f1")

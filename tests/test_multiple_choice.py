@@ -9,8 +9,9 @@ import pytest
 
 from fastroberta.data.tokenizer import special_ids, train_tokenizer
 from fastroberta.tasks.errors import DataError
-from fastroberta.tasks.multiple_choice import (choice_features, choice_metrics, collate_choices, next_line_task,
-                                               read_choices, read_race, read_swag, truncate_context_first)
+from fastroberta.tasks.multiple_choice import (choice_features, choice_metrics, collate_choices, read_choices,
+                                               read_race, read_swag, truncate_context_first)
+from fastroberta.tasks.swapped_words import swapped_line_choices
 
 RACE_ROWS = [
     {"article": "Tom has a red bike.", "question": "What colour is the bike?",
@@ -22,7 +23,7 @@ RACE_ROWS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    rows = next_line_task(n_train=200, n_validation=10, n_test=10)["train"]
+    rows = swapped_line_choices(n_train=200, n_validation=10, n_test=10)["train"]
     return train_tokenizer([r["sent1"] for r in rows] + [r["ending0"] for r in rows], 400)
 
 
@@ -127,19 +128,6 @@ def test_accuracy_takes_the_highest_scoring_choice():
     assert choice_metrics(logits, [1, 1, 2]) == {"accuracy": pytest.approx(2 / 3)}
 
 
-def test_next_line_task_is_deterministic_balanced_and_disjoint():
-    a, b = next_line_task(n_train=400, n_validation=100, n_test=100), next_line_task(n_train=400,
-                                                                                     n_validation=100, n_test=100)
-    assert a == b
-    labels = np.bincount([r["label"] for r in a["train"]], minlength=4)
-    assert labels.min() > 60  # the true line's position is spread over the four choices
-    for r in a["train"]:
-        endings = [r[f"ending{c}"] for c in range(4)]
-        assert len(set(endings)) == 4 and all(e[0].isupper() for e in endings)
-    train = {r["sent1"] for r in a["train"]}
-    assert not train & {r["sent1"] for r in a["validation"]} and not train & {r["sent1"] for r in a["test"]}
-
-
 @pytest.mark.parametrize("row,expected", [
     ({**RACE_ROWS[0], "answer": "E"}, "line 1: answer 'E' is out of range for 4 options (A-D)"),
     ({**RACE_ROWS[0], "answer": "?"}, "line 1: answer '?' is not a letter A-D"),
@@ -201,7 +189,7 @@ def test_finetune_swag_end_to_end_and_transformers_loads_the_kept_model(tmp_path
     from fastroberta.model import RobertaForMultipleChoice
     from fastroberta.tasks import write_jsonl
     from fastroberta.training.metrics import read_metrics
-    rows = next_line_task(n_train=64, n_validation=32, n_test=24)
+    rows = swapped_line_choices(n_train=64, n_validation=32, n_test=24)
     model = tiny_model(tmp_path / "model", [r["sent1"] for r in rows["train"]])
     data = tmp_path / "data"
     data.mkdir()

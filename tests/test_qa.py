@@ -1,6 +1,6 @@
 """The question-answering family: SQuAD JSON and JSONL readers, windowed features and answer positions, window
 logits back to text, SQuAD's exact match / F1 (official normalisation, SQuAD 2.0 splits and thresholds), the
-bundled next-line task, and one-line data errors."""
+and one-line data errors."""
 import json
 
 import numpy as np
@@ -8,11 +8,11 @@ import pytest
 
 from fastroberta.data.tokenizer import special_ids, train_tokenizer
 from fastroberta.tasks.errors import DataError
-from fastroberta.tasks.next_line import next_line_task
 from fastroberta.tasks.qa import QAExample, QAFeatures, answer_tokens, context_windows, qa_features, read_qa
 from fastroberta.tasks.qa_eval import (Answer, answer_texts, exact_match, f1, no_answer_scores, normalize_answer,
                                        postprocess_qa, squad_metrics, write_predictions)
 from fastroberta.tasks.readers import write_jsonl
+from fastroberta.tasks.swapped_words import swapped_span_questions
 
 CONTEXT_A = "The cat sat on the mat. It was a sunny day in Verona."
 CONTEXT_B = "Romeo loves Juliet."
@@ -41,7 +41,7 @@ def _write_json(path, doc):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    rows = next_line_task(n_train=300, n_validation=10, n_test=10)
+    rows = swapped_span_questions(n_train=300, n_validation=10, n_test=10)
     tok = train_tokenizer([r["context"] for r in rows["train"]] + [CONTEXT_A, CONTEXT_B], 400)
     return tok, special_ids(tok)
 
@@ -150,7 +150,7 @@ def test_answer_tokens_from_character_offsets():
 def _long_example():
     words = [f"w{i}" for i in range(60)]
     context = " ".join(words)
-    answer = " ".join(words[20:26])
+    answer = " ".join(words[20:24])
     return QAExample("long", "Which words?", context, [(answer, context.index(answer))], "line 1")
 
 
@@ -312,26 +312,3 @@ def test_predictions_json_is_the_official_format(tmp_path):
     path = tmp_path / "predictions.json"
     write_predictions({"q1": "on the mat", "q2": "", "q3": "Juliet’s"}, str(path))
     assert json.loads(path.read_text(encoding="utf-8")) == {"q1": "on the mat", "q2": "", "q3": "Juliet’s"}
-
-
-def test_next_line_task_is_deterministic_readable_and_answerable(tmp_path):
-    task = next_line_task(n_train=200, n_validation=50, n_test=50, unanswerable=True)
-    assert task == next_line_task(n_train=200, n_validation=50, n_test=50, unanswerable=True)
-    contexts = {name: {r["context"] for r in rows} for name, rows in task.items()}
-    assert not contexts["train"] & contexts["validation"] and not contexts["train"] & contexts["test"]
-    path = str(tmp_path / "train.jsonl")
-    write_jsonl(task["train"], path)
-    examples = read_qa(path)
-    impossible = sum(e.is_impossible for e in examples)
-    assert 20 < impossible < 80
-    for e in examples:
-        lines = e.context.split("\n")
-        assert len(lines) == 4 and e.question in lines
-        following = lines[lines.index(e.question) + 1:]
-        assert (e.answers == []) == (not following)
-        if following:
-            assert e.answers[0][0] == following[0]
-    assert not any(r["answers"]["text"] == [] for r in next_line_task(n_train=100, n_validation=10,
-                                                                       n_test=10)["train"])
-    with pytest.raises(DataError, match="usable contexts for the train split"):
-        next_line_task(n_train=10 ** 6)

@@ -8,8 +8,9 @@ import torch
 
 from fastroberta.data.tokenizer import special_ids, train_tokenizer
 from fastroberta.tasks.errors import DataError
-from fastroberta.tasks.token_tags import (IGNORE, character_names_task, collate_tags, encode_tags, entities,
-                                          read_tags, tag_features, tag_metrics, tag_names, word_predictions)
+from fastroberta.tasks.swapped_words import swapped_word_tags
+from fastroberta.tasks.token_tags import (IGNORE, collate_tags, encode_tags, entities, read_tags, tag_features,
+                                          tag_metrics, tag_names, word_predictions)
 
 CONLL = """-DOCSTART- -X- -X- O
 
@@ -29,7 +30,7 @@ TAGS = [["B-ORG", "O", "B-MISC", "O", "O"], ["B-PER", "I-PER"]]
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    rows = character_names_task(n_train=200, n_validation=10, n_test=10)["train"]
+    rows = swapped_word_tags(n_train=200, n_validation=10, n_test=10)["train"]
     return train_tokenizer([" ".join(r["tokens"]) for r in rows], 400)
 
 
@@ -129,20 +130,6 @@ def test_entity_f1_and_token_accuracy_against_hand_computed_values():
                                                            "accuracy": 0.5}
 
 
-def test_character_names_task_is_deterministic_and_tags_names():
-    a = character_names_task(n_train=300, n_validation=50, n_test=50)
-    assert a == character_names_task(n_train=300, n_validation=50, n_test=50)
-    train = a["train"]
-    assert sum("B-PER" in r["tags"] for r in train) == 150
-    spans = {" ".join(train[s]["tokens"][b:e + 1]) for _, s, b, e in entities([r["tags"] for r in train])}
-    assert {"Romeo", "Warwick"} <= spans and any(" " in n for n in spans)
-    assert not spans & {"All", "Duke", "First Citizen"}  # speakers that are ordinary words are no names
-    for r in train:
-        assert len(r["tokens"]) == len(r["tags"]) and all(t in ("O", "B-PER", "I-PER") for t in r["tags"])
-    texts = {" ".join(r["tokens"]) for r in train}
-    assert not texts & {" ".join(r["tokens"]) for r in a["validation"]}
-
-
 @pytest.mark.parametrize("content,name,expected", [
     ("EU B-ORG\nrejects O\n\nPeter B-PER\nBlackburn B-XYZ\n", "v.txt", "v.txt line 5: tag 'B-XYZ' is not in"),
     ("EU B-ORG\nrejects PER\n", "v.txt", "v.txt line 2: tag 'PER' is not in IOB form"),
@@ -166,7 +153,7 @@ def test_finetune_token_classification_end_to_end_and_transformers_loads_the_kep
     from fastroberta.tasks import write_jsonl
     from fastroberta.training.metrics import read_metrics
     from test_multiple_choice import finetune_args, tiny_model
-    rows = character_names_task(n_train=64, n_validation=32, n_test=24)
+    rows = swapped_word_tags(n_train=64, n_validation=32, n_test=24)
     model = tiny_model(tmp_path / "model", [" ".join(r["tokens"]) for r in rows["train"]])
     data = tmp_path / "data"
     data.mkdir()
@@ -187,7 +174,7 @@ def test_finetune_token_classification_end_to_end_and_transformers_loads_the_kep
 
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForTokenClassification.from_pretrained(str(out / "hf")).eval()
-    assert hf.config.id2label == {0: "O", 1: "B-PER", 2: "I-PER"}
+    assert hf.config.id2label == {0: "O", 1: "B-SWAP", 2: "I-SWAP"}
     ours = RobertaForTokenClassification.from_pretrained(str(out / "hf"), kernels="torch").eval()
     tok = load_tokenizer(str(out / "hf"))
     sp = special_ids(tok)
@@ -222,7 +209,7 @@ def test_finetune_token_classification_resumes_exactly(tmp_path):
     from fastroberta.tasks import write_jsonl
     from fastroberta.training.metrics import read_metrics
     from test_multiple_choice import finetune_args, tiny_model
-    rows = character_names_task(n_train=64, n_validation=32, n_test=8)
+    rows = swapped_word_tags(n_train=64, n_validation=32, n_test=8)
     model = tiny_model(tmp_path / "model", [" ".join(r["tokens"]) for r in rows["train"]])
     data = tmp_path / "data"
     data.mkdir()

@@ -7,12 +7,13 @@
     metrics.py         accuracy, F1, MCC, Pearson, Spearman; the baseline that ignores the input
     word_order.py      the bundled task generated from the corpus
     multiple_choice.py the multiple-choice family: RACE / SWAG readers, [C, L] features, [B, C, L] batches,
-                       accuracy, the bundled "which line follows" task
+                       accuracy
     token_tags.py      the token-classification (NER) family: CoNLL / JSONL readers, first-sub-word labels,
-                       per-word predictions, seqeval-style entity P/R/F1, the bundled "character names" task
+                       per-word predictions, seqeval-style entity P/R/F1
     qa.py              question answering: SQuAD JSON / JSONL examples, windowed features, answer positions
     qa_eval.py         question answering: window logits back to answer text, SQuAD exact match / F1
-    next_line.py       the bundled question-answering task generated from the corpus
+    swapped_words.py   the bundled multiple-choice, token-classification and question-answering tasks: corpus
+                       lines with neighbouring words swapped (which is the line as written, which words moved)
     errors.py          DataError: one line naming the file, the row and the field
 
 A new family (question answering, token tagging, ...) is a new module beside classification.py.

@@ -5,13 +5,14 @@ and the test predictions. One object per family; ``FAMILY_TASKS`` maps each ``--
 
     question answering:    --task squad | squad_v2 (without --train: hf:squad, hf:squad_v2) | qa (SQuAD 2.0
                            rules when the data holds unanswerable questions; without --train the generated
-                           next-line task)
+                           swapped-words task: find the words out of order)
 
     multiple choice:       --task race | swag | multiple-choice (RACE or SWAG form, told apart by the fields;
-                           without --train: hf:race:all, hf:swag:regular, the generated "which line follows" task)
+                           without --train: hf:race:all, hf:swag:regular, the generated swapped-words task,
+                           swapped_words.py)
     token classification:  --task ner (CoNLL-2003's nine tags; without --train hf:conll2003) |
                            token-classification (the training split's tags; without --train the generated
-                           "character names" task)
+                           swapped-words task)
 Files or ``hf:<dataset>[:<config>][@<split>]`` (with the ``datasets`` package) for either.
 """
 import dataclasses
@@ -25,6 +26,7 @@ from fastroberta.tasks.batching import collate
 from fastroberta.tasks.classification import Task
 from fastroberta.tasks.errors import DataError
 from fastroberta.tasks.qa import QA_TASKS
+from fastroberta.tasks.swapped_words import swapped_line_choices, swapped_word_tags
 
 
 def logit_rows(out, batch):
@@ -65,7 +67,7 @@ class MultipleChoiceFamily(TaskFamily):
         self.hf = hf  # the --train when none is given: a Hugging Face dataset[:config]
 
     def generated(self):
-        rows = mc.next_line_task()
+        rows = swapped_line_choices()
         return {k: mc.ChoiceSplit(k, f"{self.task.name}:{k}", [r["sent1"] for r in v],
                                   [[r[f] for f in mc.SWAG_ENDINGS] for r in v], [r["label"] for r in v],
                                   [f"{self.task.name}:{k} record {i + 1}" for i in range(len(v))])
@@ -117,7 +119,7 @@ class TokenFamily(TaskFamily):
         return {k: tt.TagSplit(k, f"{self.task.name}:{k}", [r["tokens"] for r in v], [r["tags"] for r in v],
                                [[f"{self.task.name}:{k} record {i + 1} word {j + 1}" for j in range(len(r["tokens"]))]
                                 for i, r in enumerate(v)])
-                for k, v in tt.character_names_task().items()}
+                for k, v in swapped_word_tags().items()}
 
     def read(self, spec, split, need_labels):
         return tt.read_tags(spec, split, need_labels)
@@ -197,14 +199,14 @@ class QuestionAnsweringFamily(TaskFamily):
                                        args.max_answer_len)
 
     def generated(self):
-        from fastroberta.tasks.next_line import next_line_task
         from fastroberta.tasks.qa import QAExample
+        from fastroberta.tasks.swapped_words import swapped_span_questions
         if self.task.name != "qa":
             return {}
         return {name: [QAExample(r["id"], r["question"], r["context"],
                                  list(zip(r["answers"]["text"], r["answers"]["answer_start"])),
-                                 f"next-line:{name} {r['id']}") for r in rows]
-                for name, rows in next_line_task().items()}
+                                 f"swapped-span:{name} {r['id']}") for r in rows]
+                for name, rows in swapped_span_questions().items()}
 
     def read(self, spec, split, need_labels):
         from fastroberta.tasks.qa import read_qa

@@ -1,5 +1,5 @@
 """The multiple-choice family (RACE, SWAG, a user's own data): readers, features ``[C, L]`` per example, batches
-``[B, C, L]`` for RobertaForMultipleChoice, accuracy, and the bundled "which line follows" task.
+``[B, C, L]`` for RobertaForMultipleChoice and accuracy (the bundled task is in swapped_words.py).
 
 Each choice is one pair in RoBERTa's format, ``<s> context </s></s> question + option </s>``: SWAG's context is
 ``sent1`` and its second segment ``sent2 + " " + ending``; RACE's context is the article and its second segment
@@ -9,7 +9,6 @@ context loses tokens from its end first: the question and the option are what th
 import csv
 import json
 import os
-import random
 from dataclasses import dataclass
 from typing import List
 
@@ -274,64 +273,3 @@ def collate_choices(features, pad_id, labels=None, multiple=1, limit=None):
 def choice_metrics(logits, labels):
     """{"accuracy"}: the share of examples whose highest-scoring choice is the right one."""
     return {"accuracy": accuracy(np.asarray(logits).argmax(-1), labels)}
-
-
-def _spoken_runs(corpus_path):
-    """Runs of consecutive spoken lines (a speech: the lines between a speaker's name and the next blank)."""
-    with open(corpus_path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f]
-    runs, current = [], []
-    for ln in lines + [""]:
-        if not ln or ln.endswith(":"):
-            if len(current) >= 2:
-                runs.append(current)
-            current = []
-        else:
-            current.append(ln)
-    return runs
-
-
-def _usable(line):
-    # Verse lines start with a capital; a prose line cut mid-sentence starts lower-case, which would tell the true
-    # continuation from the distractors by its form alone.
-    return len(line.split()) >= 4 and line[0].isupper()
-
-
-def next_line_task(corpus_path=None, n_train=2000, n_validation=500, n_test=500, seed=1234):
-    """{"train" | "validation" | "test": list of SWAG-form rows} built deterministically from the bundled corpus:
-    ``sent1`` is a spoken line of at least 4 words, the endings are the line that follows it in the same speech and
-    three lines of other speeches of the same split (every one of them
-    starting with a capital), ``label`` the index of the true one. Picking it needs the
-    sense and grammar that carry across a line break, which masked-LM pretraining learns; the distractors are real
-    lines, so their form gives nothing away. Splits come from disjoint blocks of speeches."""
-    if corpus_path is None:
-        corpus_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "corpus",
-                                   "tinyshakespeare.txt")
-    runs = _spoken_runs(corpus_path)
-    block = 20
-    pools = {"train": [], "validation": [], "test": []}
-    for i in range(0, len(runs), block):
-        pools[("train", "train", "train", "train", "validation", "test")[(i // block) % 6]].extend(runs[i:i + block])
-    rng = random.Random(seed)
-    out = {}
-    for name, n in (("train", n_train), ("validation", n_validation), ("test", n_test)):
-        pairs = [(r[j], r[j + 1], k) for k, r in enumerate(pools[name]) for j in range(len(r) - 1)
-                 if _usable(r[j]) and _usable(r[j + 1])]
-        lines = [(ln, k) for k, r in enumerate(pools[name]) for ln in r if _usable(ln)]
-        rng.shuffle(pairs)
-        if len(pairs) < n:
-            raise DataError(f"the corpus has only {len(pairs)} usable line pairs for the {name} split, {n} asked")
-        rows = []
-        for first, follows, speech in pairs[:n]:
-            endings = [follows]
-            while len(endings) < len(SWAG_ENDINGS):
-                line, k = lines[rng.randrange(len(lines))]
-                if k != speech and line not in endings:
-                    endings.append(line)
-            rng.shuffle(endings)
-            row = {"sent1": first, "sent2": ""}
-            row.update({f"ending{c}": e for c, e in enumerate(endings)})
-            row["label"] = endings.index(follows)
-            rows.append(row)
-        out[name] = rows
-    return out

@@ -1,13 +1,12 @@
 """The token-classification family (NER: CoNLL-2003, a user's own tagged words): readers, sub-word features with
 each word's label on its first sub-word, per-word predictions, entity-level precision / recall / F1 as seqeval
-computes them in its default mode, token accuracy, and the bundled "character names" task.
+computes them in its default mode and token accuracy (the bundled task is in swapped_words.py).
 
 Words are encoded one by one with a leading space, as RoBERTa's byte-level BPE sees a word inside a sentence (and
 as transformers' RobertaTokenizerFast(add_prefix_space=True) does for words given one by one); the label of a
 word sits on its first sub-word, the other sub-words, ``<s>`` and ``</s>`` carry -100 and are ignored by the loss.
 """
 import os
-import random
 import re
 from dataclasses import dataclass
 from typing import List
@@ -272,68 +271,3 @@ def tag_metrics(predicted, gold):
     pairs = [(p, g) for ps, gs in zip(predicted, gold) for p, g in zip(ps, gs)]
     accuracy = sum(p == g for p, g in pairs) / len(pairs) if pairs else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy}
-
-
-def _speaker_names(lines):
-    """Character names from the speaker lines (``LADY CAPULET:``), title-cased, as word tuples; a speaker whose
-    last word is also an ordinary word of the text (``ALL``, ``DUKE``, ``FIRST CITIZEN``) is no name."""
-    lower = {w for ln in lines for w in re.findall(r"[a-z]+", ln)}
-    names = set()
-    for ln in lines:
-        if ln.endswith(":") and ln[:-1].replace(" ", "").isalpha() and ln[:-1].isupper():
-            words = ln[:-1].split()
-            if words[-1].lower() not in lower:
-                names.add(tuple(w.lower() if w == "OF" else w.capitalize() for w in words))
-    return names
-
-
-def character_names_task(corpus_path=None, n_train=2000, n_validation=500, n_test=500, seed=1234):
-    """{"train" | "validation" | "test": list of {"tokens", "tags"}} built deterministically from the bundled
-    corpus: spoken lines split into words and punctuation, where a run of words that spells a speaker's name
-    (``Romeo``, ``Lady Capulet``, ``Duke of York``, the longest match first) is a PER entity (B-PER, I-PER) and every other word O.
-    Half the lines hold a name. Names are capitalised like many other words (every verse line starts with a
-    capital), so the tagger has to learn which capitalised words are people. Splits come from disjoint blocks."""
-    if corpus_path is None:
-        corpus_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "corpus",
-                                   "tinyshakespeare.txt")
-    with open(corpus_path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f]
-    names = _speaker_names(lines)
-    longest = max(map(len, names))
-    seen, sentences = set(), []
-    for ln in lines:
-        if not ln or ln.endswith(":") or ln in seen:
-            continue
-        seen.add(ln)
-        words = re.findall(r"\w+|[^\w\s]+", ln)
-        if len(words) < 4:
-            continue
-        tags, i = ["O"] * len(words), 0
-        while i < len(words):
-            for n in range(min(longest, len(words) - i), 0, -1):
-                if tuple(words[i:i + n]) in names:
-                    tags[i:i + n] = ["B-PER"] + ["I-PER"] * (n - 1)
-                    i += n
-                    break
-            else:
-                i += 1
-        sentences.append({"tokens": words, "tags": tags})
-    block = 50
-    pools = {"train": [], "validation": [], "test": []}
-    for k in range(0, len(sentences), block):
-        pools[("train", "train", "train", "train", "validation", "test")[(k // block) % 6]].extend(
-            sentences[k:k + block])
-    rng = random.Random(seed)
-    out = {}
-    for name, n in (("train", n_train), ("validation", n_validation), ("test", n_test)):
-        with_name = [s for s in pools[name] if "B-PER" in s["tags"]]
-        without = [s for s in pools[name] if "B-PER" not in s["tags"]]
-        rng.shuffle(with_name)
-        rng.shuffle(without)
-        if min(len(with_name), len(without)) < n - n // 2:
-            raise DataError(f"the corpus has only {len(with_name)} lines with a name for the {name} split, "
-                            f"{n - n // 2} asked")
-        rows = with_name[:n - n // 2] + without[:n // 2]
-        rng.shuffle(rows)
-        out[name] = rows
-    return out
