@@ -17,10 +17,8 @@ torch.profiler and puts the measured ms per class next to the modelled ones.
 
 Output: ``benchmarks/results/model/step_model.{json,md}`` (``--out`` elsewhere).
 """
-import argparse
 import collections
 import json
-import math
 import os
 import re
 import sys
