@@ -217,6 +217,35 @@ def test_finetune_swag_end_to_end_and_transformers_loads_the_kept_model(tmp_path
         torch.testing.assert_close(hf(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_finetune_multiple_choice_resumes_exactly(tmp_path):
+    """Stopped at step 3 of 6 and resumed: the same losses, evaluations and final weights as one run."""
+    import torch
+    from fastroberta import finetune as ft
+    from fastroberta.model import RobertaForMultipleChoice
+    from fastroberta.tasks import write_jsonl
+    from fastroberta.training.metrics import read_metrics
+    rows = swapped_line_choices(n_train=48, n_validation=16, n_test=8)
+    model = tiny_model(tmp_path / "model", [r["sent1"] for r in rows["train"]])
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, split in rows.items():
+        write_jsonl(split, str(data / f"{name}.jsonl"))
+    extra = ("--eval-every", "2", "--dropout", "0.1")
+    ft.finetune(finetune_args(model, tmp_path / "full", "multiple-choice", data, *extra))
+    first = ft.finetune(finetune_args(model, tmp_path / "cut", "multiple-choice", data, *extra,
+                                      "--stop-at-step", "3"))
+    assert first["step"] == 3
+    ft.finetune(finetune_args(model, tmp_path / "cut", "multiple-choice", data, *extra, "--resume"))
+    keys = ("step", "loss", "lr", "eval_accuracy")
+    full = read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
+    cut = read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))
+    assert [r["step"] for r in full if "loss" in r][-1] == 6
+    assert [[r.get(k) for k in keys] for r in cut] == [[r.get(k) for k in keys] for r in full]
+    a = RobertaForMultipleChoice.from_pretrained(str(tmp_path / "full" / "hf"), kernels="torch").state_dict()
+    b = RobertaForMultipleChoice.from_pretrained(str(tmp_path / "cut" / "hf"), kernels="torch").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_finetune_multiple_choice_data_errors_are_one_line(tmp_path, capsys):
     from fastroberta import finetune as ft
     data = tmp_path / "data"
