@@ -81,9 +81,6 @@ def _cmdline(pid):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="after the merge with issue 23's start-up changes the two 'nodes' write no checkpoint "
-                          "within the deadline (seen in the session's final runs, cause not found yet); passed on "
-                          "the issue-24 branch", strict=False)
 def test_lost_node_stops_the_other_in_bounded_time(tmp_path):
     import signal
     import subprocess
@@ -113,7 +110,7 @@ def test_lost_node_stops_the_other_in_bounded_time(tmp_path):
                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for n in (0, 1)]
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 180  # start-up of two one-process nodes: no op to build (training/host.py)
         while not (out / "checkpoints" / "global_step2" / "manifest.json").exists():
             assert time.time() < deadline and all(n.poll() is None for n in nodes), "no checkpoint was written"
             time.sleep(0.5)
