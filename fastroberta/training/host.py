@@ -206,6 +206,8 @@ def cpu_start_note(world_size, local=None):
     if world_size == 1:
         return "one process: no communication op to build"
     if not shm_op_used(world_size, local):
+        if local == 0:  # torchrun sets LOCAL_WORLD_SIZE, which DeepSpeed's op does not read
+            return "no LOCAL_SIZE from the launcher, so DeepSpeed uses no shared-memory op: nothing to build"
         return "ranks on several hosts: no shared-memory communication op to build"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     build_dir = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], SHM_OP)
