@@ -1,6 +1,7 @@
 """The first seconds of a run: a line before DeepSpeed starts (its import and process group take seconds, a first
-multi-process CPU start a minute more), no shared-memory comm op for a single CPU process, a build lock left by an
-interrupted build removed on the next start, and a run clock that includes start-up."""
+multi-process CPU start a minute more), no shared-memory comm op where DeepSpeed would not use it (one process,
+ranks on several hosts), a build lock left by an interrupted build removed on the next start, and a run clock that
+includes start-up."""
 import os
 import subprocess
 import time
@@ -59,7 +60,7 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path):
 def test_several_cpu_processes_build_in_this_environments_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")  # recorded, so that the test leaves the variable as it was
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    note = host.cpu_start_note(2)
+    note = host.cpu_start_note(2, local=2)
     folder = os.environ["TORCH_EXTENSIONS_DIR"]
     assert os.path.basename(folder).startswith("fastroberta-") and folder == host.extensions_dir()
     assert "shared-memory communication op" in note
@@ -68,4 +69,20 @@ def test_several_cpu_processes_build_in_this_environments_folder(tmp_path, monke
     stale.parent.mkdir()
     stale.write_text("")
     os.utime(stale, (0, 0))
-    assert f"removed the lock an interrupted build left, {stale}" in host.cpu_start_note(2)
+    assert f"removed the lock an interrupted build left, {stale}" in host.cpu_start_note(2, local=2)
+
+
+def test_ranks_on_several_hosts_build_no_shm_op(monkeypatch):
+    """DeepSpeed's shared-memory op serves only when every rank is on one host (LOCAL_SIZE == world size): two
+    nodes, or torchrun (no LOCAL_SIZE), would build it for nothing, a minute or more of start-up."""
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert host.cpu_start_note(2, local=1) == "ranks on several hosts: no shared-memory communication op to build"
+    assert "DeepSpeed uses no shared-memory op: nothing to build" in host.cpu_start_note(2, local=0)
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ
+    assert host.shm_op_used(4, 4) and not host.shm_op_used(4, 2) and not host.shm_op_used(1, 1)
+    import deepspeed.ops
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, host.SHM_OP, True)
+    host.skip_unused_shm_op(2, local=2)
+    assert deepspeed.ops.__compatible_ops__[host.SHM_OP] is True
+    host.skip_unused_shm_op(2, local=1)
+    assert deepspeed.ops.__compatible_ops__[host.SHM_OP] is False

@@ -223,11 +223,8 @@ def load_checkpoint(engine, s, loader):
     if universal:
         engine_dir = convert_to_universal(load_dir, tag, s.rank, engine.device)
         if s.rank == 0:
-            print(f"resuming checkpoint {where} of {saved} processes on {s.world_size}: converted once into "
-                  f"{os.path.join(engine_dir, tag)} (DeepSpeed Universal Checkpointing)", flush=True)
-        if s.rank == 0 and s.zero_stage == 3:
-            print("warning: a ZeRO-3 checkpoint resumed on another number of processes continues close to, not "
-                  "exactly like, the uninterrupted run (about 2e-4 relative in the losses, measured on CPU)",
+            print(f"resuming checkpoint {where} of {saved} process{'es' if saved > 1 else ''} on {s.world_size}: "
+                  f"converted once into {os.path.join(engine_dir, tag)} (DeepSpeed Universal Checkpointing)",
                   flush=True)
         # DeepSpeed reads this flag of its config at load time only; a later save is an ordinary checkpoint.
         engine._config.load_universal_checkpoint = True
@@ -235,11 +232,8 @@ def load_checkpoint(engine, s, loader):
     decay = [g.get("weight_decay") for g in inner.param_groups] if universal and inner is not None else None
     try:
         path, client = engine.load_checkpoint(engine_dir, tag=tag)
-        if decay is not None:
-            # ZeRO-3's universal load copies the first parameter group's settings onto every group, which would
-            # decay the biases and LayerNorm weights; the groups' own decay is the run's, not the checkpoint's.
-            for group, value in zip(inner.param_groups, decay):
-                group["weight_decay"] = value
+        if universal and inner is not None:
+            repair_zero3_universal_load(inner, decay)
     except Exception as e:  # DeepSpeed and torch.load raise anything from AssertionError to zip errors
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrainingError(f"checkpoint {where} cannot be loaded ({type(e).__name__}: {first}); "
@@ -262,6 +256,21 @@ def load_checkpoint(engine, s, loader):
     if s.rank == 0 and os.path.abspath(load_dir) == os.path.abspath(s.ckpt_dir) and latest_pointer(s.ckpt_dir) != tag:
         atomic_write(os.path.join(s.ckpt_dir, LATEST), tag)  # repair the pointer: it names what we run from
     return client
+
+
+def repair_zero3_universal_load(optimizer, decay):
+    """Undo two things DeepSpeed's ZeRO-3 universal load (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_
+    stage3, 0.19.8) does to ``optimizer`` that an uninterrupted run does not have. It copies the first parameter
+    group's settings onto every group, which would decay the biases and LayerNorm weights: each group gets its own
+    ``decay`` back (the run's, not the checkpoint's). And it gives every group's state one and the same ``step``
+    tensor, which torch's Adam increments in place once per group: with two groups the bias correction ran two
+    steps per step (the resumed losses drifted about 2e-4 relative from the second step on). Each state gets its
+    own copy. ZeRO 1 and 2 load each group's own step and settings; there this changes nothing."""
+    for group, value in zip(optimizer.param_groups, decay):
+        group["weight_decay"] = value
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def saved_world_size(folder):

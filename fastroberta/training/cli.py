@@ -161,4 +161,4 @@ def announce_start(s):
         return
     from fastroberta.training import host
     say(s, f"starting DeepSpeed (CPU, gloo, world {s.world_size}): {host.cpu_start_note(s.world_size)}")
-    host.skip_shm_op_for_one_process(s.world_size)
+    host.skip_unused_shm_op(s.world_size)

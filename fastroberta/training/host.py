@@ -116,26 +116,32 @@ def quiet_deepspeed_stdout():
 
 
 # Start-up on CPU: DeepSpeed's process group JIT-builds SHM_OP with ninja (tens of seconds to a minute and more on
-# a busy 2-core machine) into torch's extensions folder. One process has no peer to share memory with, so it
-# needs no such op: DeepSpeed's own table of compatible ops (deepspeed.ops.__compatible_ops__, a dict it keeps so
-# that edits persist) is told so and build_shm_op returns None. Several processes do use it; they build it into
-# a folder of this environment's own (torch's default is shared by every environment of a user, and two of them
-# with other DeepSpeed or torch versions rebuild the op on every alternate start). A build killed half-way (Ctrl-C)
+# a busy 2-core machine) into torch's extensions folder. The op serves only when every rank is on this host
+# (DeepSpeed's own test, shm_interface.cpp: LOCAL_SIZE == world size): a single process, ranks spread over several
+# nodes, or a launcher that sets no LOCAL_SIZE (torchrun) never use it, so DeepSpeed's own table of compatible ops
+# (deepspeed.ops.__compatible_ops__, a dict it keeps so that edits persist) is told so and build_shm_op returns
+# None. Several processes on one host do use it; they build it into a folder of this environment's own (torch's
+# default is shared by every environment of a user, and two of them with other DeepSpeed or torch versions, or the
+# same versions installed elsewhere, rebuild the op on every alternate start). A build killed half-way (Ctrl-C)
 # leaves torch's lock file behind, and every later start would wait on it for ever: such a lock is removed.
 
 STALE_LOCK_AGE_S = 60  # torch writes build.ninja and starts ninja within a second of taking the lock
 
 
 def extensions_dir():
-    """The folder for JIT-built ops of this Python, torch and DeepSpeed (read without importing DeepSpeed): under
-    torch's default root, named by their versions, so environments that could not share a build never share a
-    folder (each would rebuild over the other's), and fresh environments of the same versions (a new clone's
-    venv) reuse the build."""
+    """The folder for JIT-built ops of this environment (read without importing DeepSpeed): under torch's default
+    root, named by Python, torch and DeepSpeed's versions and where they are installed (their paths are in the
+    build's command lines, so two installs of the same versions would each rebuild over the other's objects), so
+    a fresh environment at the same place with the same versions (CI's new clone) reuses the build."""
+    import sysconfig
     from importlib.metadata import version
+    from importlib.util import find_spec
     import torch
     from torch.utils.cpp_extension import get_default_build_root
-    python = f"{sys.implementation.cache_tag}-{sys.platform}"
-    tag = hashlib.sha1(f"{python}|{torch.__version__}|{version('deepspeed')}".encode()).hexdigest()[:10]
+    python = f"{sys.implementation.cache_tag}-{sys.platform}|{sysconfig.get_path('include')}"
+    deepspeed = f"{version('deepspeed')}|{os.path.dirname(find_spec('deepspeed').origin)}"
+    torch_ = f"{torch.__version__}|{os.path.dirname(torch.__file__)}"
+    tag = hashlib.sha1(f"{python}|{torch_}|{deepspeed}".encode()).hexdigest()[:10]
     return os.path.join(get_default_build_root(), f"fastroberta-{tag}")
 
 
@@ -178,12 +184,31 @@ def shm_op_built(build_dir):
     return os.path.isfile(os.path.join(build_dir, SHM_OP + ".so"))
 
 
-def cpu_start_note(world_size):
-    """What DeepSpeed's CPU start will build, said before it starts (cheap: DeepSpeed is not imported). For
-    several processes it points TORCH_EXTENSIONS_DIR (unless set) at this environment's folder and removes a
-    stale lock there first."""
+def local_size():
+    """Ranks on this host as DeepSpeed's shared-memory op counts them (LOCAL_SIZE, set by the deepspeed launcher;
+    0 when no launcher set it)."""
+    try:
+        return int(os.environ.get("LOCAL_SIZE", "0"))
+    except ValueError:
+        return 0
+
+
+def shm_op_used(world_size, local):
+    """Whether DeepSpeed's process group would use SHM_OP: several ranks, every one of them on this host."""
+    return world_size > 1 and local == world_size
+
+
+def cpu_start_note(world_size, local=None):
+    """What DeepSpeed's CPU start will build, said before it starts (cheap: DeepSpeed is not imported). When the op
+    is used it points TORCH_EXTENSIONS_DIR (unless set) at this environment's folder and removes a stale lock there
+    first."""
+    local = local_size() if local is None else local
     if world_size == 1:
         return "one process: no communication op to build"
+    if not shm_op_used(world_size, local):
+        if local == 0:  # torchrun sets LOCAL_WORLD_SIZE, which DeepSpeed's op does not read
+            return "no LOCAL_SIZE from the launcher, so DeepSpeed uses no shared-memory op: nothing to build"
+        return "ranks on several hosts: no shared-memory communication op to build"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     build_dir = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], SHM_OP)
     removed = clear_stale_build_lock(build_dir)
@@ -194,9 +219,9 @@ def cpu_start_note(world_size):
             f"minute on 2 cores) into {build_dir}{note}")
 
 
-def skip_shm_op_for_one_process(world_size):
-    """A single CPU process: tell DeepSpeed its shared-memory op is not to be built (see above)."""
-    if world_size != 1:
+def skip_unused_shm_op(world_size, local=None):
+    """Tell DeepSpeed not to build SHM_OP where its process group would not use it (see above)."""
+    if shm_op_used(world_size, local_size() if local is None else local):
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as init_distributed does, before DeepSpeed is imported
     import deepspeed.ops
