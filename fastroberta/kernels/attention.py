@@ -63,7 +63,7 @@ from . import reference
 from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
                       on_device, triton_usable)
 from ._compile_options import COMPILE_OPTIONS
-from ._library import KernelCost, custom_op, nbytes, register_cost
+from ._library import KernelCost, call, custom_op, nbytes, register_autograd, register_cost
 
 HEAD_DIMS = (16, 32, 64, 128)
 DROPOUT_MAX_SEQLEN = 32768
@@ -859,12 +859,12 @@ def _attention_grad(ctx, do, _dlse):
         return (None,) * 10
     q, k, v, o, lse, key_mask, seqlens, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, dropout_p, softmax_scale = ctx.args
-    dq, dk, dv = torch.ops.fastroberta.attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
-                                                          max_seqlen, dropout_p, softmax_scale, seed)
+    dq, dk, dv = call(_attention_backward_op, do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_seqlen,
+                      dropout_p, softmax_scale, seed)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-_attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
+register_autograd(_attention_op, _attention_grad, _attention_setup)
 
 
 # Attention on the fused [B, L, 3, H, D] projection: q, k, v are strided views of it, and backward writes dQ,
@@ -913,11 +913,11 @@ def _attention_packed_grad(ctx, do, _dlse):
     if do is None:
         return (None,) * 6
     qkv, o, lse, key_mask, seqlens, seed = ctx.saved_tensors
-    dqkv = torch.ops.fastroberta.attention_packed_backward(do, qkv, o, lse, key_mask, seqlens, *ctx.args, seed)
+    dqkv = call(_attention_packed_backward_op, do, qkv, o, lse, key_mask, seqlens, *ctx.args, seed)
     return dqkv, None, None, None, None, None
 
 
-_attention_packed_op.register_autograd(_attention_packed_grad, setup_context=_attention_packed_setup)
+register_autograd(_attention_packed_op, _attention_packed_grad, _attention_packed_setup)
 
 
 # What the launch code runs on a GPU (see _library.COSTS). FLOPs are the tensor-core matmuls the kernels run,
@@ -1067,7 +1067,7 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     key_mask, seqlens = _mask_and_lengths(attention_mask, l, q.device)
     seed = new_dropout_seed(q.device) if dropout_p > 0.0 else None
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return _attention_op(q, k, v, key_mask, seqlens, None, l, dropout_p, scale, seed)[0]
+    return call(_attention_op, q, k, v, key_mask, seqlens, None, l, dropout_p, scale, seed)[0]
 
 
 def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None):
@@ -1090,7 +1090,7 @@ def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None
         return reference.attention_packed(qkv, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _mask_and_lengths(attention_mask, l, qkv.device)
     seed = new_dropout_seed(qkv.device) if dropout_p > 0.0 else None
-    return _attention_packed_op(_unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale, seed)[0]
+    return call(_attention_packed_op, _unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale, seed)[0]
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, validate=True):
@@ -1137,4 +1137,4 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
                                           softmax_scale=scale)
     seed = new_dropout_seed(q.device) if dropout_p > 0.0 else None
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return _attention_op(q, k, v, None, None, cu_seqlens, max_seqlen, dropout_p, scale, seed)[0]
+    return call(_attention_op, q, k, v, None, None, cu_seqlens, max_seqlen, dropout_p, scale, seed)[0]

@@ -18,7 +18,7 @@ import triton.language as tl
 from . import reference
 from ._checks import FLOAT_DTYPES, check_tensor, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
-from ._library import KernelCost, custom_op, nbytes, register_cost
+from ._library import KernelCost, call, custom_op, nbytes, register_cost
 
 BLOCK_M, BLOCK_N = 32, 128
 ROWS_PER_PROGRAM = 512  # rows one program walks: its fp32 partial row is 1/512 of the rows' traffic
@@ -92,4 +92,4 @@ def gelu_backward_bias_grad(dact, pre):
     if not triton_usable(pre):
         return reference.gelu_backward_bias_grad(dact, pre)
     dact, pre = (t if t.stride(-1) == 1 else t.contiguous() for t in (dact, pre))
-    return _gelu_backward_bias_grad_op(dact, pre)
+    return call(_gelu_backward_bias_grad_op, dact, pre)

@@ -36,7 +36,7 @@ import triton.language as tl
 from . import reference
 from ._checks import autocast_enabled, check_tensor, new_dropout_seed, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
-from ._library import KernelCost, custom_op, nbytes, register_cost
+from ._library import KernelCost, call, custom_op, nbytes, register_autograd, register_cost
 from .backend import KernelSwitch
 
 # A row lives in the registers of one program. The backward's per-thread state (weight, two gradient
@@ -323,8 +323,8 @@ def _layer_norm_grad(ctx, dy, _dmean, _drstd):
     if dy is None:
         return (None,) * 7
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
-    dx, dr, dw, db = torch.ops.fastroberta.layer_norm_backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p,
-                                                               seed, ctx.has_bias)
+    dx, dr, dw, db = call(_layer_norm_backward_op, dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed,
+                          ctx.has_bias)
     if residual is None:
         dr = None
     elif ctx.dropout_p == 0.0:
@@ -333,7 +333,7 @@ def _layer_norm_grad(ctx, dy, _dmean, _drstd):
             None, None, None)
 
 
-_layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+register_autograd(_layer_norm_op, _layer_norm_grad, _layer_norm_setup)
 
 # What the launch code runs on a GPU (see _library.COSTS). The backward's programs count is an H100's
 # (132 SMs, four programs each): their fp32 partial rows are written once and summed by two small launches.
@@ -407,7 +407,7 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
         return reference.layer_norm(x, weight, bias, eps=eps, residual=residual, dropout_p=dropout_p)
     dropout_p = float(dropout_p)
     seed = new_dropout_seed(x.device) if dropout_p > 0.0 else None
-    return _layer_norm_op(x, weight, bias, residual, float(eps), dropout_p, seed)[0]
+    return call(_layer_norm_op, x, weight, bias, residual, float(eps), dropout_p, seed)[0]
 
 
 class FusedLayerNorm(KernelSwitch, torch.nn.LayerNorm):
