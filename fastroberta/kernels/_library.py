@@ -63,6 +63,18 @@ def nbytes(t):
     return n if t.numel() else 0
 
 
+def cdiv(a, b):
+    """``triton.cdiv`` for the host's grid arithmetic: Triton 3.9 makes ``triton.cdiv`` and
+    ``triton.next_power_of_2`` constexpr functions whose every host call unwraps its arguments (microseconds each,
+    tens of them per training step)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """``triton.next_power_of_2`` for the host (see ``cdiv``): the least power of 2 >= n, 0 for n = 0."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 @contextlib.contextmanager
 def observe(mode):
     """Enter ``mode`` (a context manager, e.g. a TorchFunctionMode) inside every op implementation meanwhile."""

@@ -63,7 +63,8 @@ from . import reference
 from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
                       on_device, triton_usable)
 from ._compile_options import COMPILE_OPTIONS
-from ._library import KernelCost, call, custom_op, nbytes, register_autograd, register_cost
+from ._library import (KernelCost, call, cdiv, custom_op, nbytes, next_power_of_2, register_autograd,
+                       register_cost)
 
 HEAD_DIMS = (16, 32, 64, 128)
 DROPOUT_MAX_SEQLEN = 32768
@@ -738,7 +739,7 @@ def _launch_meta(q, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softma
         max_seqlen = seq_len
         lse_strides = (heads * seq_len, seq_len)
     meta = dict(num_heads=heads, seq_len=seq_len, max_seqlen=max_seqlen,
-                seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
+                seqlen_bucket=next_power_of_2(max(max_seqlen, 1)),
                 HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
                 HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
                 # fp16/bf16 dots ignore it: one constant there, so it adds no compiled variant
@@ -767,7 +768,7 @@ def _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropo
         return o, lse
 
     def grid(cfg):
-        return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
+        return (cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
     with on_device(q):
         _launch(_attn_fwd, grid, q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
                 *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
@@ -788,13 +789,13 @@ def _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_
     mask_stride = key_mask.stride(0) if key_mask is not None else 0
 
     def grid_n(cfg):
-        return (triton.cdiv(max_seqlen, cfg["BLOCK_N"]) * n_seqs * heads,)
+        return (cdiv(max_seqlen, cfg["BLOCK_N"]) * n_seqs * heads,)
 
     def grid_m(cfg):
-        return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
+        return (cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
     pre_block = 64
     with on_device(q):
-        _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
+        _bwd_preprocess[(cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
             o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
             heads, run["seq_len"], max_seqlen, 1.0 - dropout_p,
             HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block,

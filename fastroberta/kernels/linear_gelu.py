@@ -28,7 +28,7 @@ import triton.language as tl
 from . import reference
 from ._checks import FLOAT_DTYPES, check_tensor, interpreter_active, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
-from ._library import KernelCost, call, custom_op, nbytes, register_cost
+from ._library import KernelCost, call, cdiv, custom_op, nbytes, register_cost
 from .attention import AUTOTUNE, fp32_dot_precision
 
 GROUP_M = tl.constexpr(8)  # row blocks that walk the column blocks together, so that a band of W stays in L2
@@ -138,7 +138,7 @@ def _launch(tuned, m, n, block_m, *args, **kwargs):
     """Autotuned, or (one config: the interpreter, FASTROBERTA_AUTOTUNE=0) the default config launched directly
     so that nothing is benchmarked."""
     def grid(meta):
-        return (triton.cdiv(m, block_m) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (cdiv(m, block_m) * cdiv(n, meta["BLOCK_N"]),)
     if len(tuned.configs) > 1:
         return tuned[grid](*args, BLOCK_M=block_m, **kwargs, **COMPILE_OPTIONS)
     config = tuned.configs[0]
@@ -159,7 +159,7 @@ def _linear_gelu_launch(x, w, b):
 
 
 def _bands(m):
-    return triton.cdiv(m, DGRAD_BLOCK_M)
+    return cdiv(m, DGRAD_BLOCK_M)
 
 
 def _dgrad_gelu_launch(dout, w, pre):
