@@ -150,6 +150,13 @@ def op_cases():
     ]
 
 
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
 def single_calls():
     """Calls timed alone (no autograd): the pieces the ops are made of."""
     import importlib
@@ -168,6 +175,7 @@ def single_calls():
          lambda: ln._layer_norm_forward(x, w, b, x, 1e-5, 0.0, None)),
         ("layer_norm custom op, no grad (torch.ops.fastroberta.layer_norm)",
          lambda: torch.ops.fastroberta.layer_norm(x, w, b, x, 1e-5, 0.0, None)),
+        ("layer_norm(x, w, b) under torch.no_grad() (eval)", _no_grad(lambda: ln.layer_norm(x, w, b))),
         ("linear_gelu, no grad", lambda: linear_gelu(x, w1, b1)),
         ("dgrad_gelu_bias_grad, no grad", lambda: dgrad_gelu_bias_grad(dout, w2, pre)),
         ("eager floor: F.layer_norm [4, 32], no grad", lambda: F.layer_norm(x, (32,), w, b)),
@@ -298,8 +306,9 @@ def markdown(result):
         "- *custom op*: fastroberta's op through its `torch.library` custom op (what torch.compile traces; "
         "`_library.EAGER_DIRECT = False`). *direct*: the same launch code reached through a plain "
         "`torch.autograd.Function`, the path eager code takes since this report.",
-        "- Times: this thread's CPU time (`time.thread_time`), the least per call over ~2 ms batches of calls (a shared machine only adds time). fwd+bwd includes the "
-        "backward of the summed first output (so one `ones_like` and autograd engine time).", "",
+        "- Times: this thread's CPU time (`time.thread_time`), the least per call over ~2 ms batches of calls "
+        "(a shared machine only adds time). fwd+bwd includes the backward of the summed first output (so one "
+        "`ones_like` and autograd engine time).", "",
         "## Per op (µs per call)", "",
         "| op | eager fwd | direct fwd | custom op fwd | eager fwd+bwd | direct fwd+bwd | custom op fwd+bwd |",
         "|---|---|---|---|---|---|---|"]

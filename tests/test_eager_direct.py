@@ -24,7 +24,8 @@ def _run(direct, fn, inputs):
 g = torch.Generator().manual_seed(1)
 CASES = {
     "layer_norm": (lambda x, r, w, b: layer_norm(x, w, b, residual=r, dropout_p=0.2),
-                   [torch.randn(4, 32, generator=g) for _ in range(2)] + [torch.randn(32, generator=g)] * 2),
+                   [torch.randn(4, 32, generator=g) for _ in range(2)]
+                   + [torch.randn(32, generator=g) for _ in range(2)]),
     "attention_packed": (lambda qkv: attention_packed(qkv, None, dropout_p=0.2),
                          [torch.randn(1, 16, 3, 2, 16, generator=g)]),
     "mlm_cross_entropy": (lambda h, w, b, y: mlm_cross_entropy(h, w, b, y),
@@ -44,6 +45,20 @@ def test_direct_path_matches_custom_op_bitwise(name):
     assert len(direct) == len(custom)
     for a, b in zip(direct, custom):
         assert torch.equal(a, b)
+
+
+def test_no_grad_path_matches_custom_op_bitwise():
+    x, r, w, b = CASES["layer_norm"][1]
+    outs = []
+    for direct in (True, False):
+        torch.manual_seed(0)
+        before, _library.EAGER_DIRECT = _library.EAGER_DIRECT, direct
+        try:
+            with torch.no_grad():
+                outs.append(layer_norm(x, w, b, residual=r, dropout_p=0.2))
+        finally:
+            _library.EAGER_DIRECT = before
+    assert torch.equal(*outs)
 
 
 def test_custom_op_path_under_a_dispatch_mode():

@@ -16,7 +16,8 @@ microseconds per call on the host (``python -m benchmarks host``), more than a s
 needs to see the op itself (not while torch.compile traces, under a dispatch mode such as fake tensors or the
 step cost model's counter, on meta tensors, or while ``observe`` is on), ``call`` runs the op's implementation
 directly, through a plain ``torch.autograd.Function`` holding the op's own autograd formula when it has one
-(``register_autograd``): the same launch code, so the same results. ``EAGER_DIRECT = False`` turns that off.
+(``register_autograd``; with grad mode off, the implementation alone): the same launch code, so the same
+results. ``EAGER_DIRECT = False`` turns that off.
 
 ``COSTS``: for each op, a function of the op's arguments that says what its launch code runs on a GPU: a list
 of ``KernelCost`` (one per kernel launch: FLOPs, bytes read, bytes written). ``benchmarks/bench_model.py``
@@ -97,7 +98,7 @@ def custom_op(name):
                     stack.enter_context(mode)
                 return fn(*args)
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(implementation)
-        op._direct = fn
+        op._direct = op._implementation = fn
         return op
     return register
 
@@ -106,7 +107,7 @@ def register_autograd(op, grad, setup_context):
     """``op.register_autograd(grad, setup_context=setup_context)``, and the same formula as a plain
     ``torch.autograd.Function`` that ``call`` runs in eager mode."""
     op.register_autograd(grad, setup_context=setup_context)
-    implementation = op._direct
+    implementation = op._implementation
 
     class Direct(torch.autograd.Function):
         @staticmethod
@@ -123,9 +124,9 @@ def register_autograd(op, grad, setup_context):
 
 
 def call(op, *args):
-    """``op(*args)``, or the op's implementation (with its autograd formula) called directly where nothing needs
-    to see the op (see the module docstring); ``args[0]`` is a tensor."""
+    """``op(*args)``, or the op's implementation (with its autograd formula while grad mode is on) called
+    directly where nothing needs to see the op (see the module docstring); ``args[0]`` is a tensor."""
     if (not torch.compiler.is_compiling() and EAGER_DIRECT and not _OBSERVERS
             and not torch._C._len_torch_dispatch_stack() and not args[0].is_meta):
-        return op._direct(*args)
+        return op._direct(*args) if torch.is_grad_enabled() else op._implementation(*args)
     return op(*args)
