@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
