@@ -251,8 +251,8 @@ def _mlm_cross_entropy_grad(ctx, grad_loss, _grad_num_correct, _grad_lse):
     h, weight, bias, targets, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
-    grad_h, grad_w, grad_b = call(
-        _mlm_cross_entropy_backward_op, grad_loss, h, weight, bias, targets, lse, ctx.chunk_rows, need_h, need_w, need_b)
+    grad_h, grad_w, grad_b = call(_mlm_cross_entropy_backward_op, grad_loss, h, weight, bias, targets, lse,
+                                  ctx.chunk_rows, need_h, need_w, need_b)
     return (grad_h if need_h else None, grad_w if need_w else None, grad_b.to(bias.dtype) if need_b else None,
             None, None)
 
