@@ -9,6 +9,8 @@
     report    benchmarks/results/SUMMARY.md from the committed results (+ the README section with --readme)
     static    every kernel compiled for sm_90 (no GPU needed): registers, spills, SASS per main-loop
               iteration, written to benchmarks/results/sm90/static.{json,md}
+    model     one training step's per-op cost model (meta tensors, no GPU): benchmarks/results/model/
+    host      the host (CPU) time per call of each fastroberta op, kernels not run: benchmarks/results/host/
 
 Without CUDA everything runs in smoke mode (tiny shapes, Triton interpreter; a banner before any figure says it
 is a correctness run, not a performance result, the console columns read "smoke ms" / "smoke tok/s", and the
@@ -132,6 +134,11 @@ def run_model(args):
     return bench_model.main_from_args(args)
 
 
+def run_host(args):
+    from benchmarks import bench_host
+    return bench_host.main_from_args(args)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="fastroberta's benchmark suite",
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -197,6 +204,10 @@ def build_parser():
     m = sub.add_parser("model", help="per-op cost model of one training step (meta tensors, no GPU)")
     from benchmarks import bench_model
     bench_model.add_arguments(m)
+
+    o = sub.add_parser("host", help="host (CPU) time per fastroberta op call, kernel launches made no-ops")
+    from benchmarks import bench_host
+    bench_host.add_arguments(o)
     return parser
 
 
@@ -207,7 +218,7 @@ def main(argv=None):
         parser.print_help()
         return 2
     # report reads committed results and static compiles for sm_90 without running anything: no smoke figures.
-    if args.command not in ("report", "static", "model") and _is_smoke(args):
+    if args.command not in ("report", "static", "model", "host") and _is_smoke(args):
         from benchmarks import harness
         harness.print_smoke_banner()
     # `timeout` sends SIGTERM: turn it into an exception so partial results are still written.
@@ -227,6 +238,8 @@ def main(argv=None):
         ok = run_static(args)
     elif args.command == "model":
         ok = run_model(args)
+    elif args.command == "host":
+        ok = run_host(args)
     else:
         ok = run_report(args)
     return 0 if ok else 1

@@ -11,6 +11,14 @@ code runs the same launch functions. ARCHITECTURE.md ("Custom ops and torch.comp
 it would not see the launch code inside; ``observe`` enters it again inside every op implementation for as long
 as it lasts (``tests/test_syncs.py`` counts host syncs in the launch code this way).
 
+Eager calls skip ``torch.library``'s dispatch (``call``): its Python-side handling costs a custom op tens of
+microseconds per call on the host (``python -m benchmarks host``), more than a small kernel runs. Where nothing
+needs to see the op itself (not while torch.compile traces, under a dispatch mode such as fake tensors or the
+step cost model's counter, on meta tensors, or while ``observe`` is on), ``call`` runs the op's implementation
+directly, through a plain ``torch.autograd.Function`` holding the op's own autograd formula when it has one
+(``register_autograd``; with grad mode off, the implementation alone): the same launch code, so the same
+results. ``EAGER_DIRECT = False`` turns that off.
+
 ``COSTS``: for each op, a function of the op's arguments that says what its launch code runs on a GPU: a list
 of ``KernelCost`` (one per kernel launch: FLOPs, bytes read, bytes written). ``benchmarks/bench_model.py``
 counts a whole training step with them on meta tensors, where the ops' fake implementations run instead.
@@ -24,6 +32,7 @@ import torch
 NAMESPACE = "fastroberta"
 _OBSERVERS = []
 COSTS = {}
+EAGER_DIRECT = True
 
 
 class KernelCost(NamedTuple):
@@ -55,6 +64,18 @@ def nbytes(t):
     return n if t.numel() else 0
 
 
+def cdiv(a, b):
+    """``triton.cdiv`` for the host's grid arithmetic: Triton 3.9 makes ``triton.cdiv`` and
+    ``triton.next_power_of_2`` constexpr functions whose every host call unwraps its arguments (microseconds each,
+    tens of them per training step)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """``triton.next_power_of_2`` for the host (see ``cdiv``): the least power of 2 >= n, 0 for n = 0."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 @contextlib.contextmanager
 def observe(mode):
     """Enter ``mode`` (a context manager, e.g. a TorchFunctionMode) inside every op implementation meanwhile."""
@@ -76,5 +97,36 @@ def custom_op(name):
                 for mode in list(_OBSERVERS):
                     stack.enter_context(mode)
                 return fn(*args)
-        return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(implementation)
+        op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(implementation)
+        op._direct = op._implementation = fn
+        return op
     return register
+
+
+def register_autograd(op, grad, setup_context):
+    """``op.register_autograd(grad, setup_context=setup_context)``, and the same formula as a plain
+    ``torch.autograd.Function`` that ``call`` runs in eager mode."""
+    op.register_autograd(grad, setup_context=setup_context)
+    implementation = op._implementation
+
+    class Direct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = implementation(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return grad(ctx, *grads)
+    Direct.__name__ = Direct.__qualname__ = f"{op._qualname.split('::')[-1]}_direct"
+    op._direct = Direct.apply
+
+
+def call(op, *args):
+    """``op(*args)``, or the op's implementation (with its autograd formula while grad mode is on) called
+    directly where nothing needs to see the op (see the module docstring); ``args[0]`` is a tensor."""
+    if (not torch.compiler.is_compiling() and EAGER_DIRECT and not _OBSERVERS
+            and not torch._C._len_torch_dispatch_stack() and not args[0].is_meta):
+        return op._direct(*args) if torch.is_grad_enabled() else op._implementation(*args)
+    return op(*args)

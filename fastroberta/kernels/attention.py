@@ -63,7 +63,8 @@ from . import reference
 from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
                       on_device, triton_usable)
 from ._compile_options import COMPILE_OPTIONS
-from ._library import KernelCost, custom_op, nbytes, register_cost
+from ._library import (KernelCost, call, cdiv, custom_op, nbytes, next_power_of_2, register_autograd,
+                       register_cost)
 
 HEAD_DIMS = (16, 32, 64, 128)
 DROPOUT_MAX_SEQLEN = 32768
@@ -738,7 +739,7 @@ def _launch_meta(q, key_mask, seqlens, cu_seqlens, max_seqlen, dropout_p, softma
         max_seqlen = seq_len
         lse_strides = (heads * seq_len, seq_len)
     meta = dict(num_heads=heads, seq_len=seq_len, max_seqlen=max_seqlen,
-                seqlen_bucket=triton.next_power_of_2(max(max_seqlen, 1)),
+                seqlen_bucket=next_power_of_2(max(max_seqlen, 1)),
                 HEAD_DIM=head_dim, VARLEN=varlen, HAS_MASK=key_mask is not None,
                 HAS_SEQLENS=seqlens is not None, DROPOUT=dropout_p > 0.0,
                 # fp16/bf16 dots ignore it: one constant there, so it adds no compiled variant
@@ -767,7 +768,7 @@ def _attention_forward(q, k, v, key_mask, seqlens, cu_seqlens, max_seqlen, dropo
         return o, lse
 
     def grid(cfg):
-        return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
+        return (cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
     with on_device(q):
         _launch(_attn_fwd, grid, q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
                 *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
@@ -788,13 +789,13 @@ def _attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_
     mask_stride = key_mask.stride(0) if key_mask is not None else 0
 
     def grid_n(cfg):
-        return (triton.cdiv(max_seqlen, cfg["BLOCK_N"]) * n_seqs * heads,)
+        return (cdiv(max_seqlen, cfg["BLOCK_N"]) * n_seqs * heads,)
 
     def grid_m(cfg):
-        return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
+        return (cdiv(max_seqlen, cfg["BLOCK_M"]) * n_seqs * heads,)
     pre_block = 64
     with on_device(q):
-        _bwd_preprocess[(triton.cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
+        _bwd_preprocess[(cdiv(max_seqlen, pre_block) * n_seqs * heads,)](
             o, do, delta, seqlens, cu_seqlens, *_strides(o, varlen), *_strides(do, varlen), *lse_strides,
             heads, run["seq_len"], max_seqlen, 1.0 - dropout_p,
             HEAD_DIM=run["HEAD_DIM"], VARLEN=varlen, HAS_SEQLENS=run["HAS_SEQLENS"], BLOCK_M=pre_block,
@@ -859,12 +860,12 @@ def _attention_grad(ctx, do, _dlse):
         return (None,) * 10
     q, k, v, o, lse, key_mask, seqlens, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, dropout_p, softmax_scale = ctx.args
-    dq, dk, dv = torch.ops.fastroberta.attention_backward(do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens,
-                                                          max_seqlen, dropout_p, softmax_scale, seed)
+    dq, dk, dv = call(_attention_backward_op, do, q, k, v, o, lse, key_mask, seqlens, cu_seqlens, max_seqlen,
+                      dropout_p, softmax_scale, seed)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-_attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
+register_autograd(_attention_op, _attention_grad, _attention_setup)
 
 
 # Attention on the fused [B, L, 3, H, D] projection: q, k, v are strided views of it, and backward writes dQ,
@@ -913,11 +914,11 @@ def _attention_packed_grad(ctx, do, _dlse):
     if do is None:
         return (None,) * 6
     qkv, o, lse, key_mask, seqlens, seed = ctx.saved_tensors
-    dqkv = torch.ops.fastroberta.attention_packed_backward(do, qkv, o, lse, key_mask, seqlens, *ctx.args, seed)
+    dqkv = call(_attention_packed_backward_op, do, qkv, o, lse, key_mask, seqlens, *ctx.args, seed)
     return dqkv, None, None, None, None, None
 
 
-_attention_packed_op.register_autograd(_attention_packed_grad, setup_context=_attention_packed_setup)
+register_autograd(_attention_packed_op, _attention_packed_grad, _attention_packed_setup)
 
 
 # What the launch code runs on a GPU (see _library.COSTS). FLOPs are the tensor-core matmuls the kernels run,
@@ -1067,7 +1068,7 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     key_mask, seqlens = _mask_and_lengths(attention_mask, l, q.device)
     seed = new_dropout_seed(q.device) if dropout_p > 0.0 else None
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return _attention_op(q, k, v, key_mask, seqlens, None, l, dropout_p, scale, seed)[0]
+    return call(_attention_op, q, k, v, key_mask, seqlens, None, l, dropout_p, scale, seed)[0]
 
 
 def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None):
@@ -1090,7 +1091,7 @@ def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None
         return reference.attention_packed(qkv, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _mask_and_lengths(attention_mask, l, qkv.device)
     seed = new_dropout_seed(qkv.device) if dropout_p > 0.0 else None
-    return _attention_packed_op(_unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale, seed)[0]
+    return call(_attention_packed_op, _unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale, seed)[0]
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, validate=True):
@@ -1137,4 +1138,4 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
                                           softmax_scale=scale)
     seed = new_dropout_seed(q.device) if dropout_p > 0.0 else None
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return _attention_op(q, k, v, None, None, cu_seqlens, max_seqlen, dropout_p, scale, seed)[0]
+    return call(_attention_op, q, k, v, None, None, cu_seqlens, max_seqlen, dropout_p, scale, seed)[0]

@@ -61,7 +61,7 @@ import triton.language as tl
 from . import reference
 from ._checks import check_tensor, compiling, interpreter_active, known_true, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
-from ._library import KernelCost, custom_op, nbytes, register_cost
+from ._library import KernelCost, call, custom_op, nbytes, register_autograd, register_cost
 
 # Most bytes one chunk of logits may take: 128 MiB is ~1,300 rows of fp16 logits at V = 50,265, large enough
 # that the chunk GEMMs run at full tensor-core speed and small next to eager's [N, V] fp32 softmax copies.
@@ -303,13 +303,13 @@ def _mlm_cross_entropy_grad(ctx, grad_loss, _grad_num_correct, _grad_lse):
     h, weight, bias, targets, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
-    grad_h, grad_w, grad_b = torch.ops.fastroberta.mlm_cross_entropy_backward(
-        grad_loss, h, weight, bias, targets, lse, ctx.chunk_rows, need_h, need_w, need_b)
+    grad_h, grad_w, grad_b = call(_mlm_cross_entropy_backward_op, grad_loss, h, weight, bias, targets, lse,
+                                  ctx.chunk_rows, need_h, need_w, need_b)
     return (grad_h if need_h else None, grad_w if need_w else None, grad_b.to(bias.dtype) if need_b else None,
             None, None)
 
 
-_mlm_cross_entropy_op.register_autograd(_mlm_cross_entropy_grad, setup_context=_mlm_cross_entropy_setup)
+register_autograd(_mlm_cross_entropy_op, _mlm_cross_entropy_grad, _mlm_cross_entropy_setup)
 
 
 # What the launch code runs on a GPU (see _library.COSTS), chunk by chunk: the logits GEMMs count as GEMM (as
@@ -441,5 +441,5 @@ def mlm_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, return_nu
         h, targets = hidden.index_select(0, rows), labels.index_select(0, rows)
     # chunk_rows 0: the op picks the default from the row count (which under torch.compile may be known only
     # when the op runs).
-    loss, num_correct, _ = _mlm_cross_entropy_op(h, weight, bias, targets, chunk_rows or 0)
+    loss, num_correct, _ = call(_mlm_cross_entropy_op, h, weight, bias, targets, chunk_rows or 0)
     return (loss, num_correct) if return_num_correct else loss

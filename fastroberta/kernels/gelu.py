@@ -18,7 +18,7 @@ import triton.language as tl
 from . import reference
 from ._checks import FLOAT_DTYPES, check_tensor, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
-from ._library import KernelCost, custom_op, nbytes, register_cost
+from ._library import KernelCost, call, cdiv, custom_op, nbytes, register_cost
 
 BLOCK_M, BLOCK_N = 32, 128
 ROWS_PER_PROGRAM = 512  # rows one program walks: its fp32 partial row is 1/512 of the rows' traffic
@@ -46,7 +46,7 @@ def _gelu_backward_bias_grad_kernel(DAct, Pre, DPre, Partial, stride_a, stride_p
 
 
 def _bands(m):
-    return triton.cdiv(m, ROWS_PER_PROGRAM) if m else 0
+    return cdiv(m, ROWS_PER_PROGRAM) if m else 0
 
 
 def _gelu_backward_bias_grad_launch(dact, pre):
@@ -56,7 +56,7 @@ def _gelu_backward_bias_grad_launch(dact, pre):
     partial = torch.empty((bands, n), dtype=torch.float32, device=pre.device)
     if m:
         with on_device(pre):
-            _gelu_backward_bias_grad_kernel[(triton.cdiv(n, BLOCK_N), bands)](
+            _gelu_backward_bias_grad_kernel[(cdiv(n, BLOCK_N), bands)](
                 dact, pre, dpre, partial, dact.stride(0), pre.stride(0), dpre.stride(0), m, n, ROWS_PER_PROGRAM,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4, **COMPILE_OPTIONS)
     return dpre, partial.sum(0)
@@ -92,4 +92,4 @@ def gelu_backward_bias_grad(dact, pre):
     if not triton_usable(pre):
         return reference.gelu_backward_bias_grad(dact, pre)
     dact, pre = (t if t.stride(-1) == 1 else t.contiguous() for t in (dact, pre))
-    return _gelu_backward_bias_grad_op(dact, pre)
+    return call(_gelu_backward_bias_grad_op, dact, pre)

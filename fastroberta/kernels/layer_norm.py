@@ -36,7 +36,8 @@ import triton.language as tl
 from . import reference
 from ._checks import autocast_enabled, check_tensor, new_dropout_seed, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
-from ._library import KernelCost, custom_op, nbytes, register_cost
+from ._library import (KernelCost, call, cdiv, custom_op, nbytes, next_power_of_2, register_autograd,
+                       register_cost)
 from .backend import KernelSwitch
 
 # A row lives in the registers of one program. The backward's per-thread state (weight, two gradient
@@ -169,7 +170,7 @@ def _layer_norm_bwd_kernel(
 
 def _launch_config(n):
     """Block covering a row (masked past n) and warps scaled to it: ~8 elements per thread at 1024 wide."""
-    block = max(triton.next_power_of_2(n), 16)
+    block = max(next_power_of_2(n), 16)
     num_warps = min(max(block // 256, 1), 16)
     return block, num_warps
 
@@ -195,7 +196,7 @@ def _sm_count(device_index):
 def _as_rows(t, n):
     """[rows, n] view of ``t`` when its rows are evenly strided with contiguous features (no copy: kernels
     take a row stride); otherwise one contiguous copy."""
-    t2 = t.reshape(-1, n)
+    t2 = t if t.dim() == 2 else t.reshape(-1, n)
     if t2.stride(-1) != 1:
         t2 = t2.contiguous()
     return t2
@@ -214,21 +215,22 @@ def _layer_norm_forward(x, weight, bias, residual, eps, dropout_p, seed):
     has_dropout = dropout_p > 0.0
     scale = 1.0 / (1.0 - dropout_p) if has_dropout else 1.0
 
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    mean = torch.empty(m, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    # Outputs allocated in their final shapes (contiguous: row stride n), so that no view is made per call.
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     block, num_warps = _launch_config(n)
     if m > 0:
         with on_device(x):
             _layer_norm_fwd_kernel[(m,)](
                 x2, r2, weight, bias, y, mean, rstd,
-                x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
+                x2.stride(0), r2.stride(0) if r2 is not None else 0, n,
                 n, eps, dropout_p, scale, seed if has_dropout else None,
                 HAS_RESIDUAL=r2 is not None, HAS_DROPOUT=has_dropout,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 BLOCK=block, num_warps=num_warps, **COMPILE_OPTIONS,
             )
-    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+    return y, mean, rstd
 
 
 def _layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, has_bias):
@@ -247,21 +249,21 @@ def _layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, h
     block, num_warps = _launch_config(n)
     dy2 = _as_rows(dy, n)  # an expanded gradient (stride-0 rows, e.g. from .sum()) needs no copy
 
-    dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, row stride n (see the forward)
     store_dresidual = has_residual and has_dropout
-    dr = torch.empty((m, n), dtype=r2.dtype, device=r2.device) if store_dresidual else None
+    dr = torch.empty(x.shape, dtype=r2.dtype, device=x.device) if store_dresidual else None
 
     programs = _backward_programs(m, x2.device)
-    rows_per_program = triton.cdiv(m, programs) if m > 0 else 0
-    programs = triton.cdiv(m, rows_per_program) if m > 0 else 0  # no program left without rows
+    rows_per_program = cdiv(m, programs) if m > 0 else 0
+    programs = cdiv(m, rows_per_program) if m > 0 else 0  # no program left without rows
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if weight is not None else None
     db_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if has_bias else None
     if m > 0:
         with on_device(x2):
             _layer_norm_bwd_kernel[(programs,)](
                 x2, r2, weight, dy2, dx, dr, dw_partial, db_partial, mean, rstd,
-                x2.stride(0), r2.stride(0) if has_residual else 0, dy2.stride(0), dx.stride(0),
-                dr.stride(0) if store_dresidual else 0,
+                x2.stride(0), r2.stride(0) if has_residual else 0, dy2.stride(0), n,
+                n if store_dresidual else 0,
                 m, n, dropout_p, scale, seed if has_dropout else None, rows_per_program,
                 HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
@@ -269,7 +271,7 @@ def _layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, h
             )
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     dbias = db_partial.sum(0) if has_bias else None
-    return dx.view(x.shape), dr.view(x.shape) if store_dresidual else None, dweight, dbias
+    return dx, dr, dweight, dbias
 
 
 # The custom ops (see _library.py). What forward keeps for backward: x, residual, weight, the per-row mean and
@@ -323,8 +325,8 @@ def _layer_norm_grad(ctx, dy, _dmean, _drstd):
     if dy is None:
         return (None,) * 7
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
-    dx, dr, dw, db = torch.ops.fastroberta.layer_norm_backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p,
-                                                               seed, ctx.has_bias)
+    dx, dr, dw, db = call(_layer_norm_backward_op, dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed,
+                          ctx.has_bias)
     if residual is None:
         dr = None
     elif ctx.dropout_p == 0.0:
@@ -333,7 +335,7 @@ def _layer_norm_grad(ctx, dy, _dmean, _drstd):
             None, None, None)
 
 
-_layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+register_autograd(_layer_norm_op, _layer_norm_grad, _layer_norm_setup)
 
 # What the launch code runs on a GPU (see _library.COSTS). The backward's programs count is an H100's
 # (132 SMs, four programs each): their fp32 partial rows are written once and summed by two small launches.
@@ -407,7 +409,7 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
         return reference.layer_norm(x, weight, bias, eps=eps, residual=residual, dropout_p=dropout_p)
     dropout_p = float(dropout_p)
     seed = new_dropout_seed(x.device) if dropout_p > 0.0 else None
-    return _layer_norm_op(x, weight, bias, residual, float(eps), dropout_p, seed)[0]
+    return call(_layer_norm_op, x, weight, bias, residual, float(eps), dropout_p, seed)[0]
 
 
 class FusedLayerNorm(KernelSwitch, torch.nn.LayerNorm):

@@ -28,7 +28,7 @@ import triton.language as tl
 from . import reference
 from ._checks import FLOAT_DTYPES, check_tensor, interpreter_active, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
-from ._library import KernelCost, custom_op, nbytes, register_cost
+from ._library import KernelCost, call, cdiv, custom_op, nbytes, register_cost
 from .attention import AUTOTUNE, fp32_dot_precision
 
 GROUP_M = tl.constexpr(8)  # row blocks that walk the column blocks together, so that a band of W stays in L2
@@ -138,7 +138,7 @@ def _launch(tuned, m, n, block_m, *args, **kwargs):
     """Autotuned, or (one config: the interpreter, FASTROBERTA_AUTOTUNE=0) the default config launched directly
     so that nothing is benchmarked."""
     def grid(meta):
-        return (triton.cdiv(m, block_m) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (cdiv(m, block_m) * cdiv(n, meta["BLOCK_N"]),)
     if len(tuned.configs) > 1:
         return tuned[grid](*args, BLOCK_M=block_m, **kwargs, **COMPILE_OPTIONS)
     config = tuned.configs[0]
@@ -159,7 +159,7 @@ def _linear_gelu_launch(x, w, b):
 
 
 def _bands(m):
-    return triton.cdiv(m, DGRAD_BLOCK_M)
+    return cdiv(m, DGRAD_BLOCK_M)
 
 
 def _dgrad_gelu_launch(dout, w, pre):
@@ -230,7 +230,7 @@ def linear_gelu(x, w, b):
     if not triton_usable(x):
         return reference.linear_gelu(x, w, b)
     x, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w))
-    return _linear_gelu_op(x, w, b.contiguous())
+    return call(_linear_gelu_op, x, w, b.contiguous())
 
 
 def dgrad_gelu_bias_grad(dout, w, pre):
@@ -247,4 +247,4 @@ def dgrad_gelu_bias_grad(dout, w, pre):
     if not triton_usable(pre):
         return reference.dgrad_gelu_bias_grad(dout, w, pre)
     dout, w, pre = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, w, pre))
-    return _dgrad_gelu_op(dout, w, pre)
+    return call(_dgrad_gelu_op, dout, w, pre)
