@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastroberta import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+from fastroberta import RobertaConfig, RobertaForSequenceClassification
 from fastroberta import finetune as ft
 from fastroberta import tasks
 from fastroberta.training.metrics import read_metrics
-from fastroberta.data.tokenizer import save_tokenizer, train_tokenizer
+from tiny_models import tiny_model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,15 +177,7 @@ def model_dir(tmp_path_factory):
     """A tiny RoBERTa folder (random weights) with a 400-entry tokenizer trained on the bundled corpus."""
     root = tmp_path_factory.mktemp("ft_model")
     rows = tasks.word_order_task()
-    tok = train_tokenizer([r["text"] for r in rows["train"]], 400)
-    from fastroberta.data.tokenizer import special_ids
-    sp = special_ids(tok)
-    cfg = RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=66, pad_token_id=sp["pad"],
-                        bos_token_id=sp["bos"], eos_token_id=sp["eos"])
-    torch.manual_seed(0)
-    RobertaForMaskedLM(cfg, kernels="torch").save_pretrained(str(root / "hf"))
-    save_tokenizer(tok, str(root / "hf"))
+    tiny_model(root, [r["text"] for r in rows["train"]])
     data = root / "data"
     data.mkdir()
     for name, n in (("train", 128), ("validation", 48), ("test", 40)):

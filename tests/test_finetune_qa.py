@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from fastroberta import RobertaConfig, RobertaForMaskedLM, RobertaForQuestionAnswering
+from fastroberta import RobertaForQuestionAnswering
 from fastroberta import finetune as ft
-from fastroberta.data.tokenizer import save_tokenizer, special_ids, train_tokenizer
 from fastroberta.tasks.readers import write_jsonl
 from fastroberta.tasks.swapped_words import swapped_span_questions
 from fastroberta.training.errors import ConfigError
 from fastroberta.training.metrics import read_metrics
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +22,7 @@ def qa_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft_qa")
     plain = swapped_span_questions(n_train=64, n_validation=16, n_test=12)
     with_none = swapped_span_questions(n_train=64, n_validation=16, n_test=12, unanswerable=True, seed=7)
-    tok = train_tokenizer([r["context"] for r in plain["train"] + with_none["train"]], 400)
-    sp = special_ids(tok)
-    cfg = RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=66, pad_token_id=sp["pad"],
-                        bos_token_id=sp["bos"], eos_token_id=sp["eos"])
-    torch.manual_seed(0)
-    RobertaForMaskedLM(cfg, kernels="torch").save_pretrained(str(root / "hf"))
-    save_tokenizer(tok, str(root / "hf"))
+    tiny_model(root, [r["context"] for r in plain["train"] + with_none["train"]])
     for kind, task in (("v1", plain), ("v2", with_none)):
         (root / kind).mkdir()
         for name, rows in task.items():

@@ -12,6 +12,7 @@ from fastroberta.tasks.errors import DataError
 from fastroberta.tasks.multiple_choice import (choice_features, choice_metrics, collate_choices, read_choices,
                                                read_race, read_swag, truncate_context_first)
 from fastroberta.tasks.swapped_words import swapped_line_choices
+from tiny_models import tiny_model
 
 RACE_ROWS = [
     {"article": "Tom has a red bike.", "question": "What colour is the bike?",
@@ -157,23 +158,6 @@ def test_bad_swag_data_is_one_line(tmp_path):
         assert "\n" not in str(e.value) and expected in str(e.value)
     with pytest.raises(DataError, match="does not exist"):
         read_choices(str(tmp_path / "missing.jsonl"))
-
-
-def tiny_model(root, texts):
-    """A tiny RoBERTa folder (random MLM weights) with a 400-entry tokenizer trained on ``texts``."""
-    import torch
-    from fastroberta.config import RobertaConfig
-    from fastroberta.data.tokenizer import save_tokenizer
-    from fastroberta.model import RobertaForMaskedLM
-    tok = train_tokenizer(texts, 400)
-    sp = special_ids(tok)
-    cfg = RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=66, pad_token_id=sp["pad"],
-                        bos_token_id=sp["bos"], eos_token_id=sp["eos"])
-    torch.manual_seed(0)
-    RobertaForMaskedLM(cfg, kernels="torch").save_pretrained(str(root / "hf"))
-    save_tokenizer(tok, str(root / "hf"))
-    return root
 
 
 def finetune_args(model, out, task, data, *extra):

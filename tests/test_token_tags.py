@@ -9,6 +9,7 @@ import torch
 from fastroberta.data.tokenizer import special_ids, train_tokenizer
 from fastroberta.tasks.errors import DataError
 from fastroberta.tasks.swapped_words import swapped_word_tags
+from tiny_models import tiny_model
 from fastroberta.tasks.token_tags import (IGNORE, collate_tags, encode_tags, entities, read_tags, tag_features,
                                           tag_metrics, tag_names, word_predictions)
 
@@ -152,7 +153,7 @@ def test_finetune_token_classification_end_to_end_and_transformers_loads_the_kep
     from fastroberta.model import RobertaForTokenClassification
     from fastroberta.tasks import write_jsonl
     from fastroberta.training.metrics import read_metrics
-    from test_multiple_choice import finetune_args, tiny_model
+    from test_multiple_choice import finetune_args
     rows = swapped_word_tags(n_train=64, n_validation=32, n_test=24)
     model = tiny_model(tmp_path / "model", [" ".join(r["tokens"]) for r in rows["train"]])
     data = tmp_path / "data"
@@ -188,7 +189,7 @@ def test_finetune_token_classification_end_to_end_and_transformers_loads_the_kep
 
 def test_finetune_ner_tag_outside_the_label_set_is_one_line(tmp_path, capsys):
     from fastroberta import finetune as ft
-    from test_multiple_choice import finetune_args, tiny_model
+    from test_multiple_choice import finetune_args
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.txt").write_text(CONLL)
@@ -208,7 +209,7 @@ def test_finetune_token_classification_resumes_exactly(tmp_path):
     from fastroberta.model import RobertaForTokenClassification
     from fastroberta.tasks import write_jsonl
     from fastroberta.training.metrics import read_metrics
-    from test_multiple_choice import finetune_args, tiny_model
+    from test_multiple_choice import finetune_args
     rows = swapped_word_tags(n_train=64, n_validation=32, n_test=8)
     model = tiny_model(tmp_path / "model", [" ".join(r["tokens"]) for r in rows["train"]])
     data = tmp_path / "data"
@@ -237,7 +238,6 @@ def test_a_token_head_of_another_size_is_initialised_afresh_and_the_encoder_kept
     from fastroberta import finetune as ft
     from fastroberta.hf import read_config
     from fastroberta.model import RobertaForTokenClassification
-    from test_multiple_choice import tiny_model
     model = tiny_model(tmp_path / "model", [" ".join(w) for w in WORDS] * 5)
     cfg = dataclasses.replace(read_config(str(model / "hf")), num_labels=9)
     torch.manual_seed(1)
