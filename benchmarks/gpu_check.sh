@@ -15,11 +15,14 @@
 #
 # Stages, in order; each runs under `timeout`, a failing or timed-out stage is recorded and the next one runs:
 #   setup    the wheels in .whl/ (if any) into /tmp/site (PYTHONPATH), the repo itself without dependencies, versions
-#   tests    pytest on CUDA, in this order: tests/test_gpu_kernels.py (real shapes, fp16 + bf16), the attention
-#            tests only a GPU can answer (fp32 exact and TF32, bf16 and head dim 128 at long L, the model), then
+#   tests    pytest on CUDA, in this order: first the tests no GPU has passed yet (GPU_TESTS_FIRST: the fp16
+#            cross-entropy gradients, the GELU GEMMs linear_gelu and dgrad_gelu_bias_grad at the FFN's shapes),
+#            then the rest of tests/test_gpu_kernels.py (real shapes, fp16 + bf16), the attention tests only a GPU
+#            can answer (fp32 exact and TF32, bf16 and head dim 128 at long L, the model), then
 #            tests/test_cross_entropy.py and tests/test_layer_norm.py. With FASTROBERTA_AUTOTUNE=0 (each launch
-#            compiles its default config and nothing is benchmarked) and FASTROBERTA_TEST_BUDGET_S a little under
-#            the stage's limit: tests not started by then are skipped and counted, and pytest prints its summary.
+#            compiles its default config and nothing is benchmarked; the GELU GEMMs' autotuned-vs-default test
+#            skips) and FASTROBERTA_TEST_BUDGET_S a little under the stage's limit: tests not started by then are
+#            skipped and counted, and pytest prints its summary.
 #   kernels  python -m benchmarks kernels --profile check   (layer_norm, attention, cross_entropy)
 #   e2e      python -m benchmarks e2e --profile check       (ZeRO-2, fp16: pretraining step base/seq 512, 4
 #            competitors, then fastroberta-triton-compile (the Triton model under torch.compile, as
@@ -41,7 +44,8 @@
 # fp16/bf16 attention autotune key (6 + 5 + 5 configs compiled and timed); Inductor ~25 s per new shape.
 #   stage    planned s  cold-cache estimate
 #   setup        40     10-30   pip of the .whl/ wheels (no compiling), imports
-#   tests        90     ~90     ~10 startup + test_gpu_kernels ~50 (~30 attention variants, ~15 LN/CE) +
+#   tests        90     ~100    ~10 startup + test_gpu_kernels ~60 (~30 attention variants, ~15 LN/CE, ~8 GELU
+#                               GEMM variants: 2 kernels x 2 dtypes x aligned / odd rows, not yet measured) +
 #                               attention GPU tests ~30 (~25 variants); the CE and LN files run on what is
 #                               left and the budget skips the rest (they also run under the CPU interpreter)
 #   kernels     110     ~130    attention ~5 autotune keys x ~18 s, LN ~25 (Inductor, first case) + ~5, CE ~10;
@@ -63,7 +67,7 @@
 # Knobs (environment): GPU_CHECK_BUDGET_S (total, default 530), T_SETUP T_TESTS T_KERNELS T_E2E T_TRAIN T_HF
 # (planned seconds per stage; T_MODEL too), GPU_CHECK_STAGES (default "tests kernels e2e model train hf"; hf comes last and runs on
 # what the earlier stages leave of the total: GPU_CHECK_STAGES=hf runs it alone for T_HF seconds), GPU_TESTS
-# (pytest paths), TRAIN_STEPS (200), TRAIN_MICRO_BATCH (16), TRAIN_OPTIMIZER (torch_adamw: DeepSpeed's fused Adam
+# (pytest paths), GPU_TESTS_FIRST (node ids without parameters that run before the rest; empty: pytest's order), TRAIN_STEPS (200), TRAIN_MICRO_BATCH (16), TRAIN_OPTIMIZER (torch_adamw: DeepSpeed's fused Adam
 # would first JIT-build a CUDA extension with nvcc; set it empty for the trainer's default), TRAIN_EXTRA_ARGS,
 # E2E_ARGS, KERNEL_ARGS and HF_ARGS (extra flags for those commands), FASTROBERTA_GIT_COMMIT (the commit to
 # stamp: the GPU machine's copy of the tree has no .git), PYTHON (default python3), GPU_CHECK_SKIP_INSTALL=1 (use
@@ -201,11 +205,23 @@ PLANNED=$T_SETUP
 export PYTHONPATH
 
 # ------------------------------------------------------------------------------------------------ stages
+# Most telling first: what is not reached in the budget is skipped and counted (tests/time_budget.py). The tests
+# no GPU has passed yet run before all else, wherever their files come in GPU_TESTS (FASTROBERTA_TESTS_FIRST).
+if [ -z "${GPU_TESTS_FIRST+set}" ]; then
+  if [ "$SMOKE" = 1 ]; then
+    GPU_TESTS_FIRST="tests/test_gpu_kernels.py::test_mlm_cross_entropy_real_shapes"
+  else
+    GPU_TESTS_FIRST=""
+    for t in test_mlm_cross_entropy_fp16_gradients_at_every_loss_scale test_mlm_cross_entropy_keeps_the_fp16_loss_scale \
+             test_mlm_cross_entropy_real_shapes test_linear_gelu_real_shapes test_dgrad_gelu_bias_grad_real_shapes; do
+      GPU_TESTS_FIRST="$GPU_TESTS_FIRST tests/test_gpu_kernels.py::$t"
+    done
+  fi
+fi
 if [ -z "${GPU_TESTS:-}" ]; then
   if [ "$SMOKE" = 1 ]; then
     GPU_TESTS="tests/test_gpu_kernels.py::test_layer_norm_real_shapes tests/test_gpu_kernels.py::test_mlm_cross_entropy_real_shapes"
   else
-    # Most telling first: what is not reached in the budget is skipped and counted (tests/time_budget.py).
     GPU_TESTS="tests/test_gpu_kernels.py"
     for t in test_custom_scale_int_mask_and_large_scores test_tf32_attention_meets_its_tolerance \
              test_matches_reference_long test_model_triton_matches_torch; do
@@ -218,6 +234,7 @@ for s in ${GPU_CHECK_STAGES:-tests kernels e2e model train hf}; do
   case $s in
     tests)   if [ -n "${GPU_TESTS// /}" ]; then
                stage tests "$T_TESTS" "FASTROBERTA_AUTOTUNE=0 FASTROBERTA_TEST_BUDGET_S=@BUDGET@ \
+                 FASTROBERTA_TESTS_FIRST='${GPU_TESTS_FIRST:-}' \
                  $PY -m pytest -q -rfE -p no:cacheprovider $GPU_TESTS" INT
              else
                printf 'tests\tskipped (no test files)\t0\t\n' >> "$STAGES"
