@@ -31,7 +31,8 @@
 #            seq 384 batch 32 (start / end positions), padded, fastroberta vs transformers' eager and SDPA)
 #   model    python -m benchmarks model --measure           (the base/512 fp16 step under torch.profiler: measured ms
 #            per op class next to the cost model's; transformers eager and SDPA, fastroberta)
-#   train    python -m benchmarks train                     (base, seq 512, fp16, ZeRO-2, Triton vs torch)
+#   train    python -m benchmarks train                     (base, seq 512, fp16, ZeRO-2, Triton vs torch; the
+#            data is prepared once before the two timed runs, which then find it in the trainer's cache)
 #   hf       python -m benchmarks hf --profile check        (transformers' RoBERTa-base fine-tuning and MLM steps,
 #            fastroberta.apply_kernels vs eager and SDPA, fp16 + bf16; its table is printed into gpu_check.log)
 #   report   python -m benchmarks report --print            (the issues' targets against what was measured)
@@ -55,7 +56,8 @@
 #                               a GPU) run when the budget has room; the compiled competitor only if 90 s are left
 #   model        45     ~40     3 profiled + 3 warm-up steps x 3 competitors, base/512 fp16 (no autotune: kernels' keys
 #                               are warm from e2e)
-#   train        90     ~80     2 trainer runs x (~20 s start + 200 steps of ~0.1 s + autotune)
+#   train        90     ~80     the base preset's tokenizer and shards prepared once before the runs (~5 s on 2
+#                               CPU cores), then 2 trainer runs x (~20 s start + 200 steps of ~0.1 s + autotune)
 #   hf          120     rest    transformers' steps; runs on what the stages before it left of the total
 #   report       20     <5
 # Measured on the first run (NVIDIA H200, cold caches, GPU_CHECK_BUDGET_S=565; benchmarks/results/nvidia-h200/):
