@@ -15,11 +15,14 @@
 #
 # Stages, in order; each runs under `timeout`, a failing or timed-out stage is recorded and the next one runs:
 #   setup    the wheels in .whl/ (if any) into /tmp/site (PYTHONPATH), the repo itself without dependencies, versions
-#   tests    pytest on CUDA, in this order: tests/test_gpu_kernels.py (real shapes, fp16 + bf16), the attention
-#            tests only a GPU can answer (fp32 exact and TF32, bf16 and head dim 128 at long L, the model), then
+#   tests    pytest on CUDA, in this order: first the tests no GPU has passed yet (GPU_TESTS_FIRST: the fp16
+#            cross-entropy gradients, the GELU GEMMs linear_gelu and dgrad_gelu_bias_grad at the FFN's shapes),
+#            then the rest of tests/test_gpu_kernels.py (real shapes, fp16 + bf16), the attention tests only a GPU
+#            can answer (fp32 exact and TF32, bf16 and head dim 128 at long L, the model), then
 #            tests/test_cross_entropy.py and tests/test_layer_norm.py. With FASTROBERTA_AUTOTUNE=0 (each launch
-#            compiles its default config and nothing is benchmarked) and FASTROBERTA_TEST_BUDGET_S a little under
-#            the stage's limit: tests not started by then are skipped and counted, and pytest prints its summary.
+#            compiles its default config and nothing is benchmarked, except in the one test that compares the
+#            GELU GEMMs' autotuned configs with their default) and FASTROBERTA_TEST_BUDGET_S a little under the stage's limit: tests not started by then are
+#            skipped and counted, and pytest prints its summary.
 #   kernels  python -m benchmarks kernels --profile check   (layer_norm, attention, cross_entropy)
 #   e2e      python -m benchmarks e2e --profile check       (ZeRO-2, fp16: pretraining step base/seq 512, 4
 #            competitors, then fastroberta-triton-compile (the Triton model under torch.compile, as
@@ -28,7 +31,8 @@
 #            seq 384 batch 32 (start / end positions), padded, fastroberta vs transformers' eager and SDPA)
 #   model    python -m benchmarks model --measure           (the base/512 fp16 step under torch.profiler: measured ms
 #            per op class next to the cost model's; transformers eager and SDPA, fastroberta)
-#   train    python -m benchmarks train                     (base, seq 512, fp16, ZeRO-2, Triton vs torch)
+#   train    python -m benchmarks train                     (base, seq 512, fp16, ZeRO-2, Triton vs torch; the
+#            data is prepared once before the two timed runs, which then find it in the trainer's cache)
 #   hf       python -m benchmarks hf --profile check        (transformers' RoBERTa-base fine-tuning and MLM steps,
 #            fastroberta.apply_kernels vs eager and SDPA, fp16 + bf16; its table is printed into gpu_check.log)
 #   report   python -m benchmarks report --print            (the issues' targets against what was measured)
@@ -41,7 +45,9 @@
 # fp16/bf16 attention autotune key (6 + 5 + 5 configs compiled and timed); Inductor ~25 s per new shape.
 #   stage    planned s  cold-cache estimate
 #   setup        40     10-30   pip of the .whl/ wheels (no compiling), imports
-#   tests        90     ~90     ~10 startup + test_gpu_kernels ~50 (~30 attention variants, ~15 LN/CE) +
+#   tests        90     ~110    ~10 startup + test_gpu_kernels ~70 (~30 attention variants, ~15 LN/CE, ~8 GELU
+#                               GEMM variants: 2 kernels x 2 dtypes x aligned / odd rows, + 8 autotuned configs;
+#                               the GELU GEMMs' compile times not yet measured) +
 #                               attention GPU tests ~30 (~25 variants); the CE and LN files run on what is
 #                               left and the budget skips the rest (they also run under the CPU interpreter)
 #   kernels     110     ~130    attention ~5 autotune keys x ~18 s, LN ~25 (Inductor, first case) + ~5, CE ~10;
@@ -51,7 +57,8 @@
 #                               a GPU) run when the budget has room; the compiled competitor only if 90 s are left
 #   model        45     ~40     3 profiled + 3 warm-up steps x 3 competitors, base/512 fp16 (no autotune: kernels' keys
 #                               are warm from e2e)
-#   train        90     ~80     2 trainer runs x (~20 s start + 200 steps of ~0.1 s + autotune)
+#   train        90     ~80     the base preset's tokenizer and shards prepared once before the runs (~5 s on 2
+#                               CPU cores), then 2 trainer runs x (~20 s start + 200 steps of ~0.1 s + autotune)
 #   hf          120     rest    transformers' steps; runs on what the stages before it left of the total
 #   report       20     <5
 # Measured on the first run (NVIDIA H200, cold caches, GPU_CHECK_BUDGET_S=565; benchmarks/results/nvidia-h200/):
@@ -63,7 +70,7 @@
 # Knobs (environment): GPU_CHECK_BUDGET_S (total, default 530), T_SETUP T_TESTS T_KERNELS T_E2E T_TRAIN T_HF
 # (planned seconds per stage; T_MODEL too), GPU_CHECK_STAGES (default "tests kernels e2e model train hf"; hf comes last and runs on
 # what the earlier stages leave of the total: GPU_CHECK_STAGES=hf runs it alone for T_HF seconds), GPU_TESTS
-# (pytest paths), TRAIN_STEPS (200), TRAIN_MICRO_BATCH (16), TRAIN_OPTIMIZER (torch_adamw: DeepSpeed's fused Adam
+# (pytest paths), GPU_TESTS_FIRST (node ids without parameters that run before the rest; empty: pytest's order), TRAIN_STEPS (200), TRAIN_MICRO_BATCH (16), TRAIN_OPTIMIZER (torch_adamw: DeepSpeed's fused Adam
 # would first JIT-build a CUDA extension with nvcc; set it empty for the trainer's default), TRAIN_EXTRA_ARGS,
 # E2E_ARGS, KERNEL_ARGS and HF_ARGS (extra flags for those commands), FASTROBERTA_GIT_COMMIT (the commit to
 # stamp: the GPU machine's copy of the tree has no .git), PYTHON (default python3), GPU_CHECK_SKIP_INSTALL=1 (use
@@ -201,11 +208,23 @@ PLANNED=$T_SETUP
 export PYTHONPATH
 
 # ------------------------------------------------------------------------------------------------ stages
+# Most telling first: what is not reached in the budget is skipped and counted (tests/time_budget.py). The tests
+# no GPU has passed yet run before all else, wherever their files come in GPU_TESTS (FASTROBERTA_TESTS_FIRST).
+if [ -z "${GPU_TESTS_FIRST+set}" ]; then
+  if [ "$SMOKE" = 1 ]; then
+    GPU_TESTS_FIRST="tests/test_gpu_kernels.py::test_mlm_cross_entropy_real_shapes"
+  else
+    GPU_TESTS_FIRST=""
+    for t in test_mlm_cross_entropy_fp16_gradients_at_every_loss_scale test_mlm_cross_entropy_keeps_the_fp16_loss_scale \
+             test_mlm_cross_entropy_real_shapes test_linear_gelu_real_shapes test_dgrad_gelu_bias_grad_real_shapes; do
+      GPU_TESTS_FIRST="$GPU_TESTS_FIRST tests/test_gpu_kernels.py::$t"
+    done
+  fi
+fi
 if [ -z "${GPU_TESTS:-}" ]; then
   if [ "$SMOKE" = 1 ]; then
     GPU_TESTS="tests/test_gpu_kernels.py::test_layer_norm_real_shapes tests/test_gpu_kernels.py::test_mlm_cross_entropy_real_shapes"
   else
-    # Most telling first: what is not reached in the budget is skipped and counted (tests/time_budget.py).
     GPU_TESTS="tests/test_gpu_kernels.py"
     for t in test_custom_scale_int_mask_and_large_scores test_tf32_attention_meets_its_tolerance \
              test_matches_reference_long test_model_triton_matches_torch; do
@@ -218,6 +237,7 @@ for s in ${GPU_CHECK_STAGES:-tests kernels e2e model train hf}; do
   case $s in
     tests)   if [ -n "${GPU_TESTS// /}" ]; then
                stage tests "$T_TESTS" "FASTROBERTA_AUTOTUNE=0 FASTROBERTA_TEST_BUDGET_S=@BUDGET@ \
+                 FASTROBERTA_TESTS_FIRST='${GPU_TESTS_FIRST:-}' \
                  $PY -m pytest -q -rfE -p no:cacheprovider $GPU_TESTS" INT
              else
                printf 'tests\tskipped (no test files)\t0\t\n' >> "$STAGES"

@@ -11,6 +11,8 @@ the dropout random streams) differ. Compared from each run's ``metrics.jsonl``:
                     eval loss when logged, else the last window) are within ``--tolerance`` (1%)
     tokens/s        the median over the logged windows after the first (compilation, autotuning), as a ratio
     MFU             the same median, when the trainer logs it
+Before the runs, the tokenizer and token shards they will use are prepared once here (``prepare_data``), so that
+each run's time limit covers DeepSpeed's start and the training, not a first data preparation.
 Writes ``train.json`` and ``train.md`` under ``<out>/<device>/``.
 """
 import os
@@ -57,6 +59,26 @@ def trainer_command(args, kernels, output):
     if args.optimizer:
         cmd += ["--optimizer", args.optimizer]
     return cmd + args.extra.split()
+
+
+def prepare_data(args):
+    """Prepare the runs' data into the trainer's cache: its own parser and preset defaults resolve the data flags of
+    ``trainer_command`` (corpus, tokenizer, vocabulary, held-out share, seed, cache folder), and its own
+    preparation function writes what both runs then find cached. Returns (status, seconds)."""
+    from types import SimpleNamespace
+    from fastroberta import train
+    from fastroberta.run_defaults import apply_run_defaults
+    t0 = time.monotonic()
+    try:
+        trainer_args = train.build_parser().parse_args(trainer_command(args, RUNS[0], "unused")[3:])
+        apply_run_defaults(trainer_args)
+        train._prepare_dataset(trainer_args, SimpleNamespace(rank=0))
+        status = "ok"
+    except train.ConfigError as e:  # the runs then fail with the same message
+        status = f"error: {e}"
+    except SystemExit as e:  # argparse has printed which flag
+        status = f"error: the trainer rejected its flags (exit status {e.code})"
+    return status, round(time.monotonic() - t0, 1)
 
 
 def read_metrics(path):
@@ -115,6 +137,9 @@ def train_markdown(result):
               f"`{s['model']}`, seq {s['seq_len']}, {s['precision']}, ZeRO-{s['zero_stage']}, {s['steps']} steps, "
               f"micro-batch {s['micro_batch_size']}, optimizer {s['optimizer'] or 'trainer default'}.", ""]
     rows = [[k, r["status"], harness.fmt(r.get("seconds"), 0)] for k, r in result["runs"].items()]
+    if "prepare" in result:
+        rows.insert(0, ["(data preparation, before both)", result["prepare"]["status"],
+                        harness.fmt(result["prepare"]["seconds"], 0)])
     lines += [harness.markdown_table(["kernels", "run", "seconds"], rows), ""]
     c = result.get("comparison")
     if c and c.get("windows"):
@@ -157,6 +182,9 @@ def run(args, log=print):
     result = {"bench": "train", "environment": env, "label": env["label"], "settings": {
         k: getattr(args, k) for k in ("model", "seq_len", "precision", "zero_stage", "steps", "micro_batch_size",
                                       "global_batch_size", "log_every", "optimizer", "extra")}, "runs": {}}
+    status, seconds = prepare_data(args)
+    result["prepare"] = {"status": status, "seconds": seconds}
+    log(f"[train] data prepared for both runs: {status}, {seconds:.0f} s")
     records = {}
     for i, kernels in enumerate(RUNS):
         output = work / f"train-{kernels}"

@@ -1,6 +1,6 @@
 """Test set-up: without CUDA, Triton kernels run on CPU tensors through Triton's interpreter, which must be
-switched on before any kernel module is imported; FASTROBERTA_TEST_BUDGET_S caps a session's wall time
-(tests/time_budget.py)."""
+switched on before any kernel module is imported; FASTROBERTA_TEST_BUDGET_S caps a session's wall time and
+FASTROBERTA_TESTS_FIRST puts named tests first (tests/time_budget.py)."""
 import os
 
 import torch
@@ -10,7 +10,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from time_budget import pytest_runtest_setup, pytest_sessionstart, pytest_terminal_summary  # noqa: E402,F401  (hooks)
+from time_budget import (pytest_collection_modifyitems, pytest_runtest_setup,  # noqa: E402,F401  (hooks)
+                         pytest_sessionstart, pytest_terminal_summary)
 
 
 @pytest.fixture(autouse=True)

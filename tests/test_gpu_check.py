@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.sh and what it relies on, on a machine without a GPU: the tests stage's time budget
-(tests/time_budget.py) and a dry run of every stage in its smoke mode."""
+"""benchmarks/gpu_check.sh and what it relies on, on a machine without a GPU: the tests stage's time budget and
+test order (tests/time_budget.py) and a dry run of every stage in its smoke mode."""
 import os
 import subprocess
 import sys
@@ -24,6 +24,22 @@ def test_time_budget_skips_what_is_left_and_pytest_prints_its_summary(tmp_path):
     assert "1 passed, 1 skipped" in run.stdout
     assert "time budget: 1 tests not run (FASTROBERTA_TEST_BUDGET_S=2)" in run.stdout
     assert "not run: FASTROBERTA_TEST_BUDGET_S=2 s spent" in run.stdout
+
+
+def test_tests_first_runs_the_named_tests_first_in_that_order(tmp_path):
+    (tmp_path / "test_order.py").write_text(
+        "import pytest\n\n"
+        "def test_a():\n    pass\n\n"
+        "@pytest.mark.parametrize('x', [1, 2])\ndef test_b(x):\n    pass\n\n"
+        "def test_c():\n    pass\n")
+    env = dict(os.environ, FASTROBERTA_TESTS_FIRST="test_order.py::test_c test_order.py::test_b",
+               PYTHONPATH=str(TESTS))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "time_budget", "-p", "no:cacheprovider",
+                          "test_order.py"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    ran = [line.split(" ")[0] for line in run.stdout.splitlines() if " PASSED" in line]
+    assert ran == ["test_order.py::test_c", "test_order.py::test_b[1]", "test_order.py::test_b[2]",
+                   "test_order.py::test_a"]
 
 
 def test_time_budget_rejects_a_bad_value(tmp_path):

@@ -7,11 +7,14 @@ same assertions at small shapes (``SHAPES``) through Triton's interpreter, in fp
 bf16), so a wrong assertion or a CPU-only fixture shows here and not in a GPU's few minutes. What only a GPU
 has (CUDA memory statistics, CUDA graphs) is measured its own way on CPU or skipped, as each test says.
 """
+import importlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastroberta.kernels import attention, attention_varlen, layer_norm, mlm_cross_entropy, reference
+from fastroberta.kernels.linear_gelu import dgrad_gelu_bias_grad, linear_gelu
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -32,7 +35,15 @@ SHAPES = dict(
     ce=(2458, 768, 50265) if ON_GPU else (40, 32, 301),
     # Every row of a 32 x 512 batch labelled: the fp16 logit gradient softmax * grad_output / N is smallest here.
     ce_all_labelled=(16384, 768, 50265) if ON_GPU else (256, 16, 64),
+    # The FFN's GEMMs (rows = tokens, hidden, intermediate): base at 32 x 512 tokens, one token fewer (ragged
+    # row tiles), large's 1024 -> 4096. The twin's dimensions span several of the interpreter's tiles each way.
+    ffn=[(16384, 768, 3072), (16383, 768, 3072), (8192, 1024, 4096)] if ON_GPU
+    else [(64, 32, 96), (63, 32, 96), (48, 48, 64)],
 )
+# The GELU GEMMs against an fp32 reference on the same 16-bit inputs: what differs is the rounding of the
+# 16-bit outputs (half an ulp: 2^-11 fp16, 2^-8 bf16, less in norm) and fp32 summation order over K.
+GEMM_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+linear_gelu_module = importlib.import_module("fastroberta.kernels.linear_gelu")  # the package exports the function
 
 
 def rel_err(a, b):
@@ -225,6 +236,67 @@ def test_attention_dropout_is_reproducible_from_the_seed():
     assert not torch.equal(outs[0], outs[2])
 
 
+# ------------------------------------------------------------------------------------------ GELU GEMMs
+def _ffn_inputs(rows, hidden, inter, dtype):
+    """RoBERTa's init scale (0.02) on the weights: the pre-activations ~0.5 wide, where GELU bends."""
+    x = torch.randn(rows, hidden, device=DEV).to(dtype)
+    w1 = (torch.randn(inter, hidden, device=DEV) * 0.02).to(dtype)
+    b1 = (torch.randn(inter, device=DEV) * 0.1).to(dtype)
+    dout = torch.randn(rows, hidden, device=DEV).to(dtype)
+    w2 = (torch.randn(hidden, inter, device=DEV) * 0.02).to(dtype)
+    return x, w1, b1, dout, w2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden,inter", SHAPES["ffn"])
+def test_linear_gelu_real_shapes(dtype, rows, hidden, inter):
+    x, w1, b1, _, _ = _ffn_inputs(rows, hidden, inter, dtype)
+    pre, act = linear_gelu(x, w1, b1)
+    assert pre.dtype == act.dtype == dtype and pre.shape == act.shape == (rows, inter)
+    want = reference.linear_gelu(x.float(), w1.float(), b1.float())
+    errors = {"pre": rel_err(pre, want[0]), "act": rel_err(act, want[1])}
+    assert all(e <= GEMM_TOL[dtype] for e in errors.values()), f"relative errors above {GEMM_TOL[dtype]}: {errors}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden,inter", SHAPES["ffn"])
+def test_dgrad_gelu_bias_grad_real_shapes(dtype, rows, hidden, inter):
+    """dpre = (dout W2) * GELU'(pre) over K = hidden, and the bias gradient summed over every row."""
+    x, w1, b1, dout, w2 = _ffn_inputs(rows, hidden, inter, dtype)
+    pre = reference.linear_gelu(x, w1, b1)[0]
+    dpre, dbias = dgrad_gelu_bias_grad(dout, w2, pre)
+    assert dpre.dtype == dtype and dbias.dtype == torch.float32
+    assert dpre.shape == (rows, inter) and dbias.shape == (inter,)
+    want = reference.dgrad_gelu_bias_grad(dout.float(), w2.float(), pre.float())
+    errors = {"dpre": rel_err(dpre, want[0]), "dbias": rel_err(dbias, want[1])}
+    assert all(e <= GEMM_TOL[dtype] for e in errors.values()), f"relative errors above {GEMM_TOL[dtype]}: {errors}"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="autotuning times configs on a GPU; the interpreter runs one config")
+def test_gelu_gemms_autotuned_equal_default_config(monkeypatch):
+    """Whichever config the autotuner picks computes what the default config does (the tile sizes change only
+    the fp32 summation order), forward and dgrad, on the base shape with ragged rows. The GPU candidates are
+    autotuned here whatever FASTROBERTA_AUTOTUNE says (gpu_check's tests stage sets it to 0)."""
+    rows, hidden, inter = SHAPES["ffn"][1]
+    dtype = DTYPES[-1]
+    x, w1, b1, dout, w2 = _ffn_inputs(rows, hidden, inter, dtype)
+    pre = x @ w1.T
+    monkeypatch.setattr(linear_gelu_module, "AUTOTUNE", True)
+    candidates = linear_gelu_module._configs(None, linear_gelu_module.GPU_DEFAULT, linear_gelu_module.GPU_CANDIDATES)
+    kernels = (linear_gelu_module._linear_gelu_fwd_tuned, linear_gelu_module._dgrad_gelu_tuned)
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "configs", candidates)
+        monkeypatch.setattr(kernel, "cache", {})
+    tuned = (*linear_gelu(x, w1, b1), *dgrad_gelu_bias_grad(dout, w2, pre))
+    assert all(len(kernel.cache) == 1 for kernel in kernels), "the autotuner did not run"
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "configs", candidates[:1])  # _launch runs the default directly
+    default = (*linear_gelu(x, w1, b1), *dgrad_gelu_bias_grad(dout, w2, pre))
+    errors = {name: rel_err(a, b) for name, a, b in zip(("pre", "act", "dpre", "dbias"), tuned, default)}
+    picked = [str(kernel.cache.popitem()[1]) for kernel in kernels]
+    assert all(e <= GEMM_TOL[dtype] / 2 for e in errors.values()), f"{errors}; autotuner picked {picked}"
+
+
 # ------------------------------------------------------------------------------------------- cross-entropy
 def _ce_inputs(dtype):
     n, e, vocab = SHAPES["ce"]
@@ -315,7 +387,6 @@ def test_dropout_reads_its_seed_from_device_memory():
     """CPU twin of the CUDA-graph test: replaying a graph re-runs the kernels on the same seed tensor, which the
     generator refills in place. Here one seed tensor stands for that memory: refilled in place, the kernels
     drop other entries; restored, the same ones; and no op reads a value to the host (``aten::item``)."""
-    import importlib
     modules = [importlib.import_module(f"fastroberta.kernels.{name}") for name in ("attention", "layer_norm")]
     seed = torch.tensor([1234], dtype=torch.int64, device=DEV)
     saved = [m.new_dropout_seed for m in modules]

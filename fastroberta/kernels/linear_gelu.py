@@ -51,8 +51,9 @@ FWD_BLOCK_M = 16 if interpreter_active() else 128
 DGRAD_BLOCK_M = 32 if interpreter_active() else 128
 # The GPU tiles are 128 x 128 x 64 with 8 warps: the fp32 accumulator and the GELU epilogue fit without spills
 # on sm_90 (`python -m benchmarks static`), where 4 warps at 128 x 128, or 128 x 256 tiles, spill ~700-900 B.
-_FWD_CONFIGS = _configs((32, 16), (128, 64, 8, 3), [(128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 4)])
-_DGRAD_CONFIGS = _configs((16, 16), (128, 64, 8, 3), [(128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 4)])
+GPU_DEFAULT, GPU_CANDIDATES = (128, 64, 8, 3), [(128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 4)]
+_FWD_CONFIGS = _configs((32, 16), GPU_DEFAULT, GPU_CANDIDATES)
+_DGRAD_CONFIGS = _configs((16, 16), GPU_DEFAULT, GPU_CANDIDATES)
 _AUTOTUNE_KEY = ["N", "K"]  # not the row count: unpadded batches vary it every step
 
 
