@@ -274,7 +274,7 @@ def resolve_settings(args):
     resolve_engine_config(args, s, default_lr=lambda global_batch: default_lr(s.config.hidden_size),
                           user_scheduler_allowed=False)
     s.eval_batch_size = args.eval_batch_size or 2 * s.micro_batch_size
-    resolve_output(args, s, os.path.join("runs", f"finetune-{args.task}"))
+    resolve_output(args, s, default_output_of(args))
     return s
 
 
@@ -770,11 +770,18 @@ def write_predictions(args, s, test, names, hf_dir, device, special, state=None)
     return result
 
 
+def default_output_of(args):
+    """The run folder when --output is not given: runs/finetune-<task>, with the task as resolve_settings will
+    decide it (given, the word-order demo without --train, or inferred from --train), so that ``--resume`` without
+    --output or --task finds the run's run.json."""
+    task = task_for_data(args.task, args.train, args.label_field)[0]
+    return os.path.join("runs", f"finetune-{task}")
+
+
 def finetune(argv=None):
     """Run fine-tuning; returns a summary dict. Raises ConfigError (DataError) for a configuration or data that
     cannot work (before training starts) and TrainingError when a run must stop."""
-    args = parse_command_line(build_parser(), argv,
-                              lambda a: os.path.join("runs", f"finetune-{a.task}"))
+    args = parse_command_line(build_parser(), argv, default_output_of)
     s = resolve_settings(args)
     for w in s.warnings:
         say(s, f"{PROG}: warning: {w}")

@@ -474,3 +474,19 @@ def test_progress_is_plain_lines_off_a_terminal(model_dir, tmp_path, capsys):
                  "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "\r" not in err and "finetune: step 2/2 (100%)" in err, err
+
+
+def test_resume_without_output_or_task_finds_the_run_folder(tmp_path, monkeypatch):
+    """A run started with --train alone (its task inferred) writes to runs/finetune-<inferred task>; a --resume
+    that gives neither --output nor --task reads that folder's run.json (its lr, not the default)."""
+    from fastroberta.training.cli import parse_command_line
+    data = write(tmp_path / "d.csv", "sentence,label\nhello there,0\ngood day,1\n")
+    monkeypatch.chdir(tmp_path)
+    assert ft.default_output_of(ft.build_parser().parse_args(["--train", data])) == os.path.join(
+        "runs", "finetune-classification")
+    assert ft.default_output_of(ft.build_parser().parse_args([])) == os.path.join("runs", "finetune-word-order")
+    run_dir = tmp_path / "runs" / "finetune-classification"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"args": {"lr": 0.0123, "train": data}}))
+    args = parse_command_line(ft.build_parser(), ["--train", data, "--resume"], ft.default_output_of)
+    assert args.lr == 0.0123
