@@ -135,16 +135,24 @@ def _precision(dtype):
     return fp32_dot_precision() if dtype == torch.float32 else "tf32"  # fp16/bf16 dots ignore it
 
 
-def _launch(tuned, m, n, block_m, *args, **kwargs):
+def _launch(tuned, m, n, k, block_m, *args, **kwargs):
     """Autotuned, or (one config: the interpreter, FASTROBERTA_AUTOTUNE=0) the default config launched directly
     so that nothing is benchmarked."""
     def grid(meta):
         return (cdiv(m, block_m) * cdiv(n, meta["BLOCK_N"]),)
     if len(tuned.configs) > 1:
         return tuned[grid](*args, BLOCK_M=block_m, **kwargs, **COMPILE_OPTIONS)
-    config = tuned.configs[0]
-    return tuned.fn[grid(config.kwargs)](*args, BLOCK_M=block_m, **kwargs, **config.all_kwargs(),
-                                         **COMPILE_OPTIONS)
+    config = tuned.configs[0].all_kwargs()
+    if interpreter_active():
+        config.update(_interpreter_blocks(n, k, config))
+    return tuned.fn[grid(config)](*args, BLOCK_M=block_m, **kwargs, **config, **COMPILE_OPTIONS)
+
+
+def _interpreter_blocks(n, k, config):
+    """The interpreter runs each program's loop in Python: model-sized GEMMs (a test model's FFN, 256 -> 1024)
+    take wider N and K blocks, ~16x fewer loop iterations; the kernel tests' shapes (N < 256, K < 128) keep the
+    small blocks that span several tiles in every dimension."""
+    return {"BLOCK_N": 128 if n >= 256 else config["BLOCK_N"], "BLOCK_K": 64 if k >= 128 else config["BLOCK_K"]}
 
 
 def _linear_gelu_launch(x, w, b):
@@ -154,7 +162,7 @@ def _linear_gelu_launch(x, w, b):
     act = torch.empty_like(pre)
     if m and n:
         with on_device(x):
-            _launch(_linear_gelu_fwd_tuned, m, n, FWD_BLOCK_M, x, w, b, pre, act, x.stride(0), w.stride(0),
+            _launch(_linear_gelu_fwd_tuned, m, n, k, FWD_BLOCK_M, x, w, b, pre, act, x.stride(0), w.stride(0),
                     pre.stride(0), m, n, k, PRECISION=_precision(x.dtype))
     return pre, act
 
@@ -170,7 +178,7 @@ def _dgrad_gelu_launch(dout, w, pre):
     partial = torch.empty((_bands(m), n), dtype=torch.float32, device=pre.device)
     if m and n:
         with on_device(pre):
-            _launch(_dgrad_gelu_tuned, m, n, DGRAD_BLOCK_M, dout, w, pre, dpre, partial, dout.stride(0),
+            _launch(_dgrad_gelu_tuned, m, n, k, DGRAD_BLOCK_M, dout, w, pre, dpre, partial, dout.stride(0),
                     w.stride(0), pre.stride(0), dpre.stride(0), m, n, k, PRECISION=_precision(pre.dtype))
     return dpre, partial.sum(0)
 
