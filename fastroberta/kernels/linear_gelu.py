@@ -69,21 +69,31 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _matmul_tile(A, B, rows, cols, stride_a, stride_bk, stride_bn, M, N, K, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 [BLOCK_M, BLOCK_N] tile of A B at ``rows`` x ``cols``: A [M, K] with a unit column stride, B [K, N]
+    addressed by its two strides (the forward's W^T is W [N, K] read with strides (1, row stride), the dgrad's W
+    [K, N] with (row stride, 1)). Rows, columns and K beyond the ends load as 0."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        a = tl.load(A + rows[:, None] * stride_a + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K),
+                    other=0.0)
+        b = tl.load(B + cols[None, :] * stride_bn + k[:, None] * stride_bk,
+                    mask=(cols[None, :] < N) & (k[:, None] < K), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _linear_gelu_fwd_kernel(X, W, B, Pre, Act, stride_x, stride_w, stride_o, M, N, K, PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # pre = X W^T + B: X [M, K], W [N, K] (nn.Linear's layout), both with a unit column stride.
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        a = tl.load(X + rows[:, None] * stride_x + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K),
-                    other=0.0)
-        wt = tl.load(W + cols[None, :] * stride_w + k[:, None], mask=(cols[None, :] < N) & (k[:, None] < K),
-                     other=0.0)
-        acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+    acc = _matmul_tile(X, W, rows, cols, stride_x, 1, stride_w, M, N, K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     acc += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     act = acc * 0.5 * (1.0 + tl.erf(acc * 0.7071067811865476))
     keep = (rows[:, None] < M) & (cols[None, :] < N)
@@ -100,15 +110,7 @@ def _dgrad_gelu_kernel(DOut, W, Pre, DPre, Partial, stride_d, stride_w, stride_p
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        a = tl.load(DOut + rows[:, None] * stride_d + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K),
-                    other=0.0)
-        w = tl.load(W + k[:, None] * stride_w + cols[None, :], mask=(k[:, None] < K) & (cols[None, :] < N),
-                    other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    acc = _matmul_tile(DOut, W, rows, cols, stride_d, stride_w, 1, M, N, K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     keep = (rows[:, None] < M) & (cols[None, :] < N)
     x = tl.load(Pre + rows[:, None] * stride_p + cols[None, :], mask=keep, other=0.0).to(tl.float32)
     cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
