@@ -12,7 +12,7 @@ from fastroberta.tasks.errors import DataError
 from fastroberta.tasks.multiple_choice import (choice_features, choice_metrics, collate_choices, read_choices,
                                                read_race, read_swag, truncate_context_first)
 from fastroberta.tasks.swapped_words import swapped_line_choices
-from tiny_models import tiny_model
+from tiny_models import check_exact_resume, tiny_model, write_splits
 
 RACE_ROWS = [
     {"article": "Tom has a red bike.", "question": "What colour is the bike?",
@@ -171,14 +171,10 @@ def test_finetune_swag_end_to_end_and_transformers_loads_the_kept_model(tmp_path
     import torch
     from fastroberta import finetune as ft
     from fastroberta.model import RobertaForMultipleChoice
-    from fastroberta.tasks import write_jsonl
     from fastroberta.training.metrics import read_metrics
     rows = swapped_line_choices(n_train=64, n_validation=32, n_test=24)
     model = tiny_model(tmp_path / "model", [r["sent1"] for r in rows["train"]])
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, split in rows.items():
-        write_jsonl(split, str(data / f"{name}.jsonl"))
+    data = write_splits(tmp_path / "data", rows)
     out = tmp_path / "run"
     summary = ft.finetune(finetune_args(model, out, "swag", data, "--test", str(data / "test.jsonl"),
                                         "--eval-every", "2"))
@@ -203,31 +199,16 @@ def test_finetune_swag_end_to_end_and_transformers_loads_the_kept_model(tmp_path
 
 def test_finetune_multiple_choice_resumes_exactly(tmp_path):
     """Stopped at step 3 of 6 and resumed: the same losses, evaluations and final weights as one run."""
-    import torch
-    from fastroberta import finetune as ft
     from fastroberta.model import RobertaForMultipleChoice
-    from fastroberta.tasks import write_jsonl
-    from fastroberta.training.metrics import read_metrics
     rows = swapped_line_choices(n_train=48, n_validation=16, n_test=8)
     model = tiny_model(tmp_path / "model", [r["sent1"] for r in rows["train"]])
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, split in rows.items():
-        write_jsonl(split, str(data / f"{name}.jsonl"))
-    extra = ("--eval-every", "2", "--dropout", "0.1")
-    ft.finetune(finetune_args(model, tmp_path / "full", "multiple-choice", data, *extra))
-    first = ft.finetune(finetune_args(model, tmp_path / "cut", "multiple-choice", data, *extra,
-                                      "--stop-at-step", "3"))
+    data = write_splits(tmp_path / "data", rows)
+    first, full = check_exact_resume(
+        tmp_path, lambda out, *flags: finetune_args(model, out, "multiple-choice", data, "--eval-every", "2",
+                                                    "--dropout", "0.1", *flags),
+        3, RobertaForMultipleChoice, ("step", "loss", "lr", "eval_accuracy"))
     assert first["step"] == 3
-    ft.finetune(finetune_args(model, tmp_path / "cut", "multiple-choice", data, *extra, "--resume"))
-    keys = ("step", "loss", "lr", "eval_accuracy")
-    full = read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
-    cut = read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))
     assert [r["step"] for r in full if "loss" in r][-1] == 6
-    assert [[r.get(k) for k in keys] for r in cut] == [[r.get(k) for k in keys] for r in full]
-    a = RobertaForMultipleChoice.from_pretrained(str(tmp_path / "full" / "hf"), kernels="torch").state_dict()
-    b = RobertaForMultipleChoice.from_pretrained(str(tmp_path / "cut" / "hf"), kernels="torch").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_finetune_multiple_choice_data_errors_are_one_line(tmp_path, capsys):

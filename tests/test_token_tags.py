@@ -9,7 +9,7 @@ import torch
 from fastroberta.data.tokenizer import special_ids, train_tokenizer
 from fastroberta.tasks.errors import DataError
 from fastroberta.tasks.swapped_words import swapped_word_tags
-from tiny_models import tiny_model
+from tiny_models import check_exact_resume, tiny_model, write_splits
 from fastroberta.tasks.token_tags import (IGNORE, collate_tags, encode_tags, entities, read_tags, tag_features,
                                           tag_metrics, tag_names, word_predictions)
 
@@ -151,15 +151,11 @@ def test_finetune_token_classification_end_to_end_and_transformers_loads_the_kep
     from fastroberta import finetune as ft
     from fastroberta.data.tokenizer import load_tokenizer
     from fastroberta.model import RobertaForTokenClassification
-    from fastroberta.tasks import write_jsonl
     from fastroberta.training.metrics import read_metrics
     from test_multiple_choice import finetune_args
     rows = swapped_word_tags(n_train=64, n_validation=32, n_test=24)
     model = tiny_model(tmp_path / "model", [" ".join(r["tokens"]) for r in rows["train"]])
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, split in rows.items():
-        write_jsonl(split, str(data / f"{name}.jsonl"))
+    data = write_splits(tmp_path / "data", rows)
     out = tmp_path / "run"
     summary = ft.finetune(finetune_args(model, out, "token-classification", data, "--test",
                                         str(data / "test.jsonl")))
@@ -205,30 +201,16 @@ def test_finetune_ner_tag_outside_the_label_set_is_one_line(tmp_path, capsys):
 
 
 def test_finetune_token_classification_resumes_exactly(tmp_path):
-    from fastroberta import finetune as ft
     from fastroberta.model import RobertaForTokenClassification
-    from fastroberta.tasks import write_jsonl
-    from fastroberta.training.metrics import read_metrics
     from test_multiple_choice import finetune_args
     rows = swapped_word_tags(n_train=64, n_validation=32, n_test=8)
     model = tiny_model(tmp_path / "model", [" ".join(r["tokens"]) for r in rows["train"]])
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, split in rows.items():
-        write_jsonl(split, str(data / f"{name}.jsonl"))
-    extra = ("--eval-every", "3", "--dropout", "0.1")
-    ft.finetune(finetune_args(model, tmp_path / "full", "token-classification", data, *extra))
-    first = ft.finetune(finetune_args(model, tmp_path / "cut", "token-classification", data, *extra,
-                                      "--stop-at-step", "5"))
+    data = write_splits(tmp_path / "data", rows)
+    first, _ = check_exact_resume(
+        tmp_path, lambda out, *flags: finetune_args(model, out, "token-classification", data, "--eval-every", "3",
+                                                    "--dropout", "0.1", *flags),
+        5, RobertaForTokenClassification, ("step", "loss", "lr", "eval_f1", "eval_accuracy"))
     assert first["step"] == 5 and first["hf"] is None
-    ft.finetune(finetune_args(model, tmp_path / "cut", "token-classification", data, *extra, "--resume"))
-    keys = ("step", "loss", "lr", "eval_f1", "eval_accuracy")
-    full = read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
-    cut = read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))
-    assert [[r.get(k) for k in keys] for r in cut] == [[r.get(k) for k in keys] for r in full]
-    a = RobertaForTokenClassification.from_pretrained(str(tmp_path / "full" / "hf"), kernels="torch").state_dict()
-    b = RobertaForTokenClassification.from_pretrained(str(tmp_path / "cut" / "hf"), kernels="torch").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_token_head_of_another_size_is_initialised_afresh_and_the_encoder_kept(tmp_path):
