@@ -48,11 +48,25 @@ def train(small, out, processes, zero, *extra, nodes=False):  # noqa: F811
         with open(hosts, "w") as f:
             f.write("localhost slots=1\n127.0.0.1 slots=1\n")
         port = str(free_port())
-        procs = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hosts, "--no_ssh",
-                                   "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", port,
-                                   "--module", "fastroberta.train", *args], env=env, cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in range(2)]
-        logs = [p.communicate(timeout=600)[0] for p in procs]
+        # Each node's output goes to a file: read one pipe after the other, and the other node, blocked on its
+        # full pipe, would stall the collective both wait in.
+        files, procs = [os.path.join(os.path.dirname(str(out)), f"node{n}.log") for n in range(2)], []
+        for n in range(2):
+            with open(files[n], "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hosts, "--no_ssh",
+                     "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", port,
+                     "--module", "fastroberta.train", *args], env=env, cwd=ROOT, stdout=log,
+                    stderr=subprocess.STDOUT, text=True))
+        try:
+            for p in procs:
+                p.wait(timeout=600)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        logs = [open(f).read() for f in files]
         assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
         return "".join(logs)
     if processes == 1:
