@@ -62,17 +62,13 @@ def trainer_command(args, kernels, output):
 
 
 def prepare_data(args):
-    """Prepare the runs' data into the trainer's cache: its own parser and preset defaults resolve the data flags of
-    ``trainer_command`` (corpus, tokenizer, vocabulary, held-out share, seed, cache folder), and its own
-    preparation function writes what both runs then find cached. Returns (status, seconds)."""
-    from types import SimpleNamespace
+    """Prepare the runs' data into the trainer's cache: the trainer's own --prepare-only on ``trainer_command``'s
+    flags (corpus, tokenizer, vocabulary, held-out share, seed, cache folder) writes what both runs then find
+    cached. Returns (status, seconds)."""
     from fastroberta import train
-    from fastroberta.run_defaults import apply_run_defaults
     t0 = time.monotonic()
     try:
-        trainer_args = train.build_parser().parse_args(trainer_command(args, RUNS[0], "unused")[3:])
-        apply_run_defaults(trainer_args)
-        train._prepare_dataset(trainer_args, SimpleNamespace(rank=0))
+        train.train(trainer_command(args, RUNS[0], "unused")[3:] + ["--prepare-only"])
         status = "ok"
     except train.ConfigError as e:  # the runs then fail with the same message
         status = f"error: {e}"

@@ -92,6 +92,11 @@ def build_parser():
     g.add_argument("--seq-len", type=int, default=None,
                    help=f"tokens per sequence, at most 512 ({help_for('seq_len')})")
     g.add_argument("--mask-prob", type=float, default=0.15, help="share of tokens chosen for prediction")
+    g.add_argument("--prepare-only", action="store_true",
+                   help="prepare the tokenizer and token shards into the cache and exit: no model, no output "
+                        "folder. Run it once, in one process, before a multi-node launch with the same --data, "
+                        "--tokenizer, --vocab-size (or --model), --val-fraction, --seed and --cache-dir as the run, "
+                        "so that no node builds them")
     g.add_argument("--packing", default="full", choices=PACKING_MODES,
                    help="full: FULL-SENTENCES (RoBERTa); doc: DOC-SENTENCES; varlen: documents packed into a row "
                         "without attending to each other")
@@ -141,15 +146,14 @@ def resolve_settings(args):
     apply_run_defaults(args)  # vocabulary, seq len, micro-batch and steps by preset (issue 12)
     if args.log_every is None:
         args.log_every = max(1, min(10, args.steps // 10))
-    for name in ("steps", "micro_batch_size", "seq_len", "vocab_size"):
+    for name in ("steps", "micro_batch_size", "seq_len"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     for name in ("eval_batches", "warmup_steps"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name), allow_zero=True)
     check_shared_flags(args)
     if not 0 < args.mask_prob < 1:
         raise ConfigError(f"--mask-prob must be in (0, 1), got {args.mask_prob}")
-    if not 0 < args.val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    check_data_flags(args)
     # Model
     if args.model is not None and args.config is not None:
         raise ConfigError("give either --model or --config, not both")
@@ -183,16 +187,47 @@ def resolve_settings(args):
         max(1, round(WARMUP_FRACTION * args.steps))
     s.warmup_steps = min(s.warmup_steps, args.steps)
     resolve_output(args, s, default_output_of(args))
-    if args.data is not None and not args.data.startswith("hf:") and not os.path.exists(args.data):
-        raise ConfigError(f"--data {args.data!r} does not exist")
-    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
-        raise ConfigError(f"--tokenizer {args.tokenizer!r} does not exist")
     if args.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except Exception as e:
             raise ConfigError(f"--tensorboard needs the tensorboard package ({e})") from None
     return s
+
+
+def check_data_flags(args):
+    """ConfigError for a data flag that cannot work (after apply_run_defaults)."""
+    check_positive("--vocab-size", args.vocab_size)
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.data is not None and not args.data.startswith("hf:") and not os.path.exists(args.data):
+        raise ConfigError(f"--data {args.data!r} does not exist")
+    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+        raise ConfigError(f"--tokenizer {args.tokenizer!r} does not exist")
+
+
+def prepare_only(args):
+    """--prepare-only: the tokenizer and token shards into the cache, in this one process, then exit. A run with
+    the same data flags finds them there (the cache is keyed by them) and starts training at once."""
+    s = base_settings(args)
+    if s.world_size > 1:
+        raise ConfigError(f"--prepare-only runs in one process, not {s.world_size}: start it without a launcher, "
+                          "once, before the run")
+    if args.model is not None and args.config is not None:
+        raise ConfigError("give either --model or --config, not both")
+    if args.model is not None and args.model not in PRESETS:
+        raise ConfigError(f"unknown model preset {args.model!r}; choose one of {', '.join(PRESETS)} "
+                          "or pass --config")
+    apply_run_defaults(args)
+    check_data_flags(args)
+    say(s, f"preparing data: {args.data or 'the bundled corpus'} (tokenizer and token shards)")
+    prepared = _prepare_dataset(args, s)
+    sizes = "; ".join(f"{split} {prepared.num_tokens(split):,} tokens in {prepared.num_documents(split):,} "
+                      f"documents" for split in ("train", "val"))
+    say(s, f"data ready in {prepared.path}: vocab {prepared.vocab_size}; {sizes} "
+           f"({time.perf_counter() - s.started:.1f}s since start). A run with the same --data, --tokenizer, "
+           "--vocab-size, --val-fraction, --seed and --cache-dir reads it from there.")
+    return {"prepared": prepared.path, "vocab_size": prepared.vocab_size}
 
 
 def _data_error(args, e):
@@ -539,6 +574,8 @@ def train(argv=None):
     """Run training; returns a summary dict (final step, last logged metrics, paths). Raises ConfigError for
     a configuration that cannot work (before any work) and TrainingError when a run must stop."""
     args = parse_command_line(build_parser(), argv, default_output_of)
+    if args.prepare_only:
+        return prepare_only(args)
     s = resolve_settings(args)
     # One run per output folder: rank 0 holds the lock for the run's lifetime, taken before anything is read
     # or written there. A second run on the folder refuses at once.

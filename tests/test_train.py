@@ -48,6 +48,26 @@ def run(small, out, *extra, config="nodropout"):
     return summary, read_metrics(os.path.join(str(out), "metrics.jsonl"))
 
 
+def test_prepare_only_fills_the_cache_that_a_run_then_reads(small, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """--prepare-only (before a multi-node launch): tokenizer and shards into the cache, keyed by the data flags
+    alone, no run folder; a run with the same data flags reads them without rebuilding; under a launcher it
+    refuses."""
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    summary = tr.train(["--prepare-only", "--cache-dir", str(cache), "--vocab-size", str(VOCAB), "--output", str(out),
+                        "--steps", "7", "--model", "tiny"])  # model flags: only the vocabulary default matters
+    assert os.path.basename(summary["prepared"]) == os.path.basename(small["prepared"].path)
+    assert summary["vocab_size"] == small["prepared"].vocab_size
+    assert not out.exists()
+    assert f"data ready in {summary['prepared']}: vocab {VOCAB}" in capsys.readouterr().err
+    meta = os.path.join(summary["prepared"], "meta.json")
+    before, entries = os.stat(meta).st_mtime_ns, sorted(os.listdir(cache))
+    run(dict(small, cache=str(cache)), out, "--steps", "1")
+    assert os.stat(meta).st_mtime_ns == before and sorted(os.listdir(cache)) == entries
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(tr.ConfigError, match="--prepare-only runs in one process, not 2"):
+        tr.train(["--prepare-only", "--cache-dir", str(cache)])
+
+
 def losses(records):
     return np.array([r["loss"] for r in records])
 

@@ -135,7 +135,7 @@ def resolve_output(args, s, default_output):
 
 # Flags that --resume never takes from run.json: where and how this invocation runs, not what the run is.
 NOT_RESTORED = {"resume", "overwrite", "output", "stop_at_step", "local_rank", "deepspeed", "debug", "no_progress",
-                "changed_on_resume"}
+                "prepare_only", "changed_on_resume"}
 # Flags that change no step of the run: typing another value on --resume is not worth a line.
 OUTSIDE_THE_RUN = NOT_RESTORED | {"save_every", "keep_last", "log_every", "eval_every", "eval_batches", "samples",
                                   "tensorboard", "peak_tflops", "cache_dir", "max_nonfinite", "test",
