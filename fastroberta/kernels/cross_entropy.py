@@ -197,7 +197,7 @@ def _mlm_cross_entropy_forward(h, weight, bias, targets, chunk_rows):
 
 # torch.mm(..., out_dtype=) (16-bit inputs, fp32 output, one cuBLAS call) exists from torch 2.8 on; setup.py
 # allows older torch, where the inputs are upcast instead (the same arithmetic, more memory traffic).
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out")  # the overload _mm_fp32 calls (out=)
 
 
 def _mm_fp32(a, b, out):
