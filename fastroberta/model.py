@@ -425,6 +425,8 @@ class RobertaModel(_PreTrained):
             attention_mask = None
         x = self.embeddings(input_ids, position_ids, token_type_ids)
         states = [x] if output_hidden_states else None
+        if attention_mask is not None:  # what the kernels read of it, worked out once for all the layers
+            attention_mask = self.ops(x.device).prepare_mask(attention_mask)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, attention_mask, cu_seqlens, max_seqlen, False, use_reentrant=False)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastroberta import RobertaConfig, RobertaForMaskedLM
-from fastroberta.kernels import attention, attention_packed, attention_varlen, reference
+from fastroberta.kernels import (PreparedMask, attention, attention_packed, attention_varlen, prepare_mask,
+                                 reference)
 from fastroberta.kernels._compile_options import COMPILE_OPTIONS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -598,6 +599,63 @@ def test_packed_qkv_input_errors():
         attention_packed(torch.randn(4, 3, 2, 16))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         attention_packed(torch.randn(1, 4, 3, 2, 16), torch.ones(1, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["right", "holes"])
+def test_a_prepared_mask_gives_what_the_mask_gives(kind):
+    """prepare_mask (once per forward in the model) and the raw mask: the same outputs and gradients, bit for
+    bit, with dropout, on both entry points and the eager path; and one call's launches fewer."""
+    b, l, h, d, p = 3, 37, 2, 16, 0.2
+    mask = make_mask(kind, b, l, dtype=torch.int64)
+    prepared = prepare_mask(mask)
+    assert isinstance(prepared, PreparedMask) and prepared.mask.dtype == torch.bool
+    assert torch.equal(prepared.mask, mask.bool()) and prepare_mask(prepared) is prepared and prepare_mask(None) is None
+    qkv = torch.randn(b, l, 3, h, d, device=DEVICE)
+    results = []
+    for m in (mask, prepared):
+        for fn in (lambda t, m: attention_packed(t, m, dropout_p=p),
+                   lambda t, m: attention(*t.permute(2, 0, 3, 1, 4).unbind(0), m, dropout_p=p),
+                   lambda t, m: reference.attention_packed(t, m)):
+            leaf = qkv.clone().requires_grad_()
+            torch.manual_seed(5)
+            out = fn(leaf, m)
+            out.backward(torch.ones_like(out))
+            results.append((out, leaf.grad))
+    for (o1, g1), (o2, g2) in zip(results[:3], results[3:]):
+        assert torch.equal(o1, o2) and torch.equal(g1, g2)
+
+    def launches(m):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            attention_packed(qkv, m)
+        return sum(evt.name in ("aten::amax", "aten::arange", "aten::where") for evt in prof.events())
+    assert launches(prepared) == 0 < launches(mask)
+
+
+def test_prepared_mask_errors():
+    with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
+        prepare_mask(torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[B, L\], got \(8,\)"):
+        prepare_mask(torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[B, L\] = \(1, 4\), got \(1, 5\)"):
+        attention_packed(torch.randn(1, 4, 3, 2, 16), prepare_mask(torch.ones(1, 5, dtype=torch.bool)))
+
+
+def test_the_model_prepares_the_mask_once_for_all_its_layers():
+    """Counted on meta (benchmarks/bench_model.py's counter): a padded batch's mask bookkeeping (arange, amax,
+    where) runs once per forward, not once per layer, on the Triton path."""
+    from benchmarks import bench_model
+    counts = {}
+    for layers in (2, 4):
+        cfg = RobertaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=70)
+        with torch.device("meta"):
+            model = RobertaForMaskedLM(cfg, kernels="triton").train()
+        ids = torch.zeros(2, 16, dtype=torch.long, device="meta")
+        counter = bench_model.OpCounter(seq_len=16, nonzero_rows=4)
+        with bench_model.CudaChoices(), counter:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, validate=False).loss.backward()
+        counts[layers] = sum(r.op in ("amax", "arange", "where") for r in counter.records if r.phase == "forward")
+    assert counts[2] == counts[4] > 0, counts
 
 
 # ---------------------------------------------------------------------------------------------------------

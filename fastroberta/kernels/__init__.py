@@ -1,6 +1,6 @@
 """fastroberta.kernels: Triton kernels for RoBERTa pretraining, usable without the rest of fastroberta.
 
-    from fastroberta.kernels import (layer_norm, attention, attention_packed, attention_varlen,
+    from fastroberta.kernels import (layer_norm, attention, attention_packed, attention_varlen, prepare_mask,
                                      mlm_cross_entropy, gelu_backward_bias_grad, linear_gelu,
                                      dgrad_gelu_bias_grad, FusedLayerNorm)
 
@@ -8,11 +8,12 @@ Each op runs its Triton kernel on CUDA tensors (or on CPU under ``TRITON_INTERPR
 the eager definition in ``fastroberta.kernels.reference`` otherwise.
 """
 from . import reference
-from .attention import attention, attention_packed, attention_varlen
+from .attention import PreparedMask, attention, attention_packed, attention_varlen, prepare_mask
 from .cross_entropy import mlm_cross_entropy
 from .gelu import gelu_backward_bias_grad
 from .layer_norm import FusedLayerNorm, layer_norm
 from .linear_gelu import dgrad_gelu_bias_grad, linear_gelu
 
-__all__ = ["layer_norm", "FusedLayerNorm", "attention", "attention_packed", "attention_varlen",
+__all__ = ["layer_norm", "FusedLayerNorm", "attention", "attention_packed", "attention_varlen", "prepare_mask",
+           "PreparedMask",
            "mlm_cross_entropy", "gelu_backward_bias_grad", "linear_gelu", "dgrad_gelu_bias_grad", "reference"]

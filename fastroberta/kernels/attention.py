@@ -53,7 +53,7 @@ that the custom op passes to the kernels, which read it from memory: nothing rea
 """
 import math
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -1021,13 +1021,52 @@ def _check_dropout_length(dropout_p, longest):
                          f"got {longest}")
 
 
-def _check_mask(attention_mask, b, l, device):
-    if attention_mask is None:
-        return
+class PreparedMask(NamedTuple):
+    """A [B, L] key-padding mask turned, once per forward, into what the kernels read (``prepare_mask``): every
+    layer of an encoder attends over the same keys, and working it out per layer costs the same half-dozen
+    small launches each time. Pass it wherever ``attention_mask`` is accepted."""
+    mask: torch.Tensor      # bool [B, L], True = real token: the checks and the eager path read it
+    key_mask: torch.Tensor  # the same bytes as uint8, for the kernels
+    seqlens: torch.Tensor   # int32 [B]: last real token + 1, negated for a row with holes (see _mask_and_lengths)
+
+
+def prepare_mask(attention_mask):
+    """``attention_mask`` ([B, L] bool or integer, 1 = real token) as a PreparedMask; None stays None."""
+    if attention_mask is None or isinstance(attention_mask, PreparedMask):
+        return attention_mask
+    _check_mask_type(attention_mask)
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must have shape [B, L], got {tuple(attention_mask.shape)}")
+    real = attention_mask.bool()
+    key_mask, seqlens = _mask_and_lengths(real, real.shape[1], real.device)
+    return PreparedMask(real, key_mask, seqlens)
+
+
+def _check_mask_type(attention_mask):
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
     if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
         raise TypeError(f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}")
+
+
+def _kernel_mask(attention_mask, l, device):
+    """(uint8 key mask, per-row lengths) for the kernels from a mask or a PreparedMask, or (None, None)."""
+    if isinstance(attention_mask, PreparedMask):
+        return attention_mask.key_mask, attention_mask.seqlens
+    return _mask_and_lengths(attention_mask, l, device)
+
+
+def _eager_mask(attention_mask):
+    """The [B, L] mask the eager reference reads."""
+    return attention_mask.mask if isinstance(attention_mask, PreparedMask) else attention_mask
+
+
+def _check_mask(attention_mask, b, l, device):
+    if attention_mask is None:
+        return
+    if isinstance(attention_mask, PreparedMask):
+        attention_mask = attention_mask.mask
+    _check_mask_type(attention_mask)
     if attention_mask.shape != (b, l):
         raise ValueError(f"attention_mask must have shape [B, L] = {(b, l)}, got {tuple(attention_mask.shape)}")
     if attention_mask.device != device:
@@ -1053,7 +1092,8 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     """softmax(scale * q k^T + mask) v with attention dropout; see the module docstring.
 
     q, k, v: [B, H, L, D] (any strides with a contiguous last dim; D in 16, 32, 64, 128), fp16/bf16 (fp32 for
-    testing, its dots as ``fp32_dot_precision()`` says). attention_mask: [B, L] bool or integer, 1/True = real token; None = all real. Returns
+    testing, its dots as ``fp32_dot_precision()`` says). attention_mask: [B, L] bool or integer, 1/True = real token
+    (or its ``prepare_mask``, made once for many calls); None = all real. Returns
     [B, H, L, D] (laid out [B, L, H, D] in memory) with zeros at padded queries. ``dropout_p`` applies
     whenever it is > 0: pass 0.0 in eval mode.
     """
@@ -1064,8 +1104,8 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     _check_mask(attention_mask, b, l, q.device)
     _check_dropout_length(dropout_p, l)
     if not triton_usable(q) or known_empty(q):
-        return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
-    key_mask, seqlens = _mask_and_lengths(attention_mask, l, q.device)
+        return reference.attention(q, k, v, _eager_mask(attention_mask), dropout_p=dropout_p, softmax_scale=scale)
+    key_mask, seqlens = _kernel_mask(attention_mask, l, q.device)
     seed = new_dropout_seed(q.device) if dropout_p > 0.0 else None
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     return call(_attention_op, q, k, v, key_mask, seqlens, None, l, dropout_p, scale, seed)[0]
@@ -1088,8 +1128,9 @@ def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None
     _check_mask(attention_mask, b, l, qkv.device)
     _check_dropout_length(dropout_p, l)
     if not triton_usable(qkv) or known_empty(qkv):
-        return reference.attention_packed(qkv, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
-    key_mask, seqlens = _mask_and_lengths(attention_mask, l, qkv.device)
+        return reference.attention_packed(qkv, _eager_mask(attention_mask), dropout_p=dropout_p,
+                                          softmax_scale=scale)
+    key_mask, seqlens = _kernel_mask(attention_mask, l, qkv.device)
     seed = new_dropout_seed(qkv.device) if dropout_p > 0.0 else None
     return call(_attention_packed_op, _unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale, seed)[0]
 

@@ -44,8 +44,9 @@ class OpSet:
     it while tracing a model's first call)."""
 
     def __init__(self, name, layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-                 linear_gelu, dgrad_gelu_bias_grad):
+                 linear_gelu, dgrad_gelu_bias_grad, prepare_mask):
         self.name = name
+        self.prepare_mask = prepare_mask  # an attention mask made ready once for every layer of a forward
         self.layer_norm = layer_norm
         self.attention = attention
         self.attention_packed = attention_packed
@@ -86,16 +87,17 @@ def _torch_ops():
     return OpSet("torch", *(_outside_autocast(op) for op in (layer_norm, reference.attention,
                                                               reference.attention_packed, attention_varlen,
                                                               mlm_cross_entropy, reference.linear_gelu,
-                                                              reference.dgrad_gelu_bias_grad)))
+                                                              reference.dgrad_gelu_bias_grad)),
+                 prepare_mask=lambda attention_mask: attention_mask)  # the eager path reads the mask as it is
 
 
 def _triton_ops():
-    from .attention import attention, attention_packed, attention_varlen
+    from .attention import attention, attention_packed, attention_varlen, prepare_mask
     from .cross_entropy import mlm_cross_entropy
     from .layer_norm import layer_norm
     from .linear_gelu import dgrad_gelu_bias_grad, linear_gelu
     return OpSet("triton", layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-                 linear_gelu, dgrad_gelu_bias_grad)
+                 linear_gelu, dgrad_gelu_bias_grad, prepare_mask)
 
 
 _OPS = {}
@@ -103,7 +105,7 @@ _OPS = {}
 
 def ops_for(kernels, device):
     """The op namespace (layer_norm, attention, attention_packed, attention_varlen, mlm_cross_entropy,
-    linear_gelu, dgrad_gelu_bias_grad) for ``kernels`` on ``device``."""
+    linear_gelu, dgrad_gelu_bias_grad, prepare_mask) for ``kernels`` on ``device``."""
     name = resolve_kernels(kernels, device)
     if name not in _OPS:
         _OPS[name] = _triton_ops() if name == "triton" else _torch_ops()

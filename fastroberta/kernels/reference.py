@@ -44,6 +44,8 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None, d
     a query row with no real key, and every padded query row, returns zeros. ``dropout_mask`` ([B, H, L, L]
     bool, True = kept) replaces the random draw so tests can replay a kernel's mask.
     """
+    if isinstance(attention_mask, tuple):  # a PreparedMask (kernels/attention.py): its first field is the mask
+        attention_mask = attention_mask[0]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if attention_mask is not None:
