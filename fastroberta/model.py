@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastroberta.config import IGNORE_INDEX, RobertaConfig
 from fastroberta.fused_linear import feed_forward_and_input, linear_and_input
-from fastroberta.kernels._checks import autocast_enabled, compiling
+from fastroberta.kernels._checks import autocast_enabled, compiling, new_dropout_seeds
 from fastroberta.kernels.backend import KERNEL_CHOICES, KernelSwitch
 from fastroberta.kernels.layer_norm import FusedLayerNorm
 from fastroberta.outputs import (BaseModelOutput, ClassifierOutput, MaskedLMOutput, ModelOutput,
@@ -83,7 +83,11 @@ class EncoderLayer(KernelSwitch, nn.Module):
 
     ``forward(x, attention_mask=None)`` on a padded [B, L, E] batch (mask [B, L], 1/True = real token), or
     ``forward(x, cu_seqlens=, max_seqlen=)`` on packed [T, E] tokens (sequences never attend to each other).
-    ``validate=False`` trusts cu_seqlens and max_seqlen (checked once by the caller, not per layer)."""
+    ``validate=False`` trusts cu_seqlens and max_seqlen (checked once by the caller, not per layer).
+    ``dropout_seeds``: int64 [SEEDS_PER_LAYER] (a slice of a pool the encoder draws once per forward) for the
+    layer's dropout kernels, instead of one draw per call; None draws per call."""
+
+    SEEDS_PER_LAYER = 3  # attention, then the two LayerNorms' hidden dropout
 
     def __init__(self, config, kernels="auto"):
         super().__init__()
@@ -99,8 +103,9 @@ class EncoderLayer(KernelSwitch, nn.Module):
         self.attn_dropout_p = config.attention_probs_dropout_prob
         self._init_kernels(kernels)
 
-    def forward(self, x, attention_mask=None, cu_seqlens=None, max_seqlen=None, validate=True):
+    def forward(self, x, attention_mask=None, cu_seqlens=None, max_seqlen=None, validate=True, dropout_seeds=None):
         ops = self.ops(x.device)
+        seed_attn = None if dropout_seeds is None else dropout_seeds[0:1]
         heads, head_dim = self.num_heads, self.head_dim
         p_hidden = self.hidden_dropout_p if self.training else 0.0
         p_attn = self.attn_dropout_p if self.training else 0.0
@@ -110,13 +115,14 @@ class EncoderLayer(KernelSwitch, nn.Module):
         if cu_seqlens is None:
             b, l, e = x.shape
             # The fused [B, L, 3, H, D] projection as is: backward writes dQ, dK, dV into one gradient.
-            ctx = ops.attention_packed(qkv.view(b, l, 3, heads, head_dim), attention_mask, dropout_p=p_attn)
+            ctx = ops.attention_packed(qkv.view(b, l, 3, heads, head_dim), attention_mask, dropout_p=p_attn,
+                                       dropout_seed=seed_attn)
             ctx = ctx.transpose(1, 2).reshape(b, l, e)
         else:
             t, e = x.shape
             q, k, v = qkv.view(t, 3, heads, head_dim).unbind(1)
             ctx = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p_attn,
-                                       validate=validate).reshape(t, e)
+                                       validate=validate, dropout_seed=seed_attn).reshape(t, e)
         x = self.attn_norm(self.attn_out(ctx), residual=x, dropout_p=p_hidden)
         # The FFN as one op: on the Triton path GELU and its derivative run in the GEMMs' epilogues.
         h, x = feed_forward_and_input(x, self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight,
@@ -425,13 +431,19 @@ class RobertaModel(_PreTrained):
             attention_mask = None
         x = self.embeddings(input_ids, position_ids, token_type_ids)
         states = [x] if output_hidden_states else None
+        ops = self.ops(x.device)
         if attention_mask is not None:  # what the kernels read of it, worked out once for all the layers
-            attention_mask = self.ops(x.device).prepare_mask(attention_mask)
-        for layer in self.layers:
+            attention_mask = ops.prepare_mask(attention_mask)
+        # The dropout kernels' seeds, all drawn in one launch (the eager path draws its own masks).
+        dropping = self.training and max(cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob) > 0.0
+        pool = new_dropout_seeds(len(self.layers) * EncoderLayer.SEEDS_PER_LAYER, x.device) \
+            if dropping and ops.name == "triton" else None
+        for i, layer in enumerate(self.layers):
+            seeds = None if pool is None else pool.view(-1, EncoderLayer.SEEDS_PER_LAYER)[i]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, attention_mask, cu_seqlens, max_seqlen, False, use_reentrant=False)
+                x = checkpoint(layer, x, attention_mask, cu_seqlens, max_seqlen, False, seeds, use_reentrant=False)
             else:
-                x = layer(x, attention_mask, cu_seqlens, max_seqlen, validate=False)
+                x = layer(x, attention_mask, cu_seqlens, max_seqlen, validate=False, dropout_seeds=seeds)
             if output_hidden_states:
                 states.append(x)
         return _Encoded(x, states, indices, (b, l))

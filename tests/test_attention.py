@@ -631,6 +631,40 @@ def test_a_prepared_mask_gives_what_the_mask_gives(kind):
     assert launches(prepared) == 0 < launches(mask)
 
 
+def test_a_given_dropout_seed_fixes_the_mask_whatever_the_generator():
+    """dropout_seed (a slice of one new_dropout_seeds draw, as the model hands each layer): the same seed gives
+    the same dropped entries and gradients whatever torch's generator holds, another seed others, on all three
+    entry points; a seed that is not a one-element int64 tensor on the inputs' device is one clear error."""
+    from fastroberta.kernels._checks import new_dropout_seeds
+    b, l, h, d, p = 2, 33, 2, 16, 0.3
+    qkv = torch.randn(b, l, 3, h, d, device=DEVICE)
+    mask = make_mask("right", b, l)
+    pool = new_dropout_seeds(4, DEVICE)
+    assert pool.dtype == torch.int64 and pool.shape == (4,) and pool.min() >= 0
+    lengths = [l] * b
+    cu = torch.tensor([0, l, 2 * l], dtype=torch.int32, device=DEVICE)
+    calls = {"packed": lambda t, s: attention_packed(t, mask, dropout_p=p, dropout_seed=s),
+             "views": lambda t, s: attention(*t.permute(2, 0, 3, 1, 4).unbind(0), mask, dropout_p=p, dropout_seed=s),
+             "varlen": lambda t, s: attention_varlen(*t.reshape(b * l, 3, h, d).unbind(1), cu, max(lengths),
+                                                     dropout_p=p, dropout_seed=s)}
+    for name, fn in calls.items():
+        runs = []
+        for generator_seed, slot in ((1, 0), (2, 0), (1, 3)):
+            torch.manual_seed(generator_seed)
+            leaf = qkv.clone().requires_grad_()
+            out = fn(leaf, pool[slot:slot + 1])
+            out.backward(torch.ones_like(out))
+            runs.append((out, leaf.grad))
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), name
+        assert not torch.equal(runs[0][0], runs[2][0]), name
+    with pytest.raises(TypeError, match=r"dropout_seed must be a one-element int64 tensor, got torch.int32"):
+        attention_packed(qkv, mask, dropout_p=p, dropout_seed=pool[:1].int())
+    with pytest.raises(TypeError, match=r"dropout_seed must be a one-element int64 tensor, got .*\(2,\)"):
+        attention_packed(qkv, mask, dropout_p=p, dropout_seed=pool[:2])
+    with pytest.raises(TypeError, match="dropout_seed must be a one-element int64 tensor, got int"):
+        attention_packed(qkv, mask, dropout_p=p, dropout_seed=7)
+
+
 def test_prepared_mask_errors():
     with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
         prepare_mask(torch.ones(2, 4))

@@ -51,6 +51,28 @@ def new_dropout_seed(device=None):
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
+def new_dropout_seeds(n, device=None):
+    """``n`` Philox seeds in one draw (one launch instead of ``n``): an int64 [n] tensor whose one-element slices
+    ``seeds[i:i + 1]`` (views: no launch, no copy) a model hands to its dropout calls as ``dropout_seed``."""
+    return torch.randint(0, 2**31 - 1, (n,), dtype=torch.int64, device=device)
+
+
+def dropout_seed_for(dropout_p, dropout_seed, device):
+    """The seed tensor a dropout call reads: None without dropout, ``dropout_seed`` when given (checked: a
+    one-element int64 tensor on ``device``), else a new draw."""
+    if dropout_p <= 0.0:
+        return None
+    if dropout_seed is None:
+        return new_dropout_seed(device)
+    if not isinstance(dropout_seed, torch.Tensor) or dropout_seed.dtype != torch.int64 or dropout_seed.numel() != 1:
+        what = (f"{dropout_seed.dtype} tensor of shape {tuple(dropout_seed.shape)}"
+                if isinstance(dropout_seed, torch.Tensor) else type(dropout_seed).__name__)
+        raise TypeError(f"dropout_seed must be a one-element int64 tensor, got {what}")
+    if dropout_seed.device != device:
+        raise ValueError(f"dropout_seed is on {dropout_seed.device} but the input is on {device}")
+    return dropout_seed
+
+
 def known_true(condition):
     """``bool(condition)`` for a condition on sizes, False where torch.compile traces a size it cannot know (one
     from ``nonzero``): branching on it would break the graph. For shortcuts whose other branch is also correct."""

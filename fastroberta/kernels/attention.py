@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import (FLOAT_DTYPES, check_tensor, compiling, interpreter_active, known_empty, new_dropout_seed,
+from ._checks import (FLOAT_DTYPES, check_tensor, compiling, dropout_seed_for, interpreter_active, known_empty,
                       on_device, triton_usable)
 from ._compile_options import COMPILE_OPTIONS
 from ._library import (KernelCost, call, cdiv, custom_op, nbytes, next_power_of_2, register_autograd,
@@ -1088,14 +1088,16 @@ def _mask_and_lengths(attention_mask, l, device):
     return key_mask, seqlens
 
 
-def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
+def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None, dropout_seed=None):
     """softmax(scale * q k^T + mask) v with attention dropout; see the module docstring.
 
     q, k, v: [B, H, L, D] (any strides with a contiguous last dim; D in 16, 32, 64, 128), fp16/bf16 (fp32 for
     testing, its dots as ``fp32_dot_precision()`` says). attention_mask: [B, L] bool or integer, 1/True = real token
     (or its ``prepare_mask``, made once for many calls); None = all real. Returns
     [B, H, L, D] (laid out [B, L, H, D] in memory) with zeros at padded queries. ``dropout_p`` applies
-    whenever it is > 0: pass 0.0 in eval mode.
+    whenever it is > 0: pass 0.0 in eval mode. ``dropout_seed``: a one-element int64 tensor on the inputs'
+    device (a slice of ``new_dropout_seeds``, drawn once for many calls) instead of a draw per call; the eager
+    path draws its own mask either way.
     """
     _check_qkv(q, k, v, "[B, H, L, D]")
     b, _, l, d = q.shape
@@ -1106,12 +1108,12 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None):
     if not triton_usable(q) or known_empty(q):
         return reference.attention(q, k, v, _eager_mask(attention_mask), dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _kernel_mask(attention_mask, l, q.device)
-    seed = new_dropout_seed(q.device) if dropout_p > 0.0 else None
+    seed = dropout_seed_for(dropout_p, dropout_seed, q.device)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     return call(_attention_op, q, k, v, key_mask, seqlens, None, l, dropout_p, scale, seed)[0]
 
 
-def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None):
+def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None, dropout_seed=None):
     """attention() on the fused projection: qkv [B, L, 3, H, D] (q, k, v along dim 2; any strides with a
     contiguous last dim), as ``x @ W_qkv.T`` viewed [B, L, 3, H, D] gives it. Returns [B, H, L, D] like
     attention(). Its gradient is one [B, L, 3, H, D] tensor that the backward kernels write dQ, dK and dV
@@ -1131,11 +1133,12 @@ def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None
         return reference.attention_packed(qkv, _eager_mask(attention_mask), dropout_p=dropout_p,
                                           softmax_scale=scale)
     key_mask, seqlens = _kernel_mask(attention_mask, l, qkv.device)
-    seed = new_dropout_seed(qkv.device) if dropout_p > 0.0 else None
+    seed = dropout_seed_for(dropout_p, dropout_seed, qkv.device)
     return call(_attention_packed_op, _unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale, seed)[0]
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, validate=True):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, validate=True,
+                     dropout_seed=None):
     """attention() on each sequence of a packed batch: sequences never attend to each other.
 
     q, k, v: [total_tokens, H, D]. cu_seqlens: int32 [n_seqs + 1], 0 first, non-decreasing, total_tokens
@@ -1177,6 +1180,6 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     if not triton_usable(q) or known_empty(q):
         return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                           softmax_scale=scale)
-    seed = new_dropout_seed(q.device) if dropout_p > 0.0 else None
+    seed = dropout_seed_for(dropout_p, dropout_seed, q.device)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     return call(_attention_op, q, k, v, None, None, cu_seqlens, max_seqlen, dropout_p, scale, seed)[0]

@@ -71,7 +71,15 @@ def _outside_autocast(fn):
 def _torch_ops():
     # The eager twins, with the keyword arguments of the Triton entry points that only concern host-side
     # checks accepted and ignored (the reference reads its inputs on the host anyway).
-    def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, validate=True):
+    # dropout_seed: the eager twins draw their masks from torch's generator; a seed meant for a kernel is ignored.
+    def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None, dropout_seed=None):
+        return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=softmax_scale)
+
+    def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None, dropout_seed=None):
+        return reference.attention_packed(qkv, attention_mask, dropout_p=dropout_p, softmax_scale=softmax_scale)
+
+    def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, validate=True,
+                         dropout_seed=None):
         return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                           softmax_scale=softmax_scale)
 
@@ -84,8 +92,7 @@ def _torch_ops():
         _check_inputs(x, weight, bias, eps, residual, dropout_p)  # the same clear errors as the kernel's
         return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
 
-    return OpSet("torch", *(_outside_autocast(op) for op in (layer_norm, reference.attention,
-                                                              reference.attention_packed, attention_varlen,
+    return OpSet("torch", *(_outside_autocast(op) for op in (layer_norm, attention, attention_packed, attention_varlen,
                                                               mlm_cross_entropy, reference.linear_gelu,
                                                               reference.dgrad_gelu_bias_grad)),
                  prepare_mask=lambda attention_mask: attention_mask)  # the eager path reads the mask as it is
