@@ -85,9 +85,10 @@ class EncoderLayer(KernelSwitch, nn.Module):
     ``forward(x, cu_seqlens=, max_seqlen=)`` on packed [T, E] tokens (sequences never attend to each other).
     ``validate=False`` trusts cu_seqlens and max_seqlen (checked once by the caller, not per layer).
     ``dropout_seeds``: int64 [SEEDS_PER_LAYER] (a slice of a pool the encoder draws once per forward) for the
-    layer's dropout kernels, instead of one draw per call; None draws per call."""
+    layer's dropout kernels (attention, then the two LayerNorms), instead of one draw per call; None draws per
+    call."""
 
-    SEEDS_PER_LAYER = 3  # attention, then the two LayerNorms' hidden dropout
+    SEEDS_PER_LAYER = 3
 
     def __init__(self, config, kernels="auto"):
         super().__init__()
@@ -105,7 +106,8 @@ class EncoderLayer(KernelSwitch, nn.Module):
 
     def forward(self, x, attention_mask=None, cu_seqlens=None, max_seqlen=None, validate=True, dropout_seeds=None):
         ops = self.ops(x.device)
-        seed_attn = None if dropout_seeds is None else dropout_seeds[0:1]
+        seed_attn, seed_attn_norm, seed_ffn_norm = (None,) * 3 if dropout_seeds is None else \
+            (dropout_seeds[0:1], dropout_seeds[1:2], dropout_seeds[2:3])
         heads, head_dim = self.num_heads, self.head_dim
         p_hidden = self.hidden_dropout_p if self.training else 0.0
         p_attn = self.attn_dropout_p if self.training else 0.0
@@ -123,11 +125,11 @@ class EncoderLayer(KernelSwitch, nn.Module):
             q, k, v = qkv.view(t, 3, heads, head_dim).unbind(1)
             ctx = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p_attn,
                                        validate=validate, dropout_seed=seed_attn).reshape(t, e)
-        x = self.attn_norm(self.attn_out(ctx), residual=x, dropout_p=p_hidden)
+        x = self.attn_norm(self.attn_out(ctx), residual=x, dropout_p=p_hidden, dropout_seed=seed_attn_norm)
         # The FFN as one op: on the Triton path GELU and its derivative run in the GEMMs' epilogues.
         h, x = feed_forward_and_input(x, self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight,
                                       self.ffn_out.bias, ops.linear_gelu, ops.dgrad_gelu_bias_grad)
-        return self.ffn_norm(h, residual=x, dropout_p=p_hidden)
+        return self.ffn_norm(h, residual=x, dropout_p=p_hidden, dropout_seed=seed_ffn_norm)
 
 
 class MLMHead(KernelSwitch, nn.Module):

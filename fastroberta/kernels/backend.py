@@ -87,7 +87,7 @@ def _torch_ops():
                           validate=True, labelled_rows_only=False):
         return reference.mlm_cross_entropy(hidden, weight, bias, labels.long(), ignore_index=ignore_index,
                                            return_num_correct=return_num_correct)
-    def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
+    def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0, dropout_seed=None):
         from .layer_norm import _check_inputs
         _check_inputs(x, weight, bias, eps, residual, dropout_p)  # the same clear errors as the kernel's
         return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import autocast_enabled, check_tensor, new_dropout_seed, on_device, triton_usable
+from ._checks import autocast_enabled, check_tensor, dropout_seed_for, on_device, triton_usable
 from ._compile_options import COMPILE_OPTIONS
 from ._library import (KernelCost, call, cdiv, custom_op, nbytes, next_power_of_2, register_autograd,
                        register_cost)
@@ -393,14 +393,15 @@ def _check_inputs(x, weight, bias, eps, residual, dropout_p):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
-def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
+def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0, dropout_seed=None):
     """``LN(dropout(x) + residual) * weight + bias`` over the last dimension, differentiable in x, residual,
     weight and bias.
 
     x: [..., N] fp32/fp16/bf16, any leading shape, N <= MAX_HIDDEN; the output has x's shape and dtype.
     weight, bias: [N] in x's dtype or fp32, or None (no affine). residual: x's shape and dtype, or None.
     dropout_p: the caller passes 0 in eval; 0 runs no dropout code at all. The Philox seed comes from torch's
-    generator of x's device, so ``torch.manual_seed`` reproduces the mask. Inputs whose rows are not evenly strided
+    generator of x's device, so ``torch.manual_seed`` reproduces the mask, unless ``dropout_seed`` (a one-element
+    int64 tensor on x's device, a slice of ``new_dropout_seeds``) gives it. Inputs whose rows are not evenly strided
     are copied once to contiguous memory. Runs the Triton kernel on CUDA (or on CPU under
     ``TRITON_INTERPRET=1``), ``reference.layer_norm`` elsewhere.
     """
@@ -408,7 +409,7 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
     if not triton_usable(x):
         return reference.layer_norm(x, weight, bias, eps=eps, residual=residual, dropout_p=dropout_p)
     dropout_p = float(dropout_p)
-    seed = new_dropout_seed(x.device) if dropout_p > 0.0 else None
+    seed = dropout_seed_for(dropout_p, dropout_seed, x.device)
     return call(_layer_norm_op, x, weight, bias, residual, float(eps), dropout_p, seed)[0]
 
 
@@ -430,15 +431,17 @@ class FusedLayerNorm(KernelSwitch, torch.nn.LayerNorm):
                              f"be an int or have one entry, got {tuple(self.normalized_shape)}")
         self._init_kernels(kernels)
 
-    def forward(self, x, residual=None, dropout_p=0.0):
+    def forward(self, x, residual=None, dropout_p=0.0, dropout_seed=None):
         ops = self.ops(x.device)
         if autocast_enabled(x.device):
             # As autocast runs nn.LayerNorm: in fp32, returning fp32. The residual stream then stays fp32 while
             # the linear layers return the autocast dtype, so both inputs are brought to fp32 here.
             with torch.autocast(x.device.type, enabled=False):
                 return ops.layer_norm(x.float(), _fp32(self.weight), _fp32(self.bias), self.eps,
-                                      residual=None if residual is None else residual.float(), dropout_p=dropout_p)
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, dropout_p=dropout_p)
+                                      residual=None if residual is None else residual.float(), dropout_p=dropout_p,
+                                      dropout_seed=dropout_seed)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, dropout_p=dropout_p,
+                              dropout_seed=dropout_seed)
 
 
 def _fp32(p):
