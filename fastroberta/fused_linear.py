@@ -9,7 +9,8 @@ residual, so both gradients reach one backward, which computes dx = dresidual + 
 beta = 1 epilogue reads dresidual once).
 
 ``feed_forward_and_input(x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad)`` is the whole FFN,
-``(GELU(x W1^T + b1) W2^T + b2, x)``, the same way, with the [tokens, intermediate] work in two ops of the kernel
+``(GELU(x W1^T + b1) W2^T + b2, x)``, the same way (the model passes b2 = None and gives the second bias to the
+LayerNorm after it, whose backward kernel sums its gradient: no pass over the [tokens, hidden] gradient here), with the [tokens, intermediate] work in two ops of the kernel
 switch: ``linear_gelu`` (the first linear, writing pre-activation and activation) and ``dgrad_gelu_bias_grad``
 (the second linear's dgrad times GELU'(pre), and the first bias's gradient). The Triton ops
 (``kernels/linear_gelu.py``) run GELU and its derivative in the GEMMs' epilogues, so those tensors make no
@@ -71,6 +72,7 @@ class _FeedForwardAndInput(torch.autograd.Function):
         pre, act = linear_gelu(xc.reshape(-1, xc.shape[-1]), w1c, b1c)
         ctx.save_for_backward(xc, w1c, w2c, pre, act)
         ctx.dgrad_gelu_bias_grad = dgrad_gelu_bias_grad
+        ctx.has_b2 = b2 is not None
         return F.linear(act, w2c, b2c).view(*x.shape[:-1], w2.shape[0]), x.view_as(x)
 
     @staticmethod
@@ -81,7 +83,7 @@ class _FeedForwardAndInput(torch.autograd.Function):
         dx = _dgrad(dpre, w1, dx_other, x.shape) if ctx.needs_input_grad[0] else None
         dw1 = dpre.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         dw2 = dout2.t() @ act if ctx.needs_input_grad[3] else None
-        db2 = dout2.sum(0) if ctx.needs_input_grad[4] else None
+        db2 = dout2.sum(0) if ctx.has_b2 and ctx.needs_input_grad[4] else None
         return dx, dw1, db1.to(w1.dtype) if ctx.needs_input_grad[2] else None, dw2, db2, None, None
 
 
@@ -94,6 +96,7 @@ def linear_and_input(x, weight, bias=None):
 def feed_forward_and_input(x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad):
     """``(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), x)``; the second output as in ``linear_and_input``.
     ``linear_gelu(x, w1, b1) -> (pre, act)`` and ``dgrad_gelu_bias_grad(dout, w2, pre) -> (dpre, db1)`` on
-    [rows, n] tensors are the kernel switch's ops (see the module docstring). Both biases are required."""
+    [rows, n] tensors are the kernel switch's ops (see the module docstring). b1 is required; b2 may be None (the
+    caller adds it later, e.g. as the next LayerNorm's ``input_bias``)."""
     return _FeedForwardAndInput.apply(x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad)
 
