@@ -10,11 +10,12 @@ beta = 1 epilogue reads dresidual once).
 
 ``feed_forward_and_input(x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad)`` is the whole FFN,
 ``(GELU(x W1^T + b1) W2^T + b2, x)``, the same way (the model passes b2 = None and gives the second bias to the
-LayerNorm after it, whose backward kernel sums its gradient: no pass over the [tokens, hidden] gradient here), with the [tokens, intermediate] work in two ops of the kernel
-switch: ``linear_gelu`` (the first linear, writing pre-activation and activation) and ``dgrad_gelu_bias_grad``
-(the second linear's dgrad times GELU'(pre), and the first bias's gradient). The Triton ops
-(``kernels/linear_gelu.py``) run GELU and its derivative in the GEMMs' epilogues, so those tensors make no
-elementwise pass of their own; the torch ops are cuBLAS and aten's GELU and GELU backward.
+LayerNorm after it, whose backward kernel sums its gradient: no pass over the [tokens, hidden] gradient here),
+with the [tokens, intermediate] work in two ops of the kernel switch: ``linear_gelu`` (the first linear, writing
+pre-activation and activation) and ``dgrad_gelu_bias_grad`` (the second linear's dgrad times GELU'(pre), and the
+first bias's gradient). The Triton ops (``kernels/linear_gelu.py``) run GELU and its derivative in the GEMMs'
+epilogues, so those tensors make no elementwise pass of their own; the torch ops are cuBLAS and aten's GELU and
+GELU backward.
 
 Under autocast the inputs are cast once to the autocast dtype, as ``F.linear`` would; the gradients come back
 in the parameters' own dtypes.
@@ -72,7 +73,6 @@ class _FeedForwardAndInput(torch.autograd.Function):
         pre, act = linear_gelu(xc.reshape(-1, xc.shape[-1]), w1c, b1c)
         ctx.save_for_backward(xc, w1c, w2c, pre, act)
         ctx.dgrad_gelu_bias_grad = dgrad_gelu_bias_grad
-        ctx.has_b2 = b2 is not None
         return F.linear(act, w2c, b2c).view(*x.shape[:-1], w2.shape[0]), x.view_as(x)
 
     @staticmethod
@@ -83,7 +83,7 @@ class _FeedForwardAndInput(torch.autograd.Function):
         dx = _dgrad(dpre, w1, dx_other, x.shape) if ctx.needs_input_grad[0] else None
         dw1 = dpre.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         dw2 = dout2.t() @ act if ctx.needs_input_grad[3] else None
-        db2 = dout2.sum(0) if ctx.has_b2 and ctx.needs_input_grad[4] else None
+        db2 = dout2.sum(0) if ctx.needs_input_grad[4] else None  # False without b2
         return dx, dw1, db1.to(w1.dtype) if ctx.needs_input_grad[2] else None, dw2, db2, None, None
 
 

@@ -46,8 +46,9 @@ from ._library import (KernelCost, call, cdiv, custom_op, nbytes, next_power_of_
 from .backend import KernelSwitch
 
 # A row lives in the registers of one program. The backward's per-thread state (weight, two gradient
-# accumulators, the row and its gradient; input_bias and its accumulator when given) fits up to 8192 wide (ptxas, sm_90: 127 registers at 16 warps);
-# up to 16384 it spills a few hundred bytes per thread and stays correct; wider rows get a clear error.
+# accumulators, the row and its gradient; input_bias and its accumulator when given) fits up to 8192 wide
+# (ptxas, sm_90: 127 registers at 16 warps without input_bias); up to 16384 it spills a few hundred bytes per
+# thread and stays correct; wider rows get a clear error.
 MAX_HIDDEN = 16384
 
 
