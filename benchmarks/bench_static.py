@@ -4,8 +4,8 @@ Every kernel is compiled for sm_90 at the GPU default config of each launch the 
 (``benchmarks/sm90.py``, mode ``static``: fp16 and bf16; attention at head dims 64 and 128 in each layout, no
 mask / key mask with holes / right-padded / varlen, with dropout 0 and 0.1; LayerNorm at 768 and 1024 with a
 residual, with and without dropout, without and with the preceding linear's bias (``input_bias``: the encoder
-layers' launch), and the launch that sums its parameter gradients' partial rows; the two cross-entropy row kernels at vocab 50,265; the FFN's two GEMMs with
-GELU epilogues at 768 x 3072). The cubin gives the
+layers' launch), and the launch that sums its parameter gradients' partial rows; the two cross-entropy row
+kernels at vocab 50,265; the FFN's two GEMMs with GELU epilogues at 768 x 3072). The cubin gives the
 registers and stack bytes per thread, the shared memory per block, and the SASS, from which
 ``benchmarks/sass.py`` finds the main loop and counts the instructions one warp issues per iteration by class.
 Spill stores and loads are the STL / LDL instructions of the whole kernel (``local`` counts those inside the
