@@ -3,8 +3,9 @@
 Every kernel is compiled for sm_90 at the GPU default config of each launch the training and eval paths make
 (``benchmarks/sm90.py``, mode ``static``: fp16 and bf16; attention at head dims 64 and 128 in each layout, no
 mask / key mask with holes / right-padded / varlen, with dropout 0 and 0.1; LayerNorm at 768 and 1024 with a
-residual, with and without dropout; the two cross-entropy row kernels at vocab 50,265; the FFN's two GEMMs with
-GELU epilogues at 768 x 3072). The cubin gives the
+residual, with and without dropout, without and with the preceding linear's bias (``input_bias``: the encoder
+layers' launch), and the launch that sums its parameter gradients' partial rows; the two cross-entropy row
+kernels at vocab 50,265; the FFN's two GEMMs with GELU epilogues at 768 x 3072). The cubin gives the
 registers and stack bytes per thread, the shared memory per block, and the SASS, from which
 ``benchmarks/sass.py`` finds the main loop and counts the instructions one warp issues per iteration by class.
 Spill stores and loads are the STL / LDL instructions of the whole kernel (``local`` counts those inside the
@@ -22,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+from itertools import product
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -106,11 +108,12 @@ def ratios(rows):
                                     "ratio": round(var["loop_instructions"] / base["loop_instructions"], 3),
                                     "target": target})
         for n in (768, 1024):
-            for kernel in ("layer_norm_fwd", "layer_norm_bwd"):
-                off = _find(rows, kernel, dtype, f"N={n} residual=1 dropout=0")
-                on = _find(rows, kernel, dtype, f"N={n} residual=1 dropout=1")
+            for kernel, suffix in product(("layer_norm_fwd", "layer_norm_bwd"), ("", " input_bias=1")):
+                off = _find(rows, kernel, dtype, f"N={n} residual=1 dropout=0{suffix}")
+                on = _find(rows, kernel, dtype, f"N={n} residual=1 dropout=1{suffix}")
                 if off and on:
-                    out.append({"what": "layer norm dropout", "kernel": kernel, "dtype": dtype, "case": f"N={n}",
+                    out.append({"what": "layer norm dropout", "kernel": kernel, "dtype": dtype,
+                                "case": f"N={n}{suffix}",
                                 "base": off["loop_instructions"], "variant": on["loop_instructions"],
                                 "ratio": round(on["loop_instructions"] / off["loop_instructions"], 3),
                                 "target": TARGETS["layer_norm_dropout_ratio"]})

@@ -40,6 +40,7 @@ DTYPES = ("fp16", "bf16", "fp32")
 KERNELS = {  # group name: (module, kernel)
     "layer_norm_fwd": ("layer_norm", "_layer_norm_fwd_kernel"),
     "layer_norm_bwd": ("layer_norm", "_layer_norm_bwd_kernel"),
+    "layer_norm_partials_sum": ("layer_norm", "_partials_sum_kernel"),
     "attn_fwd": ("attention", "_attn_fwd"),
     "attn_bwd_preprocess": ("attention", "_bwd_preprocess"),
     "attn_bwd_dkdv": ("attention", "_attn_bwd_dkdv"),
@@ -69,9 +70,12 @@ def _torch_dtype(name):
 # ---------------------------------------------------------------------------------------------------------
 # Launch arguments, built as the launch sites build them
 # ---------------------------------------------------------------------------------------------------------
-def layer_norm_launches(ln, dtype_name, n, has_residual, has_dropout, affine=(True, True), param_dtype=None):
+def layer_norm_launches(ln, dtype_name, n, has_residual, has_dropout, affine=(True, True), param_dtype=None,
+                        input_bias=False):
     """(group, label, kernel, args, kwargs) of the forward and backward launch, as ``_layer_norm_forward`` and
-    ``_layer_norm_backward`` pass them: [rows, n] activations, parameters in x's dtype unless ``param_dtype``."""
+    ``_layer_norm_backward`` pass them: [rows, n] activations, parameters in x's dtype unless ``param_dtype``;
+    ``input_bias``: the preceding linear's bias (in the parameters' dtype) added by the kernel, as the encoder
+    layers' two LayerNorms run."""
     import torch
     dtype = _torch_dtype(dtype_name)
     param_dtype = param_dtype or dtype
@@ -82,6 +86,7 @@ def layer_norm_launches(ln, dtype_name, n, has_residual, has_dropout, affine=(Tr
     r = torch.empty(rows, n, dtype=dtype) if has_residual else None
     w = torch.empty(n, dtype=param_dtype) if affine[0] else None
     b = torch.empty(n, dtype=param_dtype) if affine[1] else None
+    ib = torch.empty(n, dtype=param_dtype) if input_bias else None
     stats = torch.empty(rows, dtype=torch.float32)
     p = 0.1 if has_dropout else 0.0
     scale = 1.0 / (1.0 - p)
@@ -89,41 +94,64 @@ def layer_norm_launches(ln, dtype_name, n, has_residual, has_dropout, affine=(Tr
     label = f"N={n} residual={int(has_residual)} dropout={int(has_dropout)}"
     if affine != (True, True):
         label += f" weight={int(affine[0])} bias={int(affine[1])}"
+    if input_bias:
+        label += " input_bias=1"
     if param_dtype != dtype:
         label += " fp32 params"
     flags = dict(HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout, HAS_WEIGHT=affine[0],
-                 HAS_BIAS=affine[1], BLOCK=block, num_warps=num_warps)
+                 HAS_BIAS=affine[1], HAS_INPUT_BIAS=input_bias, BLOCK=block, num_warps=num_warps)
     yield ("layer_norm_fwd", label, ln._layer_norm_fwd_kernel,
-           (x, r, w, b, torch.empty_like(x), stats, stats, n, n if has_residual else 0, n,
+           (x, ib, r, w, b, torch.empty_like(x), stats, stats, n, n if has_residual else 0, n,
             n, 1e-5, p, scale, seed), flags)
     store_dr = has_residual and has_dropout
-    partial = torch.empty(programs, n, dtype=torch.float32)
+    k = affine[0] + affine[1] + input_bias
+    partials = torch.empty(programs, k, n, dtype=torch.float32) if k else None
     yield ("layer_norm_bwd", label, ln._layer_norm_bwd_kernel,
-           (x, r, w, torch.empty_like(x), torch.empty_like(x), torch.empty_like(x) if store_dr else None,
-            partial if affine[0] else None, partial if affine[1] else None, stats, stats,
+           (x, ib, r, w, torch.empty_like(x), torch.empty_like(x), torch.empty_like(x) if store_dr else None,
+            partials, stats, stats,
             n, n if has_residual else 0, n, n, n if store_dr else 0,
             rows, n, p, scale, seed, -(-rows // programs)),
            dict(flags, STORE_DRESIDUAL=store_dr))
 
 
+def layer_norm_partials_launch(ln, dtype_name, n, affine=(True, True), input_bias=True):
+    """(group, label, kernel, args, kwargs) of the launch that sums the backward's [programs, k, n] fp32 partials
+    into gradients in the parameters' dtype (``dtype_name``), as ``_layer_norm_backward`` passes it."""
+    import torch
+    dtype = _torch_dtype(dtype_name)
+    programs = 4 * 132
+    has = (affine[0], affine[1], input_bias)
+    partials = torch.empty(programs, sum(has), n, dtype=torch.float32)
+    grads = [torch.empty(n, dtype=dtype) if on else None for on in has]
+    label = f"N={n} weight={int(has[0])} bias={int(has[1])} input_bias={int(has[2])}"
+    yield ("layer_norm_partials_sum", label, ln._partials_sum_kernel, (partials, *grads, programs, n),
+           dict(HAS_WEIGHT=has[0], HAS_BIAS=has[1], HAS_INPUT_BIAS=has[2], BLOCK_P=ln.PARTIALS_BLOCK_P,
+                BLOCK_N=ln.PARTIALS_BLOCK_N, num_warps=4))
+
+
 def _layer_norm_cases(ln, dtype_name, full):
     import torch
     dtype = _torch_dtype(dtype_name)
-    # (residual, dropout, (weight, bias), parameter dtype); the first is the superset of the kernel's code.
-    variants = [(True, True, (True, True), dtype), (False, False, (True, True), dtype),
-                (True, False, (True, True), dtype), (False, True, (True, True), dtype)]
-    param_variants = [(True, True, (False, False), dtype), (True, True, (True, False), dtype)]
+    # (residual, dropout, (weight, bias), parameter dtype, input_bias); the first is the superset of the code.
+    variants = [(True, True, (True, True), dtype, True), (False, False, (True, True), dtype, False),
+                (True, False, (True, True), dtype, False), (False, True, (True, True), dtype, False)]
+    param_variants = [(True, True, (False, False), dtype, False), (True, True, (True, False), dtype, False)]
     if dtype != torch.float32:
-        param_variants.append((True, True, (True, True), torch.float32))  # fp32 master weights
+        param_variants.append((True, True, (True, True), torch.float32, True))  # fp32 master weights
     for n in (768, 1024, 4096, 8192):
-        for has_residual, has_dropout, affine, param_dtype in variants + param_variants:
-            superset = has_residual and has_dropout and affine == (True, True) and param_dtype == dtype
+        for has_residual, has_dropout, affine, param_dtype, input_bias in variants + param_variants:
+            superset = has_residual and has_dropout and input_bias and affine == (True, True) \
+                and param_dtype == dtype
             if (affine, param_dtype) != ((True, True), dtype):
                 if not (full and n == 768):
                     continue  # parameter variants: one width, and only in the full grid
             elif not (superset or full or (n == 768 and dtype_name != "fp32")):
                 continue
-            yield from layer_norm_launches(ln, dtype_name, n, has_residual, has_dropout, affine, param_dtype)
+            yield from layer_norm_launches(ln, dtype_name, n, has_residual, has_dropout, affine, param_dtype,
+                                           input_bias)
+    yield from layer_norm_partials_launch(ln, dtype_name, 768)
+    if full:
+        yield from layer_norm_partials_launch(ln, dtype_name, 1000, affine=(True, False), input_bias=False)
 
 
 def attention_launches(attn, dtype_name, head_dim, layout, dropout):
@@ -291,9 +319,14 @@ def all_cases(mods, mode):
                             cases.append((g, dtype_name, flags, kern, args, kw))
         for dtype_name in ("fp16", "bf16"):
             for n in (768, 1024):
-                for dropout in (False, True):
-                    cases += [(g, dtype_name, *rest) for g, *rest in
-                              layer_norm_launches(mods["layer_norm"], dtype_name, n, True, dropout)]
+                # Without input_bias: the embeddings' LayerNorm; with it: the encoder layers' two.
+                for input_bias in (False, True):
+                    for dropout in (False, True):
+                        cases += [(g, dtype_name, *rest) for g, *rest in
+                                  layer_norm_launches(mods["layer_norm"], dtype_name, n, True, dropout,
+                                                      input_bias=input_bias)]
+                cases += [(g, dtype_name, *rest) for g, *rest in
+                          layer_norm_partials_launch(mods["layer_norm"], dtype_name, n)]
             cases += [(g, dtype_name, *rest) for g, *rest in cross_entropy_launches(mods["cross_entropy"], dtype_name)]
             cases += [(g, dtype_name, *rest) for g, *rest in linear_gelu_launches(mods["linear_gelu"], dtype_name)]
         return cases

@@ -9,11 +9,13 @@ residual, so both gradients reach one backward, which computes dx = dresidual + 
 beta = 1 epilogue reads dresidual once).
 
 ``feed_forward_and_input(x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad)`` is the whole FFN,
-``(GELU(x W1^T + b1) W2^T + b2, x)``, the same way, with the [tokens, intermediate] work in two ops of the kernel
-switch: ``linear_gelu`` (the first linear, writing pre-activation and activation) and ``dgrad_gelu_bias_grad``
-(the second linear's dgrad times GELU'(pre), and the first bias's gradient). The Triton ops
-(``kernels/linear_gelu.py``) run GELU and its derivative in the GEMMs' epilogues, so those tensors make no
-elementwise pass of their own; the torch ops are cuBLAS and aten's GELU and GELU backward.
+``(GELU(x W1^T + b1) W2^T + b2, x)``, the same way (the model passes b2 = None and gives the second bias to the
+LayerNorm after it, whose backward kernel sums its gradient: no pass over the [tokens, hidden] gradient here),
+with the [tokens, intermediate] work in two ops of the kernel switch: ``linear_gelu`` (the first linear, writing
+pre-activation and activation) and ``dgrad_gelu_bias_grad`` (the second linear's dgrad times GELU'(pre), and the
+first bias's gradient). The Triton ops (``kernels/linear_gelu.py``) run GELU and its derivative in the GEMMs'
+epilogues, so those tensors make no elementwise pass of their own; the torch ops are cuBLAS and aten's GELU and
+GELU backward.
 
 Under autocast the inputs are cast once to the autocast dtype, as ``F.linear`` would; the gradients come back
 in the parameters' own dtypes.
@@ -81,7 +83,7 @@ class _FeedForwardAndInput(torch.autograd.Function):
         dx = _dgrad(dpre, w1, dx_other, x.shape) if ctx.needs_input_grad[0] else None
         dw1 = dpre.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         dw2 = dout2.t() @ act if ctx.needs_input_grad[3] else None
-        db2 = dout2.sum(0) if ctx.needs_input_grad[4] else None
+        db2 = dout2.sum(0) if ctx.needs_input_grad[4] else None  # False without b2
         return dx, dw1, db1.to(w1.dtype) if ctx.needs_input_grad[2] else None, dw2, db2, None, None
 
 
@@ -94,6 +96,7 @@ def linear_and_input(x, weight, bias=None):
 def feed_forward_and_input(x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad):
     """``(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), x)``; the second output as in ``linear_and_input``.
     ``linear_gelu(x, w1, b1) -> (pre, act)`` and ``dgrad_gelu_bias_grad(dout, w2, pre) -> (dpre, db1)`` on
-    [rows, n] tensors are the kernel switch's ops (see the module docstring). Both biases are required."""
+    [rows, n] tensors are the kernel switch's ops (see the module docstring). b1 is required; b2 may be None (the
+    caller adds it later, e.g. as the next LayerNorm's ``input_bias``)."""
     return _FeedForwardAndInput.apply(x, w1, b1, w2, b2, linear_gelu, dgrad_gelu_bias_grad)
 

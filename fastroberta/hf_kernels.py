@@ -21,8 +21,9 @@ What is swapped (everything else stays transformers' code, parameters and state_
   ``config.output_attentions = True`` works on a patched model (transformers' config refuses it for anything but
   eager; the patched config's class accepts it for "fastroberta", whose function then hands over to eager).
 - LayerNorm: the ``dense -> dropout -> + residual -> LayerNorm`` of every SelfOutput and Output block runs as one
-  ``fastroberta.kernels.layer_norm`` call (dropout, residual add and LayerNorm fused), and the embeddings'
-  LayerNorm runs through the same kernel.
+  ``fastroberta.kernels.layer_norm`` call (dense's bias, dropout, residual add and LayerNorm fused; the dense
+  runs without its bias when it is a plain nn.Linear), and the embeddings' LayerNorm runs through the same
+  kernel.
 - masked-LM loss (``*ForMaskedLM`` called with ``labels`` in train() mode): the head transform runs on the
   labelled rows only and ``fastroberta.kernels.mlm_cross_entropy`` computes the loss without [B, L, V] logits.
   The output's ``loss`` is the mean cross-entropy over labels != -100 (0.0 with zero gradients when no token is
@@ -259,16 +260,26 @@ def _ln_param(p, dtype):
     return p if p is None or p.dtype in (dtype, torch.float32) else p.to(dtype)
 
 
+def _plain_linear(module):
+    """Whether ``module`` computes exactly ``F.linear(x, weight, bias)``: a plain nn.Linear, no hooks (a wrapped or
+    quantized layer, e.g. PEFT's, runs its own forward)."""
+    return type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 def _fused_output_forward(self, hidden_states, input_tensor):
-    """SelfOutput / Output: LayerNorm(dropout(dense(h)) + input_tensor) as one fused kernel call."""
-    x = self.dense(hidden_states)
+    """SelfOutput / Output: LayerNorm(dropout(dense(h)) + input_tensor) as one fused kernel call. A plain
+    nn.Linear dense runs without its bias, which the kernel adds (``input_bias``) and whose gradient its backward
+    sums, as fastroberta's own encoder layers do."""
+    fold = _plain_linear(self.dense)
+    x = torch.nn.functional.linear(hidden_states, self.dense.weight) if fold else self.dense(hidden_states)
     ops = _ops(self._fastroberta_kernels, x.device)
     dtype = _norm_dtype(x, input_tensor)
     p = float(self.dropout.p) if self.training else 0.0
     ln = self.LayerNorm
     with _no_autocast(x.device.type):
         return ops.layer_norm(x.to(dtype), _ln_param(ln.weight, dtype), _ln_param(ln.bias, dtype), eps=ln.eps,
-                              residual=input_tensor.to(dtype), dropout_p=p)
+                              residual=input_tensor.to(dtype), dropout_p=p,
+                              input_bias=self.dense.bias if fold else None)
 
 
 def _fused_layer_norm_forward(self, x):

@@ -125,11 +125,16 @@ class EncoderLayer(KernelSwitch, nn.Module):
             q, k, v = qkv.view(t, 3, heads, head_dim).unbind(1)
             ctx = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p_attn,
                                        validate=validate, dropout_seed=seed_attn).reshape(t, e)
-        x = self.attn_norm(self.attn_out(ctx), residual=x, dropout_p=p_hidden, dropout_seed=seed_attn_norm)
+        # attn_out's and ffn_out's biases are added inside the LayerNorm that follows (input_bias, before its
+        # dropout, as dropout(dense(h)) does): the LayerNorm's backward kernel sums their gradients, so no pass
+        # over a [tokens, hidden] gradient computes them.
+        x = self.attn_norm(F.linear(ctx, self.attn_out.weight), residual=x, dropout_p=p_hidden,
+                           input_bias=self.attn_out.bias, dropout_seed=seed_attn_norm)
         # The FFN as one op: on the Triton path GELU and its derivative run in the GEMMs' epilogues.
-        h, x = feed_forward_and_input(x, self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight,
-                                      self.ffn_out.bias, ops.linear_gelu, ops.dgrad_gelu_bias_grad)
-        return self.ffn_norm(h, residual=x, dropout_p=p_hidden, dropout_seed=seed_ffn_norm)
+        h, x = feed_forward_and_input(x, self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight, None,
+                                      ops.linear_gelu, ops.dgrad_gelu_bias_grad)
+        return self.ffn_norm(h, residual=x, dropout_p=p_hidden, input_bias=self.ffn_out.bias,
+                             dropout_seed=seed_ffn_norm)
 
 
 class MLMHead(KernelSwitch, nn.Module):

@@ -72,10 +72,63 @@ def test_layer_norm_aten_and_fastroberta_op_by_hand():
     # dy, x, residual, weight, mean and rstd in; dx, dresidual (dropout on) and fp32 partial rows out.
     assert bwd.read == 2 * (3 * n * e + e) + 8 * n
     assert bwd.written == 2 * 2 * n * e + 2 * programs * e * 4
+    # One launch sums the two fp32 partial rows per program into dweight and dbias, written in their fp16.
+    psum = recs["fastroberta.layer_norm_partials_sum"]
+    assert psum.read == 2 * programs * e * 4 and psum.written == 2 * 2 * e
+    assert sum(r.op.startswith("fastroberta.layer_norm") for r in counter.records) == 3
+    assert not [r for r in counter.records if r.op in ("sum", "_to_copy")]
     assert {r.kind for r in counter.records if r.op.startswith("fastroberta.")} == {"norm"}
     assert not [r for r in counter.records if r.op == "native_layer_norm"]  # the custom op, not aten's
     # mean and rstd take no gradient: autograd hands the backward None for them, no zeros tensors to launch
     assert not [r for r in counter.records if r.op in ("zeros", "zeros_like", "fill_", "zero_")]
+
+
+def test_layer_norm_with_input_bias_by_hand():
+    """The preceding linear's bias read by the forward (fp32 here), recomputed with and summed by the backward: a
+    third fp32 partial row per program, and the one partial-sum launch writes three gradients."""
+    n, e = 600, 64
+    x, r = _meta(n, e, grad=True), _meta(n, e, grad=True)
+    w, b, ib = _meta(e, grad=True), _meta(e, grad=True), _meta(e, dtype=torch.float32, grad=True)
+    counter = bench_model.OpCounter()
+    with counter:
+        y = layer_norm.layer_norm(x, w, b, residual=r, dropout_p=0.1, input_bias=ib)
+        counter.phase = "backward"
+        y.backward(_meta(n, e))
+    recs = _by_op(counter)
+    assert recs["fastroberta.layer_norm_fwd"].read == 2 * (2 * n * e + 2 * e) + 4 * e
+    programs = min(n, layer_norm.H100_BACKWARD_PROGRAMS)
+    bwd = recs["fastroberta.layer_norm_bwd"]
+    assert bwd.read == 2 * (3 * n * e + e) + 4 * e + 8 * n  # dy, x, residual, weight, input_bias, mean, rstd
+    assert bwd.written == 2 * 2 * n * e + 3 * programs * e * 4
+    psum = recs["fastroberta.layer_norm_partials_sum"]
+    assert psum.read == 3 * programs * e * 4 and psum.written == 2 * e + 2 * e + 4 * e
+    assert [r.op for r in counter.records if r.phase == "backward"] == [
+        "fastroberta.layer_norm_bwd", "fastroberta.layer_norm_partials_sum"]
+
+
+def test_encoder_layer_backward_has_no_bias_gradient_pass_before_its_layer_norms():
+    """attn_out's and ffn_out's biases are summed inside the LayerNorm backward: what one more encoder layer adds to
+    a step holds a single [tokens, *] bias-gradient `sum` (the QKV projection's, over [tokens, 3E]), and each of its
+    two LayerNorm backwards is two launches (the kernel and the partial sum: no dweight/dbias sums, no casts)."""
+    import dataclasses
+    from collections import Counter
+    cfg, b, l = bench_model._configs("tiny"), 2, 64
+
+    def step(layers):
+        counter, _ = bench_model.count_step("fastroberta", "mlm", dataclasses.replace(cfg, num_hidden_layers=layers),
+                                            b, l)
+        return counter.records
+    one, two = step(1), step(2)
+    per_layer = Counter((r.phase, r.op) for r in two) - Counter((r.phase, r.op) for r in one)
+    assert per_layer[("backward", "sum")] == 1
+    sums = Counter(r.read for r in two if r.phase == "backward" and r.op == "sum") - \
+        Counter(r.read for r in one if r.phase == "backward" and r.op == "sum")
+    assert sums == Counter({b * l * 3 * cfg.hidden_size * 2: 1})  # the QKV bias's gradient, fp16
+    assert per_layer[("backward", "fastroberta.layer_norm_bwd")] == 2
+    assert per_layer[("backward", "fastroberta.layer_norm_partials_sum")] == 2
+    # The one cast left per layer is the FFN's first bias gradient (fp32 epilogue sums -> fp16), not a LayerNorm's.
+    assert per_layer[("backward", "_to_copy")] <= 1
+    assert sum(per_layer.values()) <= 35  # 41 before the biases moved into the LayerNorm
 
 
 def test_roofline_is_the_slower_of_compute_and_memory():

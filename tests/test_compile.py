@@ -157,8 +157,10 @@ def test_opcheck(op):
     mask[1, 9:] = 0
     seqlens = torch.tensor([16, 9], dtype=torch.int32, device=DEVICE)
     if op == "layer_norm":
-        cases = [(randn(3, 5, 32), randn(32), randn(32), randn(3, 5, 32), 1e-5, 0.1, seed),
-                 (randn(4, 32), None, None, None, 1e-5, 0.0, None)]
+        cases = [(randn(3, 5, 32), randn(32), randn(32), randn(3, 5, 32), randn(32), 1e-5, 0.1, seed),
+                 (randn(3, 5, 32), randn(32), randn(32), randn(3, 5, 32), None, 1e-5, 0.1, seed),
+                 (randn(4, 32), None, None, None, randn(32), 1e-5, 0.0, None),
+                 (randn(4, 32), None, None, None, None, 1e-5, 0.0, None)]
     elif op == "attention_packed":
         cases = [(randn(2, 16, 3, 2, 16), mask, seqlens, 0.1, 0.25, seed),
                  (randn(2, 16, 3, 2, 16), None, None, 0.0, 0.25, None)]

@@ -24,9 +24,9 @@ builds them and bound by Triton's own argument binder, so the signature, the con
 divisibility specialization are those of a real launch.
 
 What is compiled by default (about a minute on two idle cores with an empty Triton cache):
-- LayerNorm forward and backward at hidden 768, 1024, 4096 and 8192 with residual and dropout (the superset
-  of the kernel's code) in fp16, bf16 and fp32; the other residual/dropout combinations at 768 in fp16 and
-  bf16;
+- LayerNorm forward and backward at hidden 768, 1024, 4096 and 8192 with residual, dropout and input_bias (the
+  superset of the kernel's code) in fp16, bf16 and fp32; the other residual/dropout combinations at 768 in fp16
+  and bf16; the partial-gradient sum at 768 with all three gradients, writing each dtype;
 - the four attention kernels with the GPU default config, fp16 and bf16: head dim 64 padded with key mask
   and dropout (RoBERTa training), 32 padded with mask (eval), 128 varlen (packed) without dropout; in fp16
   also head dim 64 right-padded with dropout (the kernels' mask-free path for prefix masks); fp32

@@ -87,6 +87,20 @@ def test_layer_norm_real_shapes(dtype, hidden):
                              [x, r, w, b], dout, ("x", "residual", "weight", "bias"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_with_input_bias_real_shapes(dtype):
+    """The encoder layers' launch: the preceding linear's bias added by the kernel, its gradient summed over
+    every row (16384 on a GPU: 31 rows per program, then the partial-row sum) with the other two."""
+    rows, hidden = SHAPES["ln_rows"], SHAPES["ln_hidden"][0]
+    x, r = randn(rows, hidden, dtype=dtype), randn(rows, hidden, dtype=dtype)
+    w, b = randn(hidden, dtype=dtype, scale=0.1, shift=1.0), randn(hidden, dtype=dtype, scale=0.1)
+    ib = randn(hidden, dtype=dtype, scale=0.5)
+    dout = torch.randn(rows, hidden, device=DEV).to(dtype)
+    assert_matches_reference(lambda x, r, w, b, ib: layer_norm(x, w, b, 1e-5, residual=r, input_bias=ib),
+                             lambda x, r, w, b, ib: reference.layer_norm(x, w, b, 1e-5, residual=r, input_bias=ib),
+                             [x, r, w, b, ib], dout, ("x", "residual", "weight", "bias", "input_bias"))
+
+
 def test_layer_norm_3d_input_without_residual():
     dtype = DTYPES[-1]  # bf16 on a GPU
     shape, hidden = SHAPES["ln_3d"], SHAPES["ln_3d"][-1]
@@ -105,11 +119,13 @@ def _ln_inputs(dtype=torch.float16, shift=1.0, scale=0.1):
 
 
 def test_layer_norm_weight_grads_are_deterministic():
-    """Per-block partial sums, no atomics: two backward passes give bitwise-equal weight/bias gradients."""
+    """Per-block partial sums, no atomics: two backward passes give bitwise-equal weight/bias/input-bias
+    gradients."""
     x, r, w, b = _ln_inputs()
+    ib = randn(x.shape[-1], dtype=torch.float32)
     dout = torch.randn(x.shape, device=DEV).to(torch.float16)
-    runs = [torch.autograd.grad(layer_norm(x, w, b, residual=r), (w, b), dout) for _ in range(2)]
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    runs = [torch.autograd.grad(layer_norm(x, w, b, residual=r, input_bias=ib), (w, b, ib), dout) for _ in range(2)]
+    assert all(torch.equal(a, c) for a, c in zip(*runs))
 
 
 def test_layer_norm_dropout_is_reproducible_from_the_seed():

@@ -472,6 +472,37 @@ def test_hf_benchmark_smoke(tmp_path):
     assert "| hf+fastroberta |" in (tmp_path / harness.device_slug() / "hf.md").read_text()
 
 
+def test_output_block_folds_only_a_plain_dense_bias(monkeypatch):
+    """A SelfOutput/Output whose dense is a plain nn.Linear runs it without its bias and hands the bias to the fused
+    LayerNorm (input_bias); a dense with a hook (or a wrapped/quantized layer) runs its own forward. Both give
+    the unpatched block's output and gradients."""
+    torch.manual_seed(0)
+    model = transformers.RobertaModel(make_config("roberta"))
+    block = model.encoder.layer[0].output
+    plain = copy.deepcopy(block)
+    fastroberta.apply_kernels(model, kernels="torch")
+    h, residual = torch.randn(3, 5, 64), torch.randn(3, 5, 32)
+    seen = []
+    original = torch_ops.layer_norm
+    monkeypatch.setattr(torch_ops, "layer_norm", lambda *a, **kw: (seen.append(kw.get("input_bias")),
+                                                                    original(*a, **kw))[1])
+
+    def run(module):
+        module.zero_grad()
+        out = module(h, residual)
+        out.pow(2).sum().backward()
+        return out, module.dense.bias.grad.clone(), module.dense.weight.grad.clone()
+    want = run(plain)
+    for hooked in (False, True):
+        if hooked:
+            block.dense.register_forward_hook(lambda *args: None)
+        seen.clear()
+        got = run(block)
+        assert (seen[0] is None) == hooked and (hooked or seen[0] is block.dense.bias)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # transformers' contract where a caller can see it. The cases follow transformers' own model tests
 # (tests/models/roberta/test_modeling_roberta.py and tests/test_modeling_common.py: test_for_masked_lm,
 # test_attention_outputs, test_can_set_attention_dynamically, test_sdpa_can_dispatch_non_composite_models),

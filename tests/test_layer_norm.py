@@ -216,6 +216,87 @@ def test_zero_dropout_is_the_plain_path():
     assert torch.equal(y_tiny, y) and all(torch.equal(a, c) for a, c in zip(g_tiny, g))
 
 
+# The preceding linear's bias (input_bias) ------------------------------------------------------------------
+
+def run_with_input_bias(fn, x, r, w, b, ib, dy, **kw):
+    """Output and the gradients of x, residual, weight, bias and input_bias (those given)."""
+    y = fn(x, w, b, residual=r, input_bias=ib, **kw)
+    inputs = [t for t in (x, r, w, b, ib) if t is not None]
+    return y, torch.autograd.grad(y, inputs, dy)
+
+
+def assert_input_bias_matches_reference(x, r, w, b, ib, dy, dropout_p=0.0, mask=None, seed=0):
+    torch.manual_seed(seed)
+    y, grads = run_with_input_bias(layer_norm, x, r, w, b, ib, dy, dropout_p=dropout_p)
+    y_ref, grads_ref = run_with_input_bias(reference.layer_norm, x, r, w, b, ib, dy, dropout_p=dropout_p,
+                                           dropout_mask=mask)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, **TOL[x.dtype])
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **GRAD_TOL[got.dtype])
+    return grads
+
+
+def make_input_bias(n, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (0.5 * torch.randn(n, generator=g, device="cpu")).to(DEVICE, dtype).requires_grad_()
+
+
+# 7 rows: fewer than the interpreter's four backward programs' worth of bands of 2; 130: bands of 33, 33, 33, 31.
+@pytest.mark.parametrize("rows,hidden", [(7, 100), (130, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
+@pytest.mark.parametrize("affine", ["weight_bias", "weight", "none"])
+def test_input_bias_forward_and_grads_match_reference(rows, hidden, dtype, residual, affine):
+    x, r, w, b, dy = make_inputs((rows, hidden), dtype, residual=residual, affine=affine != "none")
+    if affine == "weight":
+        b = None
+    # An fp32 input bias with fp16 activations (a mixed-precision linear's master bias) and one in x's dtype.
+    ib = make_input_bias(hidden, torch.float32 if rows == 7 else dtype)
+    grads = assert_input_bias_matches_reference(x, r, w, b, ib, dy)
+    assert grads[-1].dtype == ib.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
+def test_input_bias_with_dropout_replays_the_forward_mask(dtype, residual):
+    # Dropout comes after the bias: dropped entries lose x + input_bias, and input_bias's gradient sums dx.
+    p, seed = 0.3, 12
+    x, r, w, b, dy = make_inputs((13, 100), dtype, residual=residual)
+    ib = make_input_bias(100, dtype)
+    mask = kernel_mask((13, 100), p, seed)
+    grads = assert_input_bias_matches_reference(x, r, w, b, ib, dy, dropout_p=p, mask=mask, seed=seed)
+    assert torch.all(grads[0][~mask] == 0)
+
+
+def test_input_bias_is_the_linear_bias_added_before_the_norm():
+    # LN(dropout(x W^T + c) + r) with the linear run without c and c given as input_bias: the same function.
+    x, r, w, b, dy = make_inputs((9, 100), torch.float32)
+    lin = torch.nn.Linear(48, 100)
+    h = torch.randn(9, 48)
+    y = layer_norm(torch.nn.functional.linear(h, lin.weight), w, b, residual=r, input_bias=lin.bias)
+    want = reference.layer_norm(lin(h), w, b, residual=r)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    y.backward(dy)
+    got = lin.bias.grad.clone()
+    lin.bias.grad = None
+    want.backward(dy)
+    torch.testing.assert_close(got, lin.bias.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_input_bias_empty_batch_and_repeatable_grads():
+    x, r, w, b, _ = make_inputs((0, 64), torch.float32)
+    ib = make_input_bias(64, torch.float32)
+    y = layer_norm(x, w, b, residual=r, input_bias=ib)
+    assert torch.equal(torch.autograd.grad(y.sum(), ib)[0], torch.zeros(64))
+    x, r, w, b, dy = make_inputs((13, 100), torch.float32)
+    ib = make_input_bias(100, torch.float32)
+    first = run_with_input_bias(layer_norm, x, r, w, b, ib, dy)[1]
+    second = run_with_input_bias(layer_norm, x, r, w, b, ib, dy)[1]
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+
+
 # Input checks and fallback -----------------------------------------------------------------------------
 
 def test_rejects_bad_inputs():
@@ -252,6 +333,14 @@ def test_rejects_bad_inputs():
         layer_norm(torch.randn(4, 0), None, None)
     with pytest.raises(ValueError, match="exceeds"):
         layer_norm(torch.randn(1, ln_mod.MAX_HIDDEN + 1), None, None)
+    with pytest.raises(ValueError, match="input_bias has shape \\(7,\\) but x's hidden size is 8"):
+        layer_norm(x, w, b, input_bias=torch.zeros(7))
+    with pytest.raises(TypeError, match="input_bias has dtype int64"):
+        layer_norm(x, w, b, input_bias=torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_bias is on meta"):
+        layer_norm(x, w, b, input_bias=torch.zeros(8, device="meta"))
+    with pytest.raises(TypeError, match="input_bias must be a torch.Tensor"):
+        layer_norm(x, w, b, input_bias=[0.0] * 8)
 
 
 def test_falls_back_to_reference_where_triton_cannot_run(monkeypatch):

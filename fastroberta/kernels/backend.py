@@ -87,10 +87,12 @@ def _torch_ops():
                           validate=True, labelled_rows_only=False):
         return reference.mlm_cross_entropy(hidden, weight, bias, labels.long(), ignore_index=ignore_index,
                                            return_num_correct=return_num_correct)
-    def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0, dropout_seed=None):
+
+    def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0, input_bias=None, dropout_seed=None):
         from .layer_norm import _check_inputs
-        _check_inputs(x, weight, bias, eps, residual, dropout_p)  # the same clear errors as the kernel's
-        return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
+        _check_inputs(x, weight, bias, eps, residual, dropout_p, input_bias)  # the kernel's clear errors
+        return reference.layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p,
+                                    input_bias=input_bias)
 
     return OpSet("torch", *(_outside_autocast(op) for op in (layer_norm, attention, attention_packed, attention_varlen,
                                                               mlm_cross_entropy, reference.linear_gelu,

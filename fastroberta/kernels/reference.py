@@ -5,7 +5,7 @@ fallback of the model (``kernels="torch"``). They favour clarity over speed, but
 rules as the kernels (DESIGN.md): statistics, softmax and reductions in fp32 whatever the input dtype, a
 query row with no real key gives zeros (never NaN), and an MLM batch without a labelled token gives loss 0.
 
-    layer_norm(x, w, b, eps, residual, p)  = LN(dropout_p(x) + residual) * w + b      over the last dim
+    layer_norm(x, w, b, eps, residual, p, b_in) = LN(dropout_p(x + b_in) + residual) * w + b   over the last dim
     attention(q, k, v, mask, p, scale)     = dropout_p(softmax(scale * q k^T + mask_bias)) v
     attention_packed(qkv, mask, p, scale)  = attention on the views q, k, v of a fused [B, L, 3, H, D] qkv
     attention_varlen(q, k, v, cu_seqlens)  = attention per sequence of a packed [total_tokens, H, D] batch
@@ -20,12 +20,15 @@ import torch
 import torch.nn.functional as F
 
 
-def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0, dropout_mask=None):
-    """LN(dropout(x) + residual) over the last dimension, in fp32, returned in x's dtype.
+def layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0, dropout_mask=None, input_bias=None):
+    """LN(dropout(x + input_bias) + residual) over the last dimension, in fp32, returned in x's dtype.
 
-    ``dropout_mask`` (bool, x's shape) replaces the random draw: tests use it to replay the mask a kernel used.
+    ``input_bias`` ([N] or None) is the bias of the linear layer that made x. ``dropout_mask`` (bool, x's shape)
+    replaces the random draw: tests use it to replay the mask a kernel used.
     """
     h = x.float()
+    if input_bias is not None:
+        h = h + input_bias.float()
     if dropout_mask is not None:
         h = h * dropout_mask / (1.0 - dropout_p)
     elif dropout_p > 0.0:
