@@ -403,9 +403,7 @@ def test_dropout_reads_its_seed_from_device_memory():
     """CPU twin of the CUDA-graph test: replaying a graph re-runs the kernels on the same seed tensor, which the
     generator refills in place. Here one seed tensor stands for that memory: refilled in place, the kernels
     drop other entries; restored, the same ones; and no op reads a value to the host (``aten::item``)."""
-    modules = [importlib.import_module(f"fastroberta.kernels.{name}") for name in ("attention", "layer_norm")]
-    seed = torch.tensor([1234], dtype=torch.int64, device=DEV)
-    saved = [m.new_dropout_seed for m in modules]
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEV)  # given as dropout_seed, as the encoder's pool is
     q, k, v = (torch.randn(2, 2, 32, SHAPES["head_dim"], device=DEV, dtype=torch.float16) for _ in range(3))
     x = torch.randn(64, 64, device=DEV, dtype=torch.float16)
     w, b = torch.ones(64, device=DEV, dtype=torch.float16), torch.zeros(64, device=DEV, dtype=torch.float16)
@@ -417,17 +415,12 @@ def test_dropout_reads_its_seed_from_device_memory():
             if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
                 self.reads.append(func)
             return func(*args, **(kwargs or {}))
-    try:
-        for m in modules:
-            m.new_dropout_seed = lambda device=None: seed
-        runs = []
-        for value in (1234, 99, 1234):
-            seed.fill_(value)
-            with HostReads():
-                runs.append((attention(q, k, v, dropout_p=0.5), layer_norm(x, w, b, dropout_p=0.5)))
-    finally:
-        for m, fn in zip(modules, saved):
-            m.new_dropout_seed = fn
+    runs = []
+    for value in (1234, 99, 1234):
+        seed.fill_(value)
+        with HostReads():
+            runs.append((attention(q, k, v, dropout_p=0.5, dropout_seed=seed),
+                         layer_norm(x, w, b, dropout_p=0.5, dropout_seed=seed)))
     assert HostReads.reads == []
     for first, other, again in zip(*runs):
         assert torch.equal(first, again)
