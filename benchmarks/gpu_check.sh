@@ -216,7 +216,8 @@ if [ -z "${GPU_TESTS_FIRST+set}" ]; then
   else
     GPU_TESTS_FIRST=""
     for t in test_mlm_cross_entropy_fp16_gradients_at_every_loss_scale test_mlm_cross_entropy_keeps_the_fp16_loss_scale \
-             test_mlm_cross_entropy_real_shapes test_linear_gelu_real_shapes test_dgrad_gelu_bias_grad_real_shapes; do
+             test_mlm_cross_entropy_real_shapes test_linear_gelu_real_shapes test_dgrad_gelu_bias_grad_real_shapes \
+             test_layer_norm_with_input_bias_real_shapes test_layer_norm_weight_grads_are_deterministic; do
       GPU_TESTS_FIRST="$GPU_TESTS_FIRST tests/test_gpu_kernels.py::$t"
     done
   fi

@@ -5,9 +5,10 @@ two one-process "nodes" on one host, on CPU with gloo: every run is a real `pyth
 A tiny model (hidden 32, 2 layers, seq 32), fp32, dropout 0, global batch 8, 6 steps: the losses of a run
 checkpointed on one world size and resumed on another must equal the uninterrupted run's at every step (1e-4
 relative). One uninterrupted single-process run is the reference of every ZeRO stage: in fp32 the stages agree on one
-process to float rounding (tests/test_train.py, <= 5e-7), far below that tolerance. Each stage is resumed in a
-different direction (a start-up of DeepSpeed costs more than the steps): ZeRO 1 from 1 process on 2 "nodes", ZeRO 2
-from 2 processes on 1, ZeRO 3 from 2 processes on 1 and that run's own checkpoint on 2 "nodes" again."""
+process to float rounding (tests/test_train.py, <= 5e-7), far below that tolerance. Each stage is resumed both
+ways, the second from the first resumed run's own checkpoint after one step (a start-up of DeepSpeed costs more than
+the steps): ZeRO 1 from 1 process on 2 "nodes" and back on 1, ZeRO 2 and ZeRO 3 from 2 processes on 1 and back on 2
+"nodes"."""
 import json
 import os
 import shutil
@@ -106,17 +107,23 @@ def resume_copy(src_ckpt, dst):
 
 
 @pytest.mark.slow
-def test_zero1_one_process_resumes_on_two_nodes(small, reference, tmp_path):  # noqa: F811
+def test_zero1_one_process_resumes_on_two_nodes_then_on_one(small, reference, tmp_path):  # noqa: F811
     one, want = reference
     resumed = tmp_path / "nodes"
     log = train(small, resumed, 2, 1, "--resume", resume_copy(one / "checkpoints" / f"global_step{HALF}", resumed),
-                nodes=True)
+                "--save-every", "1", nodes=True)
     assert "of 1 process on 2: converted once into" in log
     assert_losses_match(records(resumed), want, range(HALF + 1, STEPS + 1))
 
+    # The two-node run's checkpoint after its first step -> 1 process.
+    single = tmp_path / "single"
+    log = train(small, single, 1, 1, "--resume", resume_copy(resumed / "checkpoints" / f"global_step{HALF + 1}", single))
+    assert "of 2 processes on 1: converted once into" in log
+    assert_losses_match(records(single), want, range(HALF + 2, STEPS + 1))
+
 
 @pytest.mark.slow
-def test_zero2_two_processes_resume_on_one(small, reference, tmp_path):  # noqa: F811
+def test_zero2_two_processes_resume_on_one_then_on_two_nodes(small, reference, tmp_path):  # noqa: F811
     _, want = reference
     # 2 processes, stopped halfway: the same global batches, so the same losses as one process.
     two = tmp_path / "two"
@@ -126,12 +133,19 @@ def test_zero2_two_processes_resume_on_one(small, reference, tmp_path):  # noqa:
         assert json.load(f)["settings"]["world_size"] == 2
 
     # 2 -> 1: converted once into the run folder, verified, then the rest of the run equals the reference.
-    log = train(small, two, 1, 2, "--resume")
+    log = train(small, two, 1, 2, "--resume", "--save-every", "1", "--keep-last", "0")  # keep what was converted
     converted = two / "checkpoints" / "universal" / f"global_step{HALF}"
     assert (converted / "manifest.json").is_file()
     assert f"of 2 processes on 1: converted once into {converted}" in log
     assert "will not match" not in log                     # the world size is not a setting that changes results
     assert_losses_match(records(two), want, range(HALF + 1, STEPS + 1))
+
+    # That one-process checkpoint after its first step -> 2 "nodes".
+    nodes = tmp_path / "nodes"
+    log = train(small, nodes, 2, 2, "--resume", resume_copy(two / "checkpoints" / f"global_step{HALF + 1}", nodes),
+                nodes=True)
+    assert "of 1 process on 2: converted once into" in log
+    assert_losses_match(records(nodes), want, range(HALF + 2, STEPS + 1))
 
 
 @pytest.mark.slow
