@@ -443,10 +443,11 @@ class RobertaModel(_PreTrained):
             attention_mask = ops.prepare_mask(attention_mask)
         # The dropout kernels' seeds, all drawn in one launch (the eager path draws its own masks).
         dropping = self.training and max(cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob) > 0.0
-        pool = new_dropout_seeds(len(self.layers) * EncoderLayer.SEEDS_PER_LAYER, x.device) \
-            if dropping and ops.name == "triton" else None
-        for i, layer in enumerate(self.layers):
-            seeds = None if pool is None else pool.view(-1, EncoderLayer.SEEDS_PER_LAYER)[i]
+        layer_seeds = [None] * len(self.layers)
+        if dropping and ops.name == "triton":
+            n, k = len(self.layers), EncoderLayer.SEEDS_PER_LAYER
+            layer_seeds = new_dropout_seeds(n * k, x.device).view(n, k).unbind(0)  # views: no launch each
+        for layer, seeds in zip(self.layers, layer_seeds):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, attention_mask, cu_seqlens, max_seqlen, False, seeds, use_reentrant=False)
             else:

@@ -675,19 +675,14 @@ def test_prepared_mask_errors():
 
 
 def test_the_model_prepares_the_mask_once_for_all_its_layers():
-    """Counted on meta (benchmarks/bench_model.py's counter): a padded batch's mask bookkeeping (arange, amax,
-    where) runs once per forward, not once per layer, on the Triton path."""
+    """Counted on meta (benchmarks/bench_model.py's training step, all-ones mask): a padded batch's mask
+    bookkeeping (arange, amax, where) runs once per forward, not once per layer, on the Triton path."""
+    import dataclasses
     from benchmarks import bench_model
     counts = {}
     for layers in (2, 4):
-        cfg = RobertaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=70)
-        with torch.device("meta"):
-            model = RobertaForMaskedLM(cfg, kernels="triton").train()
-        ids = torch.zeros(2, 16, dtype=torch.long, device="meta")
-        counter = bench_model.OpCounter(seq_len=16, nonzero_rows=4)
-        with bench_model.CudaChoices(), counter:
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, validate=False).loss.backward()
+        cfg = dataclasses.replace(bench_model._configs("tiny"), num_hidden_layers=layers)
+        counter, _ = bench_model.count_step("fastroberta", "mlm", cfg, 2, 16)
         counts[layers] = sum(r.op in ("amax", "arange", "where") for r in counter.records if r.phase == "forward")
     assert counts[2] == counts[4] > 0, counts
 

@@ -48,7 +48,7 @@ def new_dropout_seed(device=None):
     no device sync, inside a ``torch.compile`` region a graph op, and in a captured CUDA graph a draw that
     each replay repeats (torch's CUDA generator supports capture). ``torch.manual_seed`` or a restored RNG
     state (activation checkpointing, resume) reproduces it."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    return new_dropout_seeds(1, device)
 
 
 def new_dropout_seeds(n, device=None):

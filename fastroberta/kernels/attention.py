@@ -1056,11 +1056,6 @@ def _kernel_mask(attention_mask, l, device):
     return _mask_and_lengths(attention_mask, l, device)
 
 
-def _eager_mask(attention_mask):
-    """The [B, L] mask the eager reference reads."""
-    return attention_mask.mask if isinstance(attention_mask, PreparedMask) else attention_mask
-
-
 def _check_mask(attention_mask, b, l, device):
     if attention_mask is None:
         return
@@ -1106,7 +1101,7 @@ def attention(q, k, v, attention_mask=None, dropout_p=0.0, softmax_scale=None, d
     _check_mask(attention_mask, b, l, q.device)
     _check_dropout_length(dropout_p, l)
     if not triton_usable(q) or known_empty(q):
-        return reference.attention(q, k, v, _eager_mask(attention_mask), dropout_p=dropout_p, softmax_scale=scale)
+        return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _kernel_mask(attention_mask, l, q.device)
     seed = dropout_seed_for(dropout_p, dropout_seed, q.device)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
@@ -1130,8 +1125,7 @@ def attention_packed(qkv, attention_mask=None, dropout_p=0.0, softmax_scale=None
     _check_mask(attention_mask, b, l, qkv.device)
     _check_dropout_length(dropout_p, l)
     if not triton_usable(qkv) or known_empty(qkv):
-        return reference.attention_packed(qkv, _eager_mask(attention_mask), dropout_p=dropout_p,
-                                          softmax_scale=scale)
+        return reference.attention_packed(qkv, attention_mask, dropout_p=dropout_p, softmax_scale=scale)
     key_mask, seqlens = _kernel_mask(attention_mask, l, qkv.device)
     seed = dropout_seed_for(dropout_p, dropout_seed, qkv.device)
     return call(_attention_packed_op, _unit_last_stride(qkv), key_mask, seqlens, dropout_p, scale, seed)[0]
