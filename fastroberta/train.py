@@ -155,8 +155,7 @@ def resolve_settings(args):
         raise ConfigError(f"--mask-prob must be in (0, 1), got {args.mask_prob}")
     check_data_flags(args)
     # Model
-    if args.model is not None and args.config is not None:
-        raise ConfigError("give either --model or --config, not both")
+    check_model_flags(args)
     if args.config is not None:
         try:
             s.config = RobertaConfig.from_json(args.config)
@@ -166,9 +165,6 @@ def resolve_settings(args):
         s.size_class = "tiny" if s.config.hidden_size <= 256 else "base" if s.config.hidden_size <= 768 else "large"
     else:
         s.model_name = args.model or DEFAULT_PRESET
-        if s.model_name not in PRESETS:
-            raise ConfigError(f"unknown model preset {s.model_name!r}; choose one of {', '.join(PRESETS)} "
-                              "or pass --config")
         s.config = RobertaConfig.preset(s.model_name)
         s.size_class = s.model_name
     if args.seq_len < MIN_SEQ_LEN:
@@ -195,6 +191,15 @@ def resolve_settings(args):
     return s
 
 
+def check_model_flags(args):
+    """ConfigError for --model with --config, or a preset that does not exist."""
+    if args.model is not None and args.config is not None:
+        raise ConfigError("give either --model or --config, not both")
+    if args.config is None and (args.model or DEFAULT_PRESET) not in PRESETS:
+        raise ConfigError(f"unknown model preset {args.model!r}; choose one of {', '.join(PRESETS)} "
+                          "or pass --config")
+
+
 def check_data_flags(args):
     """ConfigError for a data flag that cannot work (after apply_run_defaults)."""
     check_positive("--vocab-size", args.vocab_size)
@@ -213,11 +218,7 @@ def prepare_only(args):
     if s.world_size > 1:
         raise ConfigError(f"--prepare-only runs in one process, not {s.world_size}: start it without a launcher, "
                           "once, before the run")
-    if args.model is not None and args.config is not None:
-        raise ConfigError("give either --model or --config, not both")
-    if args.model is not None and args.model not in PRESETS:
-        raise ConfigError(f"unknown model preset {args.model!r}; choose one of {', '.join(PRESETS)} "
-                          "or pass --config")
+    check_model_flags(args)
     apply_run_defaults(args)
     check_data_flags(args)
     say(s, f"preparing data: {args.data or 'the bundled corpus'} (tokenizer and token shards)")
